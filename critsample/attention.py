@@ -1,0 +1,142 @@
+"""Local-window attention processors for diffusers' DiT and SD3 transformers.
+
+The paper's local denoiser keeps every weight of the pretrained model and only truncates image-token attention to a
+Chebyshev window of radius ``r`` on the 2-D token grid (|i - i'| <= r and |j - j'| <= r, truncated at the borders).
+In SD3's joint attention only image-to-image attention is windowed; text tokens see and are seen by everything.
+
+The processors read two per-call keyword arguments that diffusers forwards from ``cross_attention_kwargs`` (DiT) or
+``joint_attention_kwargs`` (SD3): ``radius`` (None = global, an int, or one radius per batch row) and ``grid``
+(the (h, w) token grid). With ``radius=None`` they run exactly the stock processor's computation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+Radius = int | torch.Tensor | list | None
+
+
+def _is_global(radius: Radius, grid: tuple[int, int] | None) -> bool:
+    if radius is None or grid is None:
+        return True
+    h, w = grid
+    if isinstance(radius, int):
+        return radius >= max(h, w) - 1
+    r = torch.as_tensor(radius)
+    return bool((r < 0).logical_not().all() and (r >= max(h, w) - 1).all())
+
+
+def _attend(q, k, v, grid, radius, num_extra: int = 0) -> torch.Tensor:
+    """(B, H, L, d) attention: stock SDPA when global, exact window otherwise."""
+    if _is_global(radius, grid):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    from .local_attention import local_attention
+
+    return local_attention(q, k, v, grid=grid, radius=radius, num_extra=num_extra)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, H, N, d)
+
+
+class WindowAttnProcessor:
+    """Self-attention over image tokens (DiT ``attn1``, SD3.5 image-only ``attn2``), windowed per call."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        radius: Radius = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.group_norm is not None:
+            raise NotImplementedError("WindowAttnProcessor only handles unmasked self-attention over image tokens.")
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = _attend(q, k, v, grid, radius)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class JointWindowAttnProcessor:
+    """SD3 joint attention: [image tokens, text tokens]; only image-to-image attention is windowed."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        radius: Radius = None,
+        grid: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        b, n_img = hidden_states.shape[:2]
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        n_txt = 0
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (
+                _heads(proj(encoder_hidden_states), attn.heads) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], dim=2), torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2)
+            n_txt = encoder_hidden_states.shape[1]
+        out = _attend(q, k, v, grid, radius, num_extra=n_txt)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is not None:
+            out, txt = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                txt = attn.to_add_out(txt)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is not None:
+            return out, txt
+        return out
+
+
+def install_window_attention(transformer: torch.nn.Module) -> int:
+    """Give every attention layer of a DiT / SD3 transformer its window processor; returns how many were set.
+
+    DiT models have no ``set_attn_processor``, so processors are set per ``Attention`` module. Layers with text
+    projections (``add_q_proj``) get the joint processor, the others the self-attention one.
+    """
+    count = 0
+    for module in transformer.modules():
+        if isinstance(module, Attention):
+            joint = getattr(module, "add_q_proj", None) is not None
+            module.set_processor(JointWindowAttnProcessor() if joint else WindowAttnProcessor())
+            count += 1
+    if count == 0:
+        raise ValueError(f"{type(transformer).__name__} has no diffusers Attention layers to window.")
+    return count
+
+
+def check_radius(radius: Radius, grid: tuple[int, int]) -> None:
+    """Raise one clear ValueError for a radius that is not a non-negative integer (or None)."""
+    if radius is None:
+        return
+    values = torch.as_tensor(radius).reshape(-1).tolist()
+    for r in values:
+        if not float(r).is_integer() or r < 0:
+            raise ValueError(f"Attention radius must be a non-negative integer or None (global); got {r}.")

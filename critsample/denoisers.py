@@ -1,0 +1,133 @@
+"""The one denoiser interface every model family implements (DiT, SD3, dit-digits, analytic oracles).
+
+A denoiser is called as ``D(x, t, cond, radius=None)`` and returns its native prediction (``eps`` for DDPM
+models, ``velocity`` for flow models) shaped like ``x``. ``t`` is critsample's time in [0, 1] (see ``noise.py``),
+``cond`` the per-row conditioning (class ids with ``NULL`` rows, or prompt embeddings), ``radius`` the attention
+window (None = global; an int; or one radius per row). :meth:`Denoiser.predict` adds guidance and conversions;
+conditional and unconditional rows always share one batched forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .noise import Kind, Schedule, convert
+
+NULL = -1  # user-facing "no class" label; each model maps it to its own null row
+
+
+@dataclass
+class PromptCond:
+    """Text conditioning of SD3-like models: per-row token embeddings and pooled embeddings."""
+
+    embeds: torch.Tensor  # (B, T, D)
+    pooled: torch.Tensor  # (B, P)
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def to(self, device) -> "PromptCond":
+        return PromptCond(self.embeds.to(device), self.pooled.to(device))
+
+
+Cond = torch.Tensor | PromptCond
+
+
+def cat_cond(a: Cond, b: Cond) -> Cond:
+    if isinstance(a, PromptCond):
+        return PromptCond(torch.cat([a.embeds, b.embeds]), torch.cat([a.pooled, b.pooled]))
+    return torch.cat([a, b])
+
+
+def autocast(device: torch.device | str, enabled: bool = True):
+    """The one autocast context of the package: bf16 on CUDA, nothing on CPU (models run in their own dtype)."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Denoiser(nn.Module):
+    """Base class. Subclasses implement :meth:`forward`, :meth:`null` and set the attributes below."""
+
+    schedule: Schedule
+    prediction: Kind = "eps"
+    num_classes: int | None = None  # class-conditional models; None for text or unconditional models
+    patch_size: int = 1
+    sample_shape: tuple[int, ...] = ()  # (C, H, W) of the model's input (latent) space
+    name: str = "denoiser"
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(h, w) image-token grid for an input batch ``x`` (B, C, H, W)."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def null(self, cond: Cond) -> Cond:
+        """Unconditional conditioning with the batch size of ``cond``."""
+        if isinstance(cond, PromptCond):
+            raise NotImplementedError
+        return torch.full_like(cond, NULL)
+
+    def check_cond(self, cond: Cond, batch: int) -> None:
+        if isinstance(cond, PromptCond):
+            if self.num_classes is not None:
+                raise ValueError(f"{self.name} is class-conditional: give class ids, not a text prompt.")
+            n = len(cond)
+        else:
+            if self.num_classes is None:
+                raise ValueError(f"{self.name} is text-conditional: give a prompt, not class ids.")
+            bad = cond[(cond != NULL) & ((cond < 0) | (cond >= self.num_classes))]
+            if bad.numel():
+                raise ValueError(f"Class ids of {self.name} lie in [0, {self.num_classes - 1}] (or {NULL} for none); got {bad[0].item()}.")
+            n = cond.shape[0]
+        if n != batch:
+            raise ValueError(f"Conditioning has {n} rows but x has {batch}.")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, radius=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _guide(self, pc: torch.Tensor, pu: torch.Tensor, guidance: float) -> torch.Tensor:
+        """Classifier-free guidance ``u + w (c - u)`` (Ho & Salimans 2022, eq. 6); subclasses may restrict channels."""
+        return pu + guidance * (pc - pu)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        x: torch.Tensor,
+        t,
+        cond: Cond,
+        *,
+        radius=None,
+        guidance: float | None = None,
+        kind: Kind | None = None,
+    ) -> torch.Tensor:
+        """Prediction of ``kind`` (default: native). ``guidance`` None = plain conditional on ``cond`` (which may hold
+        NULL rows); a number w = classifier-free guidance with [cond; null] in one batched forward."""
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(b) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t, device=x.device)
+        self.check_cond(cond, b)
+        if guidance is None:
+            out = self(x, t, cond, radius=radius)
+        else:
+            r2 = radius if radius is None or isinstance(radius, int) else torch.cat([torch.as_tensor(radius)] * 2)
+            both = self(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, self.null(cond)), radius=r2)
+            out = self._guide(both[:b], both[b:], float(guidance))
+        if kind is None or kind == self.prediction:
+            return out
+        a, s = self.schedule.alpha_sigma(t.double().cpu())
+        return convert(out, self.prediction, kind, x, a.to(x.device), s.to(x.device))
+
+    def score(self, x, t, cond, *, radius=None, guidance=None) -> torch.Tensor:
+        return self.predict(x, t, cond, radius=radius, guidance=guidance, kind="score")
+
+    # -- pixel space ---------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [0, 1], (B, C, H, W). Pixel-space models map [-1, 1] to [0, 1]."""
+        return (z.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> model space."""
+        return images * 2 - 1

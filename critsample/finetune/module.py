@@ -1,0 +1,187 @@
+"""The LightningModule that trains and fine-tunes diffusers DiTs (dit-digits from scratch, DiT-XL from its weights).
+
+Loss: epsilon prediction, ``|| eps_theta(x_k, k, y) - eps ||^2`` (Ho et al. 2020, eq. 14), optionally weighted over
+diffusion time and trained with a time-dependent attention radius (``schedules.py``; paper sec. 5). Class labels are
+dropped to the null class with probability ``class_dropout`` for classifier-free guidance, once per sample, here
+(diffusers' LabelEmbedding would otherwise drop independently in every block).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+
+from ..denoisers import NULL
+from ..models.dit import DiTDenoiser
+from ..noise import Schedule
+from .schedules import LossWeighting, RadiusSchedule
+
+DIGITS_DIT = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=1,
+    out_channels=1,
+    num_layers=4,
+    sample_size=8,
+    patch_size=1,
+    num_embeds_ada_norm=10,
+    norm_num_groups=1,
+)
+
+
+class DiTModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        num_classes: int | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        class_dropout: float = 0.1,
+        radius_schedule: RadiusSchedule | None = None,
+        loss_weighting: LossWeighting | None = None,
+        val_guidance: float = 2.0,
+        val_steps: int = 50,
+        export_dir: str | None = None,
+    ):
+        """
+        Args:
+            model: diffusers ``DiTTransformer2DModel`` config for training from scratch (default: the dit-digits one).
+            init_from: a model name (``dit-digits``, ``dit-xl``) or a diffusers folder to fine-tune instead.
+            num_classes: number of classes (default: the model's ``num_embeds_ada_norm``); null class = this number.
+            lr: AdamW learning rate (constant after a linear warm-up of ``warmup_steps``).
+            class_dropout: probability of replacing a label by the null class (classifier-free guidance).
+            radius_schedule: attention radius as a function of diffusion time (None = global attention everywhere).
+            loss_weighting: weight of the loss as a function of diffusion time (None = uniform).
+            val_guidance: guidance scale of the sample grids logged at validation.
+            val_steps: DDIM steps of those sample grids.
+            export_dir: where ``on_train_end`` writes the (EMA) transformer with ``save_pretrained``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.radius_schedule = radius_schedule
+        self.loss_weighting = loss_weighting
+        if init_from is not None:
+            from ..models import load
+
+            base = load(init_from, device="cpu")
+            if not isinstance(base, DiTDenoiser):
+                raise ValueError(f"Fine-tuning needs a DiT model; {init_from!r} is a {type(base).__name__}.")
+            transformer, schedule, self.vae = base.transformer, base.schedule, base.vae
+        else:
+            transformer = DiTTransformer2DModel(**{**DIGITS_DIT, **(model or {})})
+            schedule, self.vae = Schedule(), None
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+        self.denoiser = DiTDenoiser(transformer, schedule, self.vae, num_classes=num_classes, name=init_from or "dit")
+        self.schedule = schedule
+        self.register_buffer("abar", schedule.alphas_cumprod().float(), persistent=False)
+        for m in transformer.modules():  # labels are dropped once per sample in training_step instead
+            if hasattr(m, "dropout_prob") and m.__class__.__name__ == "LabelEmbedding":
+                m.dropout_prob = 0.0
+
+    @property
+    def transformer(self) -> DiTTransformer2DModel:
+        return self.denoiser.transformer
+
+    # -- training ------------------------------------------------------------------------------
+    def _loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        b = x0.shape[0]
+        T = self.schedule.num_train_timesteps
+        k = torch.randint(0, T, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        abar = self.abar[k].view(b, 1, 1, 1)
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        t = k.double() / T
+        radius = None if self.radius_schedule is None else self.radius_schedule.radii(t.cpu(), self.global_step).to(x0.device)
+        labels = torch.where(y == NULL, torch.full_like(y, self.denoiser.null_id), y)
+        out = self.transformer(
+            xt, timestep=k, class_labels=labels, cross_attention_kwargs={"radius": radius, "grid": self.denoiser.grid(xt)}
+        ).sample
+        c = self.denoiser.in_channels
+        per_sample = F.mse_loss(out[:, :c].float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.denoiser.learned_sigma:
+            per_sample = per_sample + self._vlb(out, xt, x0, k)
+        if self.loss_weighting is not None:
+            per_sample = per_sample * self.loss_weighting.weights(t.cpu()).to(per_sample)
+        return per_sample.mean()
+
+    def _vlb(self, out, xt, x0, k) -> torch.Tensor:
+        """Variational bound term that trains DiT's learned variance (Nichol & Dhariwal 2021, eq. 16), the mean
+        detached as in the improved-DDPM hybrid loss; KL of Gaussians in nats per dimension."""
+        c = self.denoiser.in_channels
+        eps, v = out[:, :c].detach().float(), out[:, c:].float()
+        ab = self.abar.double()
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        beta = (1 - ab / ab_prev).float()
+        post_var = beta * (1 - ab_prev.float()) / (1 - ab.float())
+        log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        shape = (-1, 1, 1, 1)
+        frac = (v + 1) / 2
+        log_var = frac * torch.log(beta[k]).view(shape) + (1 - frac) * log_post[k].view(shape)
+        abk, abp = self.abar[k].view(shape), ab_prev.float()[k].view(shape)
+        coef0 = beta[k].view(shape) * abp.sqrt() / (1 - abk)
+        coef1 = (1 - abp) * (1 - beta[k].view(shape)).sqrt() / (1 - abk)
+        pred_x0 = (xt - (1 - abk).sqrt() * eps) / abk.sqrt()
+        mean_true, mean_pred = coef0 * x0 + coef1 * xt, coef0 * pred_x0 + coef1 * xt
+        kl = 0.5 * (-1 + log_var - log_post[k].view(shape) + torch.exp(log_post[k].view(shape) - log_var)
+                    + (mean_true - mean_pred) ** 2 * torch.exp(-log_var))
+        return kl.mean(dim=(1, 2, 3)) * self.schedule.num_train_timesteps / 1000.0
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        if self.vae is not None and x0.shape[1] == 3:  # an image batch; latent batches come encoded already
+            x0 = self.denoiser.encode(x0)
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.class_dropout
+        y = torch.where(drop, torch.full_like(y, NULL), y)
+        loss = self._loss(x0, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        g = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        loss = self._loss(x0, y, generator=g)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0:
+            self._log_grid()
+
+    @torch.no_grad()
+    def _log_grid(self) -> None:
+        """A 10 x 10 (class x sample) grid of guided samples, logged as an image."""
+        if self.denoiser.num_classes is None or self.trainer.sanity_checking or not self.loggers:
+            return
+        from ..report import image_grid
+        from ..sampling import Plan, sample
+
+        n_cls = min(self.denoiser.num_classes, 10)
+        labels = torch.arange(n_cls, device=self.device).repeat_interleave(10)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        x = sample(self.denoiser, Plan.guided(self.hparams.val_steps, self.hparams.val_guidance), labels, generator=g)
+        grid = image_grid(self.denoiser.decode(x), nrow=10)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("val/samples", [grid], step=self.global_step)
+
+    def configure_optimizers(self):
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.export(self.hparams.export_dir)
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the transformer (EMA weights once training ended) as a diffusers folder."""
+        folder = Path(folder)
+        self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        return folder

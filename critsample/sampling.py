@@ -1,0 +1,195 @@
+"""One sampling loop driven by a per-step plan (k-diffusion style: the loop knows nothing of probes).
+
+A :class:`Plan` names, for every step, which denoiser to call: conditional, unconditional or guided(w), with global
+or local(r) attention. The integrator is a diffusers scheduler: DDIM or DPM-Solver++ for DDPM models, flow-matching
+Euler for flow models. A callback receives each step's tensors so probes and loggers hang off it.
+
+Switching denoisers inside a multistep solver (DPM-Solver++) is handled deliberately: the solver's history holds
+x0-predictions of *earlier* denoisers, and extrapolating across a switch mixes two different vector fields.
+``on_switch="reset"`` (default) clears the history at a switch, so the first step after it is first order;
+``on_switch="keep"`` keeps diffusers' behaviour. Single-step integrators (DDIM, Euler) are unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from .denoisers import Cond, Denoiser
+
+Mode = Literal["cond", "uncond", "guided"]
+SAMPLERS = ("ddim", "dpm", "euler")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's denoiser: ``mode`` x attention ``radius`` (None = global); ``guidance`` is used by 'guided'."""
+
+    mode: Mode = "guided"
+    radius: int | None = None
+    guidance: float = 1.0
+
+    @property
+    def forwards(self) -> int:
+        """Network evaluations per sample of this step (guided = conditional + unconditional rows)."""
+        return 2 if self.mode == "guided" else 1
+
+    def label(self) -> str:
+        att = "global" if self.radius is None else f"local(r={self.radius})"
+        return f"{self.mode}(w={self.guidance:g})/{att}" if self.mode == "guided" else f"{self.mode}/{att}"
+
+
+@dataclass
+class Plan:
+    """A list of steps (first = noisiest) and the integrator that runs them."""
+
+    steps: list[Step]
+    sampler: str = "auto"
+    on_switch: Literal["reset", "keep"] = "reset"
+    name: str = "custom"
+    times: list[float] = field(default_factory=list)  # t of each step, filled when the plan is built for a model
+
+    def __post_init__(self):
+        if not self.steps:
+            raise ValueError("A plan needs at least one step.")
+        if self.sampler not in ("auto", *SAMPLERS):
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {('auto', *SAMPLERS)}.")
+        for s in self.steps:
+            if s.mode not in ("cond", "uncond", "guided"):
+                raise ValueError(f"Unknown step mode {s.mode!r}; use cond, uncond or guided.")
+
+    @classmethod
+    def guided(cls, num_steps: int, guidance: float, radius: int | None = None, sampler: str = "auto") -> "Plan":
+        """Classifier-free guidance with the same denoiser at every step (w = 1 is plain conditional)."""
+        mode = "guided" if guidance != 1.0 else "cond"
+        return cls([Step(mode, radius, guidance)] * num_steps, sampler=sampler, name=f"guided(w={guidance:g})")
+
+    @classmethod
+    def from_rule(cls, denoiser: Denoiser, num_steps: int, rule: Callable[[float], Step], sampler: str = "auto", name: str = "custom") -> "Plan":
+        """A plan whose step at time t is ``rule(t)``, with t read off the integrator's own timesteps."""
+        times = step_times(denoiser, num_steps, sampler)
+        return cls([rule(t) for t in times], sampler=sampler, name=name, times=times)
+
+    @property
+    def forwards(self) -> int:
+        return sum(s.forwards for s in self.steps)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "sampler": self.sampler,
+            "on_switch": self.on_switch,
+            "steps": [asdict(s) for s in self.steps],
+            "times_t": self.times,
+            "forwards_per_sample": self.forwards,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        return cls(
+            [Step(**s) for s in d["steps"]], sampler=d.get("sampler", "auto"), on_switch=d.get("on_switch", "reset"),
+            name=d.get("name", "custom"), times=list(d.get("times_t", [])),
+        )
+
+    def describe(self) -> str:
+        """Runs of equal steps, e.g. ``steps 0-11 guided(w=4)/global; 12-49 uncond/local(r=1)``."""
+        runs, start = [], 0
+        for i in range(1, len(self.steps) + 1):
+            if i == len(self.steps) or self.steps[i] != self.steps[start]:
+                span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+                if self.times:
+                    span += f" (t {self.times[start]:.3f}..{self.times[i - 1]:.3f})"
+                runs.append(f"{span} {self.steps[start].label()}")
+                start = i
+        return f"{self.name} [{self.sampler}]: " + "; ".join(runs)
+
+
+def make_scheduler(denoiser: Denoiser, sampler: str = "auto"):
+    """The diffusers integrator for ``sampler`` built from the model's own scheduler config."""
+    config = dict(getattr(denoiser, "scheduler_config", {}) or {})
+    flow = denoiser.schedule.kind == "flow"
+    if sampler == "auto":
+        sampler = "euler" if flow else "ddim"
+    if flow != (sampler == "euler"):
+        kind = "flow-matching" if flow else "DDPM"
+        raise ValueError(f"Sampler {sampler!r} does not fit the {kind} model {denoiser.name}; use {'euler' if flow else 'ddim or dpm'}.")
+    if flow:
+        return FlowMatchEulerDiscreteScheduler.from_config(config) if config else FlowMatchEulerDiscreteScheduler()
+    s = denoiser.schedule
+    base = dict(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end, beta_schedule=s.beta_schedule)
+    config = {**base, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)
+    # The denoiser returns eps only; the learned-variance channels never reach the solver.
+    return DPMSolverMultistepScheduler.from_config({**config, "variance_type": None, "algorithm_type": "dpmsolver++"})
+
+
+def step_times(denoiser: Denoiser, num_steps: int, sampler: str = "auto") -> list[float]:
+    """critsample time t of each step of ``sampler`` with ``num_steps`` steps."""
+    sch = make_scheduler(denoiser, sampler)
+    sch.set_timesteps(num_steps)
+    return [_time_of(denoiser, sch, i) for i in range(len(sch.timesteps))]
+
+
+def _time_of(denoiser: Denoiser, scheduler, i: int) -> float:
+    if denoiser.schedule.kind == "flow":
+        return float(scheduler.sigmas[i])
+    return float(scheduler.timesteps[i]) / denoiser.schedule.num_train_timesteps
+
+
+def _reset_history(scheduler) -> None:
+    if hasattr(scheduler, "model_outputs"):
+        scheduler.model_outputs = [None] * len(scheduler.model_outputs)
+        scheduler.lower_order_nums = 0
+
+
+StepCallback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    plan: Plan,
+    cond: Cond,
+    *,
+    x: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run ``plan`` from noise (or from ``x``) and return the final sample in the model's space, float32.
+
+    ``cond`` holds one row per sample (class ids, NULL rows, or prompt embeddings). The initial noise is drawn with
+    diffusers' ``randn_tensor`` from ``generator``, as diffusers' pipelines draw it, so equal seeds give equal noise.
+    ``callback`` receives ``{"i", "t", "timestep", "x", "prediction", "step"}`` after each step.
+    """
+    device = next(denoiser.parameters(), torch.empty(0)).device
+    batch = len(cond)
+    scheduler = make_scheduler(denoiser, plan.sampler)
+    scheduler.set_timesteps(len(plan.steps), device=device)
+    if len(scheduler.timesteps) != len(plan.steps):
+        raise ValueError(f"The integrator made {len(scheduler.timesteps)} steps for a plan of {len(plan.steps)}.")
+    if x is None:
+        x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
+        x = x * scheduler.init_noise_sigma
+    null = None
+    for i, ts in enumerate(scheduler.timesteps):
+        step = plan.steps[i]
+        if i > 0 and step != plan.steps[i - 1] and plan.on_switch == "reset":
+            _reset_history(scheduler)
+        t = _time_of(denoiser, scheduler, i)
+        xin = scheduler.scale_model_input(x, ts)
+        if step.mode == "uncond":
+            null = denoiser.null(cond) if null is None else null
+            c = null
+        else:
+            c = cond
+        guidance = step.guidance if step.mode == "guided" else None
+        pred = denoiser.predict(xin, t, c, radius=step.radius, guidance=guidance)
+        x = scheduler.step(pred, ts, x).prev_sample
+        if callback is not None:
+            callback({"i": i, "t": t, "timestep": ts, "x": x, "prediction": pred, "step": step})
+    return x
