@@ -60,6 +60,7 @@ class Denoiser(nn.Module):
     patch_size: int = 1
     sample_shape: tuple[int, ...] = ()  # (C, H, W) of the model's input (latent) space
     name: str = "denoiser"
+    default_guidance: float = 4.0  # classifier-free guidance scale used when none is given
 
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
         """(h, w) image-token grid for an input batch ``x`` (B, C, H, W)."""

@@ -174,14 +174,14 @@ def sample(
         raise ValueError(f"The integrator made {len(scheduler.timesteps)} steps for a plan of {len(plan.steps)}.")
     if x is None:
         x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
-        x = x * scheduler.init_noise_sigma
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatchEuler has none (its sigma_max is 1)
     null = None
     for i, ts in enumerate(scheduler.timesteps):
         step = plan.steps[i]
         if i > 0 and step != plan.steps[i - 1] and plan.on_switch == "reset":
             _reset_history(scheduler)
         t = _time_of(denoiser, scheduler, i)
-        xin = scheduler.scale_model_input(x, ts)
+        xin = scheduler.scale_model_input(x, ts) if hasattr(scheduler, "scale_model_input") else x  # not on FlowMatchEuler
         if step.mode == "uncond":
             null = denoiser.null(cond) if null is None else null
             c = null

@@ -20,4 +20,8 @@ def run_fit(args: list[str]) -> int:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+    import wandb
+
+    if wandb.run is not None:  # a later fit in the same process must not append to this run
+        wandb.finish()
     return 0

@@ -180,8 +180,27 @@ class DiTModule(L.LightningModule):
         if self.hparams.export_dir and self.trainer.is_global_zero:
             self.export(self.hparams.export_dir)
 
-    def export(self, folder: str | Path) -> Path:
-        """Write the transformer (EMA weights once training ended) as a diffusers folder."""
+    def export(self, folder: str | Path, **meta) -> Path:
+        """Write a loadable model folder: ``transformer/`` (diffusers, EMA weights once training ended),
+        ``scheduler/scheduler_config.json`` and ``critsample.json`` (classes, pixel space, default guidance, ``meta``)."""
+        import json
+
+        from diffusers import DDIMScheduler
+
         folder = Path(folder)
         self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        s = self.schedule
+        DDIMScheduler(
+            num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+            beta_schedule=s.beta_schedule, clip_sample=False,
+        ).save_pretrained(folder / "scheduler")
+        info = {
+            "num_classes": self.denoiser.num_classes,
+            "null_class": self.denoiser.null_id,
+            "space": "pixels in [-1, 1]" if self.vae is None else "VAE latents (scaled)",
+            "default_guidance": self.hparams.val_guidance,
+            "global_step": int(self.global_step),
+            **meta,
+        }
+        (folder / "critsample.json").write_text(json.dumps(info, indent=2))
         return folder

@@ -37,4 +37,5 @@ def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32, guide_
     )
     model.scheduler_config = sched_cfg
     model.meta = meta
+    model.default_guidance = float(meta.get("default_guidance", model.default_guidance))
     return model

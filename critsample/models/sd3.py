@@ -1,0 +1,198 @@
+"""Stable Diffusion 3 (diffusers MMDiT) behind the denoiser interface.
+
+Flow matching: ``x_t = (1 - sigma) x_0 + sigma eps`` with ``t = sigma``; the network predicts the velocity
+``eps - x_0`` and is called with ``timestep = 1000 sigma`` (noise.py). Text conditioning is a
+:class:`~critsample.denoisers.PromptCond` from diffusers' own ``StableDiffusion3Pipeline.encode_prompt``
+(CLIP-L + CLIP-G + T5); the unconditional prompt is the empty string, as the pipeline's default negative prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from torch import nn
+
+from ..attention import check_radius, install_window_attention
+from ..denoisers import Denoiser, PromptCond, autocast
+from ..errors import UserError
+from ..noise import Schedule
+
+_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+class SD3Denoiser(Denoiser):
+    """Velocity-prediction SD3 / SD3.5 transformer with window attention, optional VAE and optional text encoders.
+
+    ``text`` is a ``StableDiffusion3Pipeline`` used only for :meth:`encode_prompt`; without it the denoiser works on
+    prompt embeddings, and :meth:`null` needs ``null_cond`` (the empty-prompt embeddings) to be set by the caller.
+    """
+
+    prediction = "velocity"
+    num_classes = None
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        schedule: Schedule | None = None,
+        vae: AutoencoderKL | None = None,
+        text=None,
+        *,
+        max_sequence_length: int = 256,
+        name: str = "sd3",
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+        self.schedule = schedule or Schedule(kind="flow")
+        if self.schedule.kind != "flow":
+            raise ValueError(f"SD3 is a flow-matching model; got a {self.schedule.kind!r} schedule.")
+        cfg = transformer.config
+        self.patch_size = int(cfg.patch_size)
+        self.in_channels = int(cfg.in_channels)
+        self.sample_shape = (self.in_channels, int(cfg.sample_size), int(cfg.sample_size))
+        self.max_sequence_length = int(max_sequence_length)
+        self.name = name
+        self.text = text
+        # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
+        encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text else []
+        self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
+        self.null_cond: PromptCond | None = None  # empty-prompt embeddings (1 row); computed on first use
+        self._null_cache: dict[int, PromptCond] = {}
+        self.scheduler_config: dict = {}
+        install_window_attention(transformer)
+
+    # -- conditioning --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str, max_sequence_length: int | None = None) -> PromptCond:
+        """Prompt embeddings ``(B, 77 + T5 length, D)`` and pooled ``(B, P)`` from diffusers' SD3 pipeline."""
+        if self.text is None:
+            raise UserError(
+                f"{self.name} was loaded without text encoders: load it from a folder with text_encoder*/ and "
+                f"tokenizer*/ (and `pip install critsample[sd3]`), or pass PromptCond embeddings directly."
+            )
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        device = self.text_encoders[0].device
+        embeds, _, pooled, _ = self.text.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length or self.max_sequence_length,
+        )
+        return PromptCond(embeds, pooled)
+
+    def _clip_length(self) -> int:
+        return int(self.text.tokenizer_max_length)
+
+    def null(self, cond: PromptCond) -> PromptCond:
+        """The empty-prompt embeddings (SD3's default negative prompt ``""``), repeated to the batch of ``cond``."""
+        if not isinstance(cond, PromptCond):
+            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
+        seq = cond.embeds.shape[1]
+        one = self._null_cache.get(seq)
+        if one is None:
+            if self.null_cond is not None:
+                one = self.null_cond
+            elif self.text is not None:
+                # Same token layout as `cond`: 77 CLIP tokens followed by the T5 tokens.
+                one = self.encode_prompt([""], max_sequence_length=seq - self._clip_length())
+            else:
+                raise UserError(
+                    f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
+                    f"PromptCond embeddings, or load the model from a folder with its text encoders."
+                )
+            self._null_cache[seq] = one
+        n, dev = len(cond), cond.embeds.device
+        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
+
+    # -- network -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None) -> torch.Tensor:
+        grid = self.grid(x)
+        check_radius(radius, grid)
+        dtype = self.transformer.dtype
+        timestep = self.schedule.native(t.detach().cpu()).to(x.device, torch.float32)  # 1000 sigma, as the pipeline
+        with autocast(x.device):
+            out = self.transformer(
+                hidden_states=x.to(dtype),
+                encoder_hidden_states=cond.embeds.to(x.device, dtype),
+                pooled_projections=cond.pooled.to(x.device, dtype),
+                timestep=timestep,
+                joint_attention_kwargs={"radius": radius, "grid": grid},
+            ).sample
+        return out.to(x.dtype)
+
+    # -- pixel space ---------------------------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
+        shift, scale = self._vae_factors()
+        with autocast(z.device):
+            img = self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.vae is None:
+            raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
+        shift, scale = self._vae_factors()
+        with autocast(images.device):
+            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return ((dist.sample(generator).float() - shift) * scale).float()
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "SD3's text encoders need the `transformers` package: `pip install critsample[sd3]` "
+            "(or load with text_encoders=False and pass prompt embeddings)."
+        ) from None
+
+
+def _load_text(folder: Path, transformer, vae, dtype: torch.dtype, t5: bool):
+    """diffusers' own SD3 pipeline around the already loaded transformer / VAE, for its ``encode_prompt``."""
+    _require_transformers()
+    from diffusers import StableDiffusion3Pipeline
+
+    # Parts a folder lacks (or T5 when dropped) are None; the pipeline then embeds T5 as zeros, as diffusers does.
+    skip = {k: None for k in _TEXT_PARTS if not (folder / k).exists() or (not t5 and k.endswith("_3"))}
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, vae=vae, torch_dtype=dtype, **skip)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load SD3's text encoders from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def load_sd3(
+    folder: Path,
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    text_encoders: bool = True,
+    t5: bool = True,
+    max_sequence_length: int = 256,
+) -> SD3Denoiser:
+    """An SD3 pipeline folder (transformer/, vae/, scheduler/, text_encoder*/, tokenizer*/) or a bare transformer folder.
+
+    ``text_encoders=False`` skips CLIP and T5 (prompt-embedding-level use); ``t5=False`` drops only T5.
+    """
+    folder = Path(folder)
+    sub = folder / "transformer"
+    tdir = sub if sub.exists() else folder
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(tdir, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load an SD3 transformer from {tdir}: {str(e).splitlines()[0]}") from None
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype) if (folder / "vae" / "config.json").exists() else None
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    has_text = (folder / "model_index.json").exists() and (folder / "text_encoder").exists()
+    text = _load_text(folder, transformer, vae, dtype, t5) if text_encoders and has_text else None
+    model = SD3Denoiser(
+        transformer, Schedule.from_scheduler_config(sched_cfg), vae, text, max_sequence_length=max_sequence_length, name=name,
+    )
+    model.scheduler_config = sched_cfg
+    return model

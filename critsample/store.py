@@ -1,0 +1,204 @@
+"""Resumable results: every unit of probe work is stored the moment it finishes, keyed by what it depends on.
+
+A *unit* is the smallest piece of work worth keeping (one sample batch of one probe at one setting). Its key is a
+hash of ``(probe name, probe config, unit params, model id, seed, STORE_VERSION)``, so
+
+* a restarted run loads finished units and recomputes nothing (it only looks the key up);
+* a changed config, model, seed or code version gives new keys and never reuses a stale unit;
+* each unit draws its randomness from ``unit_generator(key)``, a ``torch.Generator`` seeded from the key alone, so
+  the numbers do not depend on which units ran before, on the order, on a kill and resume, or on the rank that ran it.
+
+Units live in ``<root>/units/<probe>/<key>.npz`` (plus a ``.json`` with the readable params), written to a temporary
+name and moved into place with ``os.replace`` so a killed run never leaves a half-written unit.
+
+Sharding: :func:`run_units` gives unit ``i`` to rank ``i % world_size``; every rank writes its own units to the shared
+folder and rank 0 assembles all of them after a barrier (:class:`Ranks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+STORE_VERSION = 1  # bump when a probe's numbers change for the same inputs
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 hex digest of a JSON-serialisable object (keys sorted, floats in repr), stable across processes."""
+    text = json.dumps(obj, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return np.asarray(o).tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(o)
+    raise TypeError(f"Cannot hash {type(o).__name__} in a unit key.")
+
+
+def unit_generator(key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the unit key alone (the key already contains the run seed)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(key[:15], 16))  # 60 bits: fits the generator's int64 seed
+    return g
+
+
+def model_fingerprint(model: torch.nn.Module, name: str = "") -> str:
+    """A short id of a model's weights: the name, every tensor's name and shape, and a strided sample of its values.
+
+    Cheap for multi-GB models (at most 4096 values per tensor are read) and different for different random inits.
+    """
+    h = hashlib.sha256(name.encode())
+    for k, v in model.state_dict().items():
+        flat = v.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return f"{name}@{h.hexdigest()[:16]}"
+
+
+@dataclass
+class Unit:
+    """One piece of work: the probe it belongs to, its parameters (hashed into the key) and its cost."""
+
+    probe: str
+    params: dict
+    forwards: int = 0  # network evaluations (rows) the unit costs, for --dry-run and progress
+    key: str = ""
+
+
+@dataclass
+class Store:
+    """Unit results under ``root/units``; ``config`` is the per-probe config dict mixed into every key."""
+
+    root: Path
+    model_id: str
+    seed: int
+    config: dict = field(default_factory=dict)  # probe name -> that probe's config
+    computed: int = 0  # units computed by this process
+    loaded: int = 0  # units found already finished
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    def unit(self, probe: str, params: dict, forwards: int = 0) -> Unit:
+        key = stable_hash(
+            {"v": STORE_VERSION, "probe": probe, "config": self.config.get(probe, {}), "params": params,
+             "model": self.model_id, "seed": int(self.seed)}
+        )
+        return Unit(probe, params, forwards, key)
+
+    def path(self, unit: Unit) -> Path:
+        return self.root / "units" / unit.probe / f"{unit.key}.npz"
+
+    def has(self, unit: Unit) -> bool:
+        return self.path(unit).exists()
+
+    def load(self, unit: Unit) -> dict[str, np.ndarray]:
+        with np.load(self.path(unit), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def save(self, unit: Unit, arrays: dict[str, Any]) -> None:
+        """Atomic write: a temporary file in the same folder, then ``os.replace``."""
+        path = self.path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v) for k, v in arrays.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{unit.key[:8]}-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            meta = json.dumps({"probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed},
+                              default=_jsonable, indent=1)
+            _atomic_text(path.with_suffix(".json"), meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_or_compute(self, unit: Unit, compute: Callable[[torch.Generator], dict], device="cpu") -> dict[str, np.ndarray]:
+        """The stored result of ``unit``, or ``compute(unit_generator(key))`` stored and returned."""
+        if self.has(unit):
+            self.loaded += 1
+            return self.load(unit)
+        out = compute(unit_generator(unit.key, device))
+        self.save(unit, out)
+        self.computed += 1
+        return self.load(unit)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Ranks:
+    """Rank / world size and a barrier: from Lightning Fabric when given, from torch.distributed if initialised,
+    else a single process."""
+
+    def __init__(self, fabric=None):
+        self.fabric = fabric
+        if fabric is not None:
+            self.rank, self.world = int(fabric.global_rank), int(fabric.world_size)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world <= 1:
+            return
+        if self.fabric is not None:
+            self.fabric.barrier()
+        else:
+            torch.distributed.barrier()
+
+
+def run_units(
+    store: Store,
+    units: Iterable[Unit],
+    compute: Callable[[Unit, torch.Generator], dict],
+    *,
+    ranks: Ranks | None = None,
+    device="cpu",
+    on_unit: Callable[[Unit, bool], None] | None = None,
+) -> dict[str, dict[str, np.ndarray]] | None:
+    """Compute (or load) every unit, round-robin over ranks; rank 0 returns ``{key: arrays}`` of all units after a
+    barrier, other ranks return None. ``on_unit(unit, was_computed)`` runs after each of this rank's units (progress
+    bars, or a test's simulated kill)."""
+    ranks = ranks or Ranks()
+    units = list(units)
+    for i, u in enumerate(units):
+        if i % ranks.world != ranks.rank:
+            continue
+        fresh = not store.has(u)
+        store.get_or_compute(u, lambda g, u=u: compute(u, g), device=device)
+        if on_unit is not None:
+            on_unit(u, fresh)
+    ranks.barrier()
+    if not ranks.is_main:
+        return None
+    missing = [u for u in units if not store.has(u)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} units of {missing[0].probe} are missing after the barrier; is --out on a shared file system?")
+    return {u.key: store.load(u) for u in units}

@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny random diffusers pipelines saved to disk, built offline (diffusers-test style).
+
+Nothing in the test session may download: ``HF_HUB_OFFLINE`` is set before any Hugging Face library is imported,
+and the tokenizers of the tiny SD3 pipeline are built from in-memory vocabularies.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models: one intra-op thread. On the shared 2-core machine a second thread makes each forward ~500x slower.
+torch.set_num_threads(1)
+
+# -- tiny model shapes (one place, so tests can reason about token grids) -----------------------
+DIT_LATENT = 8  # latent H = W
+DIT_PATCH = 2  # -> 4 x 4 token grid
+SD3_LATENT = 8
+SD3_PATCH = 2  # -> 4 x 4 token grid at the default size; pos_embed_max_size 16 allows up to 32 x 32 latents
+CLIP_LENGTH = 8  # tokenizer.model_max_length of the tiny CLIP tokenizers
+T5_LENGTH = 12  # max_sequence_length used with the tiny T5
+
+
+def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    # num_embeds_ada_norm=1000 because diffusers' DiTPipeline hard-codes the null class 1000.
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=DIT_LATENT, patch_size=DIT_PATCH, num_embeds_ada_norm=1000, norm_num_groups=1,
+    ).eval()
+
+
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, sample_size=16,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    ).eval()
+
+
+def tiny_sd3_transformer(num_layers: int = 2, seed: int = 0, **kw):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        sample_size=SD3_LATENT, patch_size=SD3_PATCH, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        pooled_projection_dim=16, pos_embed_max_size=16,
+    )
+    return SD3Transformer2DModel(**{**cfg, **kw}).eval()
+
+
+def _tiny_tokenizers():
+    """A byte-level CLIP BPE tokenizer and a T5 unigram tokenizer over single letters (no download)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_LENGTH)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in letters] + [("\u2581" + c, -3.5) for c in letters]
+    t5 = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    return clip, t5
+
+
+def _tiny_text_encoders(clip_vocab: int, t5_vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    # CLIP hidden 16 + 16 = 32 = T5 d_model = joint_attention_dim; pooled 8 + 8 = 16 = pooled_projection_dim.
+    clip_cfg = dict(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=2, vocab_size=clip_vocab, max_position_embeddings=CLIP_LENGTH, projection_dim=8, hidden_act="gelu",
+    )
+    torch.manual_seed(1)
+    te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
+    torch.manual_seed(2)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
+    torch.manual_seed(3)
+    te3 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    return te1, te2, te3
+
+
+@pytest.fixture(scope="session")
+def dit_folder(tmp_path_factory) -> Path:
+    """A diffusers DiTPipeline folder: tiny learned-sigma DiT (1000 classes), tiny VAE, DDIM."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    folder = tmp_path_factory.mktemp("tiny-dit")
+    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    DiTPipeline(transformer=tiny_dit_transformer(), vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory) -> Path:
+    """A diffusers StableDiffusion3Pipeline folder: tiny MMDiT, tiny VAE with shift, FlowMatchEuler, CLIP x2 + T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    clip_tok, t5_tok = _tiny_tokenizers()
+    te1, te2, te3 = _tiny_text_encoders(len(clip_tok), len(t5_tok))
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dit(dit_folder):
+    """The tiny DiT loaded through critsample's registry (fp32, CPU)."""
+    import critsample
+
+    return critsample.load(str(dit_folder))
+
+
+@pytest.fixture(scope="session")
+def sd3(sd3_folder):
+    """The tiny SD3 loaded through critsample's registry, text encoders included."""
+    import critsample
+
+    return critsample.load(str(sd3_folder), max_sequence_length=T5_LENGTH)

@@ -1,0 +1,144 @@
+"""The plan sampler against diffusers' own pipelines, solver history at plan switches, callbacks and plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import T5_LENGTH
+
+import critsample
+from critsample import Plan, Step
+from critsample.sampling import make_scheduler, step_times
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# -- equality with diffusers' pipelines -------------------------------------------------------
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_dit_guided_plan_equals_dit_pipeline(dit, dit_folder, guidance):
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(dit_folder)  # stock processors, DDIM from the folder
+    labels = [3, 817]
+    ref = pipe(labels, guidance_scale=guidance, generator=_gen(7), num_inference_steps=6, output_type="pt").images
+    z = critsample.sample(dit, Plan.guided(6, guidance), torch.tensor(labels), generator=_gen(7))
+    images = dit.decode(z)
+    assert images.shape == ref.shape == (2, 3, 16, 16)
+    assert (images - ref).abs().max() <= 1e-4
+
+
+def test_dit_dpm_solver_equals_dit_pipeline_with_dpm(dit, dit_folder):
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+
+    pipe = DiTPipeline.from_pretrained(dit_folder)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # diffusers' documented swap
+    ref = pipe([5], guidance_scale=3.0, generator=_gen(1), num_inference_steps=5, output_type="pt").images
+    z = critsample.sample(dit, Plan.guided(5, 3.0, sampler="dpm"), torch.tensor([5]), generator=_gen(1))
+    assert torch.isfinite(z).all()
+    assert (dit.decode(z) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 24)])
+def test_sd3_guided_plan_equals_sd3_pipeline(sd3, sd3_folder, size):
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)  # stock processors; it embeds the prompts itself
+    prompts = ["a red cat", "dog"]
+    common = dict(height=size[0], width=size[1], guidance_scale=3.5, num_inference_steps=4, max_sequence_length=T5_LENGTH)
+    latents = pipe(prompts, generator=_gen(3), output_type="latent", **common).images
+    images = pipe(prompts, generator=_gen(3), output_type="pt", **common).images
+    cond = sd3.encode_prompt(prompts)
+    # sample() draws its noise at the model's default size; other sizes pass x drawn the way the pipeline draws it
+    x = randn_tensor((2, 4, size[0] // 2, size[1] // 2), generator=_gen(3), dtype=torch.float32)
+    z = critsample.sample(sd3, Plan.guided(4, 3.5), cond, x=x)
+    assert z.shape == latents.shape
+    assert (z - latents).abs().max() <= 1e-4
+    assert (sd3.decode(z) - images).abs().max() <= 1e-4
+    if size == (16, 16):
+        assert (critsample.sample(sd3, Plan.guided(4, 3.5), cond, generator=_gen(3)) - z).abs().max() == 0.0
+
+
+# -- switching denoisers inside a multistep solver --------------------------------------------
+def _switching_plan(sampler: str, on_switch: str) -> Plan:
+    steps = [Step("guided", None, 4.0)] * 3 + [Step("uncond")] * 2 + [Step("cond")] * 2
+    return Plan(steps, sampler=sampler, on_switch=on_switch)
+
+
+def test_on_switch_matters_only_when_the_plan_switches(dit):
+    labels = torch.tensor([1, 2])
+
+    def run(plan: Plan) -> torch.Tensor:
+        return critsample.sample(dit, plan, labels, generator=_gen(0))
+
+    steady = Plan.guided(7, 4.0, sampler="dpm")
+    steady_keep = Plan.from_dict({**steady.to_dict(), "on_switch": "keep"})
+    assert torch.equal(run(steady), run(steady_keep))
+    reset, keep = run(_switching_plan("dpm", "reset")), run(_switching_plan("dpm", "keep"))
+    assert (reset - keep).abs().max() > 1e-4  # DPM-Solver++ history is cleared at the two switches
+    # single-step DDIM has no history: the option changes nothing
+    assert torch.equal(run(_switching_plan("ddim", "reset")), run(_switching_plan("ddim", "keep")))
+
+
+def test_reset_makes_the_step_after_a_switch_first_order(dit):
+    """With a reset, the steps after the switch equal a fresh first-order start from the switch state."""
+    labels = torch.tensor([4])
+    states = {}
+    plan = _switching_plan("dpm", "reset")
+    critsample.sample(dit, plan, labels, generator=_gen(2), callback=lambda d: states.__setitem__(d["i"], d["x"]))
+    sch = make_scheduler(dit, "dpm")
+    sch.set_timesteps(len(plan.steps))
+    sch._step_index = 3  # continue from the switch as if the solver had just started there
+    x = states[2]
+    for i in (3, 4):
+        ts = sch.timesteps[i]
+        pred = dit.predict(x, float(ts) / 1000, dit.null(labels))
+        x = sch.step(pred, ts, x).prev_sample
+    assert (x - states[4]).abs().max() <= 1e-5
+
+
+# -- callback, plans ---------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["dit", "sd3"])
+def test_callback_sees_every_step(dit, sd3, which):
+    model = dit if which == "dit" else sd3
+    cond = torch.tensor([0]) if which == "dit" else sd3.encode_prompt(["cat"])
+    plan = Plan.from_rule(model, 5, lambda t: Step("guided", None, 2.0) if t > 0.5 else Step("cond"))
+    seen = []
+    out = critsample.sample(model, plan, cond, generator=_gen(0), callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(5))
+    assert [d["step"] for d in seen] == plan.steps
+    assert [d["t"] for d in seen] == pytest.approx(plan.times)
+    assert all(a["t"] > b["t"] for a, b in zip(seen, seen[1:]))
+    assert torch.equal(seen[-1]["x"], out)
+    assert all(d["prediction"].shape == out.shape for d in seen)
+
+
+def test_step_times_follow_the_integrators(dit, sd3):
+    assert step_times(dit, 4) == pytest.approx([0.75, 0.5, 0.25, 0.0])  # DDIM "leading" spacing, steps_offset 0
+    sch = make_scheduler(sd3)
+    sch.set_timesteps(3)
+    assert step_times(sd3, 3) == pytest.approx(sch.sigmas[:3].tolist())  # t = shifted sigma
+
+
+def test_plan_dict_round_trip(dit):
+    plan = Plan.from_rule(dit, 6, lambda t: Step("guided", None, 4.0) if t > 0.4 else Step("uncond", 1), sampler="dpm", name="window")
+    plan.on_switch = "keep"
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert Plan.from_dict(d) == plan
+    assert d["forwards_per_sample"] == plan.forwards == sum(2 if s.mode == "guided" else 1 for s in plan.steps)
+    assert "uncond/local(r=1)" in plan.describe()
+
+
+def test_bad_sampler_names_raise(dit, sd3):
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        Plan.guided(3, 2.0, sampler="heun")
+    with pytest.raises(ValueError, match="Unknown step mode"):
+        Plan([Step("sometimes")])
+    with pytest.raises(ValueError):
+        make_scheduler(dit, "euler")  # flow-matching integrator for a DDPM model
+    with pytest.raises(ValueError):
+        critsample.sample(sd3, Plan.guided(3, 2.0, sampler="dpm"), sd3.encode_prompt(["cat"]))
