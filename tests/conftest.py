@@ -17,8 +17,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from pathlib import Path  # noqa: E402
 
+import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True  # in case a plugin imported huggingface_hub before this file
 
 # Tiny models: one intra-op thread. On the shared 2-core machine a second thread makes each forward ~500x slower.
 torch.set_num_threads(1)

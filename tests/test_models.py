@@ -294,6 +294,14 @@ def test_sd3_without_text_encoders(sd3_folder):
     assert model.predict(x, 0.5, cond, guidance=2.0).shape == x.shape
 
 
+def test_sd3_without_t5_embeds_zeros(sd3_folder):
+    model = critsample.load(str(sd3_folder), t5=False, max_sequence_length=T5_LENGTH)
+    assert len(model.text_encoders) == 2
+    cond = model.encode_prompt(["a cat"])
+    assert cond.embeds.shape == (1, 8 + T5_LENGTH, 32)
+    assert torch.equal(cond.embeds[:, 8:], torch.zeros(1, T5_LENGTH, 32))  # diffusers' T5-less SD3 convention
+
+
 def test_sd3_missing_transformers_names_the_extra(sd3_folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(UserError, match=r"pip install critsample\[sd3\]"):

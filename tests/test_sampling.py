@@ -63,6 +63,24 @@ def test_sd3_guided_plan_equals_sd3_pipeline(sd3, sd3_folder, size):
         assert (critsample.sample(sd3, Plan.guided(4, 3.5), cond, generator=_gen(3)) - z).abs().max() == 0.0
 
 
+def test_sd3_embedding_level_plan_equals_sd3_pipeline(sd3_folder):
+    """Without text encoders: the same prompt embeddings go to the pipeline and to critsample (null = negative)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    model = critsample.load(str(sd3_folder), text_encoders=False)
+    g = _gen(11)
+    cond = critsample.PromptCond(torch.randn(2, 9, 32, generator=g), torch.randn(2, 16, generator=g))
+    model.null_cond = critsample.PromptCond(torch.randn(1, 9, 32, generator=g), torch.randn(1, 16, generator=g))
+    null = model.null(cond)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+                                                    tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    ref = pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.embeds,
+               negative_pooled_prompt_embeds=null.pooled, guidance_scale=5.0, num_inference_steps=3,
+               generator=_gen(4), output_type="latent").images
+    z = critsample.sample(model, Plan.guided(3, 5.0), cond, generator=_gen(4))
+    assert (z - ref).abs().max() <= 1e-4
+
+
 # -- switching denoisers inside a multistep solver --------------------------------------------
 def _switching_plan(sampler: str, on_switch: str) -> Plan:
     steps = [Step("guided", None, 4.0)] * 3 + [Step("uncond")] * 2 + [Step("cond")] * 2

@@ -56,3 +56,107 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=512, shuffle=False, num_workers=0)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_classes(root: str, class_index: str | None = None) -> dict[str, int]:
+    """Class id of every sub-folder: sorted folder names (the ImageNet convention DiT was trained with, when the
+    folders are the 1,000 synset ids), or an explicit JSON ``{"folder": id}`` for subsets."""
+    import json
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise UserError(f"Image folder {root} does not exist; give a folder with one sub-folder of images per class.")
+    if class_index:
+        return {k: int(v) for k, v in json.loads(Path(class_index).read_text()).items()}
+    names = sorted(p.name for p in root_p.iterdir() if p.is_dir())
+    if not names:
+        raise UserError(f"{root} has no class sub-folders; put the images of class c in {root}/<c>/.")
+    return {n: i for i, n in enumerate(names)}
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """(image in [0, 1], (3, R, R) center-cropped and resized; class id) from ``root/<class>/<image>``."""
+
+    def __init__(self, root: str, resolution: int, class_index: str | None = None):
+        from pathlib import Path
+
+        self.resolution = resolution
+        classes = folder_classes(root, class_index)
+        self.items = [
+            (p, c) for name, c in sorted(classes.items()) for p in sorted((Path(root) / name).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.items[i]
+        img = Image.open(path).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((self.resolution, self.resolution), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return x, label
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images from class folders, encoded by the model's VAE inside the training step (see LatentsDataModule to
+    encode once and train on latents, as fast-DiT does)."""
+
+    def __init__(self, root: str, resolution: int = 256, batch_size: int = 32, num_workers: int = 4,
+                 class_index: str | None = None, val_fraction: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        full = ImageFolderDataset(h.root, h.resolution, h.class_index)
+        n_val = max(1, int(len(full) * h.val_fraction))
+        g = torch.Generator().manual_seed(0)
+        self.train_set, self.val_set = torch.utils.data.random_split(full, [len(full) - n_val, n_val], generator=g)
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self.train_set, batch_size=h.batch_size, shuffle=True, drop_last=True,
+                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0, pin_memory=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+
+class LatentsDataModule(L.LightningDataModule):
+    """Precomputed latents: a ``.pt`` file with ``latents`` (N, C, h, w, already scaled by the VAE factor) and
+    ``labels`` (N,), written by ``python -m critsample.finetune.encode``."""
+
+    def __init__(self, path: str, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        from pathlib import Path
+
+        from ..errors import UserError
+
+        if not Path(self.hparams.path).exists():
+            raise UserError(f"No latents at {self.hparams.path}; write them with `python -m critsample.finetune.encode`.")
+        blob = torch.load(self.hparams.path, map_location="cpu")
+        full = TensorDataset(blob["latents"].float(), blob["labels"].long())
+        n_val = max(1, int(len(full) * self.hparams.val_fraction))
+        g = torch.Generator().manual_seed(0)
+        self.train_set, self.val_set = torch.utils.data.random_split(full, [len(full) - n_val, n_val], generator=g)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)

@@ -169,7 +169,8 @@ def load_hf_classifier(repo_id: str, device: str | torch.device = "cpu") -> HFIm
     except Exception as e:  # offline, not cached, or not found: one sentence with the fix
         raise UserError(
             f"Weights of the classifier {repo_id} are not available here ({type(e).__name__}); fetch them with "
-            f"`huggingface-cli download {repo_id}`, or use a local classifier as `module.path:callable`."
+            f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), "
+            f"or use a local classifier as `module.path:callable`."
         ) from None
     return HFImageClassifier(model, json.loads(Path(proc_file).read_text()), repo_id).to(device)
 

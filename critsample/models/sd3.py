@@ -32,6 +32,7 @@ class SD3Denoiser(Denoiser):
 
     prediction = "velocity"
     num_classes = None
+    default_guidance = 7.0  # StableDiffusion3Pipeline's default guidance_scale
 
     def __init__(
         self,
@@ -57,9 +58,9 @@ class SD3Denoiser(Denoiser):
         self.name = name
         self.text = text
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
-        encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text else []
+        encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text is not None else []
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
-        self.null_cond: PromptCond | None = None  # empty-prompt embeddings (1 row); computed on first use
+        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
         self._null_cache: dict[int, PromptCond] = {}
         self.scheduler_config: dict = {}
         install_window_attention(transformer)
@@ -89,19 +90,20 @@ class SD3Denoiser(Denoiser):
         if not isinstance(cond, PromptCond):
             raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
         seq = cond.embeds.shape[1]
-        one = self._null_cache.get(seq)
-        if one is None:
-            if self.null_cond is not None:
-                one = self.null_cond
-            elif self.text is not None:
-                # Same token layout as `cond`: 77 CLIP tokens followed by the T5 tokens.
-                one = self.encode_prompt([""], max_sequence_length=seq - self._clip_length())
-            else:
-                raise UserError(
-                    f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
-                    f"PromptCond embeddings, or load the model from a folder with its text encoders."
-                )
-            self._null_cache[seq] = one
+        if self.null_cond is not None:
+            one = self.null_cond
+            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
+                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}.")
+        elif seq in self._null_cache:
+            one = self._null_cache[seq]
+        elif self.text is not None:
+            # Same token layout as `cond`: the CLIP tokens (77 in SD3) followed by the T5 tokens.
+            one = self._null_cache[seq] = self.encode_prompt([""], max_sequence_length=seq - self._clip_length())
+        else:
+            raise UserError(
+                f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
+                f"PromptCond embeddings, or load the model from a folder with its text encoders."
+            )
         n, dev = len(cond), cond.embeds.device
         return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
 
