@@ -264,7 +264,7 @@ def fid_with_bootstrap(
 
 def digits_real(split: str = "test") -> torch.Tensor:
     """Digits images of a split, (N, 1, 8, 8) in [0, 1]."""
-    from .finetune.data import digits_split
+    from .datasets import digits_split
 
     return (digits_split(split)[0] + 1) / 2
 

@@ -60,7 +60,7 @@ def fetch(spec: ModelSpec) -> Path:
     except Exception as e:  # offline, gated, or not found: one sentence with the fix
         raise UserError(
             f"Weights of {spec.name} ({spec.source}) are not available here ({type(e).__name__}); fetch them with "
-            f"`huggingface-cli download {spec.source}` (accept the licence on the Hub first if it is gated) "
+            f"`hf download {spec.source}` (older huggingface_hub: `huggingface-cli download {spec.source}`) (accept the licence on the Hub first if it is gated) "
             f"or pass a local diffusers folder with `--model /path/to/folder`."
         ) from None
 
