@@ -55,6 +55,7 @@ class SD3Denoiser(Denoiser):
         self.in_channels = int(cfg.in_channels)
         self.sample_shape = (self.in_channels, int(cfg.sample_size), int(cfg.sample_size))
         self.max_sequence_length = int(max_sequence_length)
+        self.text_tokens = 77 + self.max_sequence_length  # CLIP + T5 tokens of joint attention (FLOPs accounting)
         self.name = name
         self.text = text
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
