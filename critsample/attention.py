@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from .local_attention import local_attention
+
 
 Radius = int | torch.Tensor | list | None
 
@@ -33,14 +35,19 @@ def _attend(q, k, v, grid, radius, num_extra: int = 0) -> torch.Tensor:
     """(B, H, L, d) attention: stock SDPA when global, exact window otherwise."""
     if _is_global(radius, grid):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    from .local_attention import local_attention
-
     return local_attention(q, k, v, grid=grid, radius=radius, num_extra=num_extra)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, H, N, d)
+
+
+def _qkv(attn: Attention, hidden_states: torch.Tensor, projections, norms) -> tuple[torch.Tensor, ...]:
+    """Per-head (B, H, N, d) queries, keys and values with the layer's own projections and optional q/k norms."""
+    q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in projections)
+    nq, nk = norms
+    return (q if nq is None else nq(q)), (k if nk is None else nk(k)), v
 
 
 class WindowAttnProcessor:
@@ -60,11 +67,7 @@ class WindowAttnProcessor:
             raise NotImplementedError("WindowAttnProcessor only handles unmasked self-attention over image tokens.")
         residual = hidden_states
         b = hidden_states.shape[0]
-        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
         out = _attend(q, k, v, grid, radius)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -87,20 +90,13 @@ class JointWindowAttnProcessor:
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n_img = hidden_states.shape[:2]
-        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
         n_txt = 0
         if encoder_hidden_states is not None:
-            eq, ek, ev = (
-                _heads(proj(encoder_hidden_states), attn.heads) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            eq, ek, ev = _qkv(
+                attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                (attn.norm_added_q, attn.norm_added_k),
             )
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
             q, k, v = torch.cat([q, eq], dim=2), torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2)
             n_txt = encoder_hidden_states.shape[1]
         out = _attend(q, k, v, grid, radius, num_extra=n_txt)
