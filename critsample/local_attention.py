@@ -1,0 +1,356 @@
+"""Exact 2-D local-window attention: the paper's local denoiser (Sec. 3.1, Fig. 2).
+
+Image tokens lie row-major on an h x w grid (token n = i * w + j). Image token (i, j) attends only to image tokens
+(i', j') with |i - i'| <= r and |j - j'| <= r, truncated at the borders (border tokens see fewer keys, the window is
+not shifted). The ``num_extra`` tokens after the h * w image tokens (SD3 text) are dense both ways. ``r = None`` or
+``r >= max(h, w) - 1`` is exactly global attention. The scale is SDPA's 1 / sqrt(d).
+
+One computation, three implementations:
+- ``dense``: stock SDPA; valid only for a global radius.
+- ``masked``: SDPA with the (L, L) boolean window mask; the reference path, costs as much as dense.
+- ``tiled``: queries in th x tw tiles, each attending to its (th + 2r) x (tw + 2r) key halo plus the extra keys, so
+  the cost follows the window, not the grid, and nothing of size (L, L) is built. Differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .errors import UserError
+
+IMPLS = ("auto", "dense", "masked", "tiled")
+
+# Bytes of temporaries per tiled step and intra-op thread. On CPU a step should stay in cache: one big step costs
+# 2-3x more than the same work in ~2 MB steps, and big temporaries come back as freshly page-faulted memory.
+_STEP_BYTES_CPU = 2 << 20
+_STEP_BYTES_ACCELERATOR = 1 << 30
+
+
+def _tile_size(radius: int) -> int:
+    """Tile side, tuned on a 2-core AVX-512 CPU (bench/attention.py, with and without 333 text tokens).
+
+    A query pays for the (t + 2r)^2 keys of its tile's halo, so small tiles waste less; under ~16 queries a tile
+    the batched matmuls lose their efficiency.
+    """
+    return 4 if radius <= 8 else 8
+
+
+@dataclass(frozen=True, eq=False)
+class _TilePlan:
+    th: int
+    tw: int
+    nh: int  # tiles down the grid
+    nw: int  # tiles across
+    q_index: torch.Tensor  # (nt * th * tw,) token of every tile query; padding repeats a border query
+    kv_index: torch.Tensor  # (nt * K,) token of every halo key, clamped into the grid; K = (th + 2r) * (tw + 2r)
+    bias: torch.Tensor  # (nt, th * tw, K) 0 where the window allows, -inf elsewhere (outside the grid included)
+
+    @property
+    def tiles(self) -> int:
+        return self.nh * self.nw
+
+    @property
+    def keys(self) -> int:
+        return self.kv_index.numel() // self.tiles
+
+
+# Cached tensors are built outside inference mode: a sampler may fill the caches before training reuses them.
+@functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
+def _tile_plan(h: int, w: int, r: int, tile: int, device: torch.device, dtype: torch.dtype) -> _TilePlan:
+    th, tw = min(tile, h), min(tile, w)
+    nh, nw = -(-h // th), -(-w // tw)
+    sh, sw = th + 2 * r, tw + 2 * r
+    ar = functools.partial(torch.arange, device=device)
+    # Padded query rows / columns repeat the last real one: their outputs are dropped, and a finite softmax row
+    # keeps NaN out of the backward pass.
+    qi, qj = ar(nh * th).clamp(max=h - 1).view(nh, th), ar(nw * tw).clamp(max=w - 1).view(nw, tw)
+    ki, kj = ar(nh)[:, None] * th - r + ar(sh), ar(nw)[:, None] * tw - r + ar(sw)  # (nh, sh), (nw, sw)
+    # The Chebyshev window is separable: a row test (nh, th, sh) and a column test (nw, tw, sw).
+    row_ok = ((qi[:, :, None] - ki[:, None, :]).abs() <= r) & ((ki >= 0) & (ki < h))[:, None, :]
+    col_ok = ((qj[:, :, None] - kj[:, None, :]).abs() <= r) & ((kj >= 0) & (kj < w))[:, None, :]
+    ok = row_ok[:, None, :, None, :, None] & col_ok[None, :, None, :, None, :]  # (nh, nw, th, tw, sh, sw)
+    ok = rearrange(ok, "a b t u s v -> (a b) (t u) (s v)")
+    q_index = rearrange(qi[:, None, :, None] * w + qj[None, :, None, :], "a b t u -> (a b t u)")
+    halo = ki.clamp(0, h - 1)[:, None, :, None] * w + kj.clamp(0, w - 1)[None, :, None, :]  # (nh, nw, sh, sw)
+    kv_index = rearrange(halo, "a b s v -> (a b s v)")
+    bias = torch.zeros(nh * nw, th * tw, sh * sw, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+    return _TilePlan(th, tw, nh, nw, q_index, kv_index, bias)
+
+
+@functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)
+def _cached_mask(h: int, w: int, r: int, num_extra: int, device: torch.device) -> torch.Tensor:
+    return window_mask(h, w, r, num_extra, device=device)
+
+
+def window_mask(height: int, width: int, radius: int | None, num_extra: int = 0, device=None) -> torch.Tensor:
+    """(L, L) boolean mask, L = height * width + num_extra; True where query (row) may attend to key (column)."""
+    _check_grid((height, width), num_extra)
+    radius = _as_radius(radius)
+    n = height * width
+    mask = torch.ones(n + num_extra, n + num_extra, dtype=torch.bool, device=device)
+    if radius is not None:
+        t = torch.arange(n, device=device)
+        i, j = t // width, t % width
+        mask[:n, :n] = ((i[:, None] - i[None]).abs() <= radius) & ((j[:, None] - j[None]).abs() <= radius)
+    return mask
+
+
+def _schedule(plan: _TilePlan, B: int, H: int, d: int, dv: int, ne: int, dtype: torch.dtype, device) -> list:
+    """Steps (batch slice, head slice, tile slice) whose temporaries fit the step budget."""
+    tq, nk, nt = plan.th * plan.tw, plan.keys, plan.tiles
+    budget = _STEP_BYTES_CPU * torch.get_num_threads() if device.type == "cpu" else _STEP_BYTES_ACCELERATOR
+    tile_bytes = (2 * tq * (nk + ne) + nk * (d + dv) + tq * (d + dv)) * dtype.itemsize  # scores, probs, q, k, v, out
+    per_step = max(1, budget // tile_bytes)
+    if per_step >= nt:  # whole (batch, head) rows per step
+        rows = per_step // nt
+        cb, ch, ct = (max(1, rows // H), H, nt) if rows >= H else (1, rows, nt)
+    else:  # one row, a run of its tiles per step
+        cb, ch, ct = 1, 1, per_step
+
+    def spans(size: int, step: int) -> list[slice]:
+        return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+
+    return [(bs, hs, ts) for bs in spans(B, cb) for hs in spans(H, ch) for ts in spans(nt, ct)]
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[:, :, index] for x (cb, ch, L, d); rows of a contiguous x go through one flat gather, ~2x faster on CPU."""
+    cb, ch, L, d = x.shape
+    if cb * ch == 1 or not x.is_contiguous():
+        return x.index_select(2, index)
+    flat = (torch.arange(cb * ch, device=x.device)[:, None] * L + index).view(-1)
+    return x.view(-1, d).index_select(0, flat).view(cb, ch, -1, d)
+
+
+def _step_probs(plan: _TilePlan, q, k, n: int, bs: slice, hs: slice, ts: slice):
+    """Attention weights of one step's tiles over their halo keys, then the extra keys.
+
+    Returns p (m, tq, nk + E) with m = rows * tiles, and the gathered qt (rows, ct * tq, d), kt (rows, ct * nk, d).
+    The extra keys are shared by every tile: one matmul per row against them, not a copy of them in every tile.
+    """
+    tq, nk, d, ne = plan.th * plan.tw, plan.keys, q.shape[-1], k.shape[2] - n
+    # SDPA's scale goes on the gathered queries, before the products (fp16 range), not on a copy of all of q
+    qt = _gather(q[bs, hs], plan.q_index[ts.start * tq : ts.stop * tq]).mul_(d**-0.5)  # (cb, ch, ct * tq, d)
+    kt = _gather(k[bs, hs], plan.kv_index[ts.start * nk : ts.stop * nk])  # (cb, ch, ct * nk, d)
+    rows, t_ = qt.shape[0] * qt.shape[1], qt.shape[2] // tq
+    m = rows * t_
+    qk = qt.view(m, tq, d), kt.view(m, nk, d).transpose(1, 2)
+    if rows == 1:
+        s = torch.baddbmm(plan.bias[ts], *qk)  # (m, tq, nk)
+    elif q.device.type == "cpu":  # baddbmm cannot broadcast the bias over rows; a step-sized copy is cached
+        s = torch.baddbmm(_repeated_bias(plan, rows), *qk)
+    else:
+        s = torch.bmm(*qk).view(rows, t_, tq, nk).add_(plan.bias[ts]).view(m, tq, nk)
+    if ne:
+        sx = torch.matmul(qt, k[bs, hs, n:].transpose(-1, -2))  # (cb, ch, ct * tq, E)
+        s = torch.cat([s, sx.view(m, tq, ne)], dim=-1)
+    return s.softmax(-1), qt.view(rows, t_ * tq, d), kt.view(rows, t_ * nk, d)
+
+
+@functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)
+def _repeated_bias(plan: _TilePlan, rows: int) -> torch.Tensor:
+    return plan.bias.repeat(rows, 1, 1)  # (rows * nt, tq, nk)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Tile-ordered outputs (B, H, nt * tq, dv) of the image queries; the backward recomputes each step's weights.
+
+    Saving only q, k, v keeps training memory at the inputs' size (like flash attention) instead of every step's
+    gathered halos and weights, and accumulating each step's gradients in place avoids a full-size gradient per step.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _TilePlan, steps: list, n: int):
+        B, H = q.shape[:2]
+        tq, nk, dv = plan.th * plan.tw, plan.keys, v.shape[-1]
+        tiles = q.new_empty(B, H, plan.tiles * tq, dv)
+        for bs, hs, ts in steps:
+            p, _, _ = _step_probs(plan, q, k, n, bs, hs, ts)  # (m, tq, nk + E)
+            vt = _gather(v[bs, hs], plan.kv_index[ts.start * nk : ts.stop * nk])  # (cb, ch, ct * nk, dv)
+            out = tiles[bs, hs, ts.start * tq : ts.stop * tq]  # (cb, ch, ct * tq, dv)
+            rows = out.shape[0] * out.shape[1]
+            torch.bmm(p[..., :nk], vt.view(-1, nk, dv), out=out.view(-1, tq, dv))
+            if p.shape[-1] > nk:
+                px = p[..., nk:].reshape(rows, -1, p.shape[-1] - nk)  # (rows, ct * tq, E)
+                out.view(rows, -1, dv).baddbmm_(px, v[bs, hs, n:].reshape(rows, -1, dv))
+        ctx.save_for_backward(q, k, v)
+        ctx.plan, ctx.steps, ctx.n = plan, steps, n
+        return tiles
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dtiles):
+        q, k, v = ctx.saved_tensors
+        plan, n = ctx.plan, ctx.n
+        tq, nk, d, dv = plan.th * plan.tw, plan.keys, q.shape[-1], v.shape[-1]
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for bs, hs, ts in ctx.steps:
+            p, qt, kt = _step_probs(plan, q, k, n, bs, hs, ts)  # (m, tq, nk + E), (rows, ct*tq, d), (rows, ct*nk, d)
+            kv_index = plan.kv_index[ts.start * nk : ts.stop * nk]
+            vt = _gather(v[bs, hs], kv_index)  # (cb, ch, ct * nk, dv)
+            do = dtiles[bs, hs, ts.start * tq : ts.stop * tq]  # (cb, ch, ct * tq, dv); dropped padding has 0
+            rows, m, ne = qt.shape[0], p.shape[0], p.shape[-1] - nk
+            do_t = do.reshape(m, tq, dv)
+            dp = torch.bmm(do_t, vt.view(m, nk, dv).transpose(1, 2))  # (m, tq, nk)
+            if ne:
+                dpx = torch.matmul(do, v[bs, hs, n:].transpose(-1, -2))  # (cb, ch, ct * tq, E)
+                dp = torch.cat([dp, dpx.view(m, tq, ne)], dim=-1)
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # dS = P (dP - rowsum(P dP)), (m, tq, nk + E)
+            dqt = torch.bmm(ds[..., :nk], kt.view(m, nk, d))  # (m, tq, d), by the scaled q
+            dkt = torch.bmm(ds[..., :nk].transpose(1, 2), qt.view(m, tq, d))  # (m, nk, d)
+            dvt = torch.bmm(p[..., :nk].transpose(1, 2), do_t)  # (m, nk, dv)
+            if ne:
+                dsx, px = ds[..., nk:].reshape(rows, -1, ne), p[..., nk:].reshape(rows, -1, ne)  # (rows, ct * tq, E)
+                dqt.view(rows, -1, d).baddbmm_(dsx, k[bs, hs, n:].reshape(rows, ne, d))
+                cb, ch = do.shape[:2]
+                grad_k[bs, hs, n:] += torch.bmm(dsx.transpose(1, 2), qt).view(cb, ch, ne, d)
+                grad_v[bs, hs, n:] += torch.bmm(px.transpose(1, 2), do.reshape(rows, -1, dv)).view(cb, ch, ne, dv)
+            dqt.mul_(d**-0.5)  # back through the scale on q
+            shape = grad_q[bs, hs].shape[:2]
+            grad_q[bs, hs].index_add_(2, plan.q_index[ts.start * tq : ts.stop * tq], dqt.view(*shape, -1, d))
+            grad_k[bs, hs].index_add_(2, kv_index, dkt.view(*shape, -1, d))
+            grad_v[bs, hs].index_add_(2, kv_index, dvt.view(*shape, -1, dv))
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
+    """Window attention tile by tile; q, k, v (B, H, L, d) -> (B, H, L, dv)."""
+    B, H, _, d = q.shape
+    dv, n = v.shape[-1], h * w
+    plan = _tile_plan(h, w, r, _tile_size(r), q.device, q.dtype)
+    steps = _schedule(plan, B, H, d, dv, num_extra, q.dtype, q.device)
+    tiles = _TiledAttention.apply(q, k, v, plan, steps, n)  # (B, H, nt * tq, dv)
+    img = rearrange(tiles, "b c (y x t u) e -> b c (y t) (x u) e", y=plan.nh, x=plan.nw, t=plan.th)[:, :, :h, :w]
+    img = img.reshape(B, H, n, dv)
+    if not num_extra:
+        return img
+    return torch.cat([img, F.scaled_dot_product_attention(q[:, :, n:], k, v)], dim=2)  # extra rows see every key
+
+
+def _choose(h: int, w: int, r: int | None, num_extra: int) -> str:
+    """The implementation ``impl="auto"`` runs, on any device (the crossover was measured on CPU only).
+
+    flex_attention is not offered: on CPU it compiles for ~15 s, and in its 128-token blocks a 2-D window in raster
+    order is barely sparse.
+    """
+    if r is None:
+        return "dense"
+    t = _tile_size(r)
+    halo = (min(t, h) + 2 * r) * (min(t, w) + 2 * r)
+    # Tiles pay off while a query's halo and extra keys are under about half of all keys (measured crossover
+    # ~0.6 at 16x16 to 64x64); tiny grids are overhead-bound either way.
+    if h * w < 64 or halo + num_extra > 0.5 * (h * w + num_extra):
+        return "masked"
+    return "tiled"
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    radius: int | None | list | torch.Tensor,
+    num_extra: int = 0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Window attention of (B, H, L, d) q, k, v over an h x w image-token grid followed by ``num_extra`` dense tokens.
+
+    ``radius``: an int >= 0, None (global), or one radius per batch row (a list, which may hold None, or a 1-D integer
+    tensor); rows with equal radius run together. ``impl``: one of ``IMPLS``. Returns (B, H, L, dv) in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    h, w = _check_grid(grid, num_extra)
+    if h * w + num_extra != q.shape[2]:
+        raise UserError(
+            f"grid {h}x{w} plus num_extra={num_extra} makes {h * w + num_extra} tokens but q has L={q.shape[2]}; "
+            "pass the image-token grid and the number of trailing text tokens."
+        )
+    if impl not in IMPLS:
+        raise UserError(f"impl must be one of {IMPLS}; got {impl!r}.")
+    radii = _per_row_radii(radius, q.shape[0])
+    # A window at least max(h, w) - 1 wide covers the grid: clip it so every row with a global window runs alike.
+    full = max(h, w) - 1
+    radii = [None if r is None or r >= full else r for r in radii]
+    groups: dict = {}
+    for row, r in enumerate(radii):
+        groups.setdefault(r, []).append(row)
+    if len(groups) == 1:
+        return _attend(q, k, v, h, w, radii[0], num_extra, impl)
+    outs, order = [], []
+    for r, rows in groups.items():
+        idx = torch.tensor(rows, device=q.device)
+        outs.append(_attend(q[idx], k[idx], v[idx], h, w, r, num_extra, impl))
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(outs, dim=0)[inverse]
+
+
+def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -> torch.Tensor:
+    if impl == "auto":
+        impl = _choose(h, w, r, num_extra)
+    if impl == "dense":
+        if r is not None:
+            raise UserError(
+                f"impl='dense' needs a global radius (None or >= {max(h, w) - 1} on a {h}x{w} grid); got {r}, "
+                "use impl='masked' or 'tiled'."
+            )
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl == "masked":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(h, w, r, num_extra, q.device))
+    return _tiled(q, k, v, h, w, max(h, w) - 1 if r is None else r, num_extra)
+
+
+# -- input checks: one clear sentence each -----------------------------------------------------------------------
+
+
+def _as_radius(r) -> int | None:
+    if r is None:
+        return None
+    if isinstance(r, torch.Tensor):
+        if r.numel() != 1:
+            raise UserError(f"A radius must be a single integer here; got a tensor of shape {tuple(r.shape)}.")
+        r = r.item()
+    if isinstance(r, bool) or not isinstance(r, (numbers.Integral, float)) or not float(r).is_integer():
+        raise UserError(f"Attention radius must be a non-negative integer or None (global); got {r!r}.")
+    if r < 0:
+        raise UserError(f"Attention radius must be a non-negative integer or None (global); got {r}.")
+    return int(r)
+
+
+def _per_row_radii(radius, batch: int) -> list[int | None]:
+    if isinstance(radius, torch.Tensor) and radius.dim() == 1 or isinstance(radius, (list, tuple)):
+        values = radius.tolist() if isinstance(radius, torch.Tensor) else list(radius)
+        if len(values) != batch:
+            raise UserError(f"Got {len(values)} per-row radii for a batch of {batch}; pass one radius per batch row.")
+        return [_as_radius(r) for r in values]
+    return [_as_radius(radius)] * batch
+
+
+def _check_grid(grid, num_extra) -> tuple[int, int]:
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(isinstance(x, numbers.Integral) for x in grid):
+        raise UserError(f"grid must be a pair of positive integers (h, w); got {grid!r}.")
+    h, w = int(grid[0]), int(grid[1])
+    if h < 1 or w < 1:
+        raise UserError(f"grid must be a pair of positive integers (h, w); got {grid!r}.")
+    if isinstance(num_extra, bool) or not isinstance(num_extra, numbers.Integral) or num_extra < 0:
+        raise UserError(f"num_extra must be a non-negative integer (trailing dense tokens); got {num_extra!r}.")
+    return h, w
+
+
+def _check_qkv(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise UserError(f"q, k, v must be (B, H, L, d); got shapes {shapes}.")
+    if q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise UserError(
+            f"q, k, v must share (B, H, L) and q, k their d; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
