@@ -79,6 +79,7 @@ class Unit:
     probe: str
     params: dict
     forwards: int = 0  # network evaluations (rows) the unit costs, for --dry-run and progress
+    local_forwards: int = 0  # of which with window attention
     key: str = ""
 
 
@@ -96,12 +97,12 @@ class Store:
     def __post_init__(self):
         self.root = Path(self.root)
 
-    def unit(self, probe: str, params: dict, forwards: int = 0) -> Unit:
+    def unit(self, probe: str, params: dict, forwards: int = 0, local_forwards: int = 0) -> Unit:
         key = stable_hash(
             {"v": STORE_VERSION, "probe": probe, "config": self.config.get(probe, {}), "params": params,
              "model": self.model_id, "seed": int(self.seed)}
         )
-        return Unit(probe, params, forwards, key)
+        return Unit(probe, params, forwards, local_forwards, key)
 
     def path(self, unit: Unit) -> Path:
         return self.root / "units" / unit.probe / f"{unit.key}.npz"
@@ -188,17 +189,18 @@ def run_units(
     bars, or a test's simulated kill)."""
     ranks = ranks or Ranks()
     units = list(units)
+    mine: dict[str, dict[str, np.ndarray]] = {}
     for i, u in enumerate(units):
         if i % ranks.world != ranks.rank:
             continue
         fresh = not store.has(u)
-        store.get_or_compute(u, lambda g, u=u: compute(u, g), device=device)
+        mine[u.key] = store.get_or_compute(u, lambda g, u=u: compute(u, g), device=device)
         if on_unit is not None:
             on_unit(u, fresh)
     ranks.barrier()
     if not ranks.is_main:
         return None
-    missing = [u for u in units if not store.has(u)]
+    missing = [u for u in units if u.key not in mine and not store.has(u)]
     if missing:
         raise RuntimeError(f"{len(missing)} units of {missing[0].probe} are missing after the barrier; is --out on a shared file system?")
-    return {u.key: store.load(u) for u in units}
+    return {u.key: mine[u.key] if u.key in mine else store.load(u) for u in units}

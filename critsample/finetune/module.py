@@ -8,6 +8,7 @@ dropped to the null class with probability ``class_dropout`` for classifier-free
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,15 @@ class DiTModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # Plain dicts (a checkpoint's hyperparameters) become schedules; the logged hyperparameters hold the resolved
+        # schedules, so a window seeded from a summary.json is visible in the checkpoint and the logger's config.
+        if isinstance(radius_schedule, dict):
+            radius_schedule = RadiusSchedule(**radius_schedule)
+        if isinstance(loss_weighting, dict):
+            loss_weighting = LossWeighting(**loss_weighting)
+        for name, sched in (("radius_schedule", radius_schedule), ("loss_weighting", loss_weighting)):
+            if sched is not None:
+                self.hparams[name] = {**dataclasses.asdict(sched), "window": list(sched.window)}
         self.radius_schedule = radius_schedule
         self.loss_weighting = loss_weighting
         if init_from is not None:
@@ -73,7 +83,7 @@ class DiTModule(L.LightningModule):
             base = load(init_from, device="cpu")
             if not isinstance(base, DiTDenoiser):
                 raise ValueError(f"Fine-tuning needs a DiT model; {init_from!r} is a {type(base).__name__}.")
-            transformer, schedule, self.vae = base.transformer, base.schedule, base.vae
+            transformer, schedule, self.vae = base.transformer.train(), base.schedule, base.vae
         else:
             transformer = DiTTransformer2DModel(**{**DIGITS_DIT, **(model or {})})
             schedule, self.vae = Schedule(), None
@@ -85,6 +95,11 @@ class DiTModule(L.LightningModule):
         for m in transformer.modules():  # labels are dropped once per sample in training_step instead
             if hasattr(m, "dropout_prob") and m.__class__.__name__ == "LabelEmbedding":
                 m.dropout_prob = 0.0
+        if radius_schedule is not None:
+            h, w = self.denoiser.sample_shape[-2] // self.denoiser.patch_size, self.denoiser.sample_shape[-1] // self.denoiser.patch_size
+            if radius_schedule.radius >= max(h, w) - 1:
+                raise ValueError(f"Radius {radius_schedule.radius} is already global on the {h}x{w} token grid; "
+                                 f"use a radius in 0..{max(h, w) - 2} for the radius schedule.")
 
     @property
     def transformer(self) -> DiTTransformer2DModel:
@@ -99,7 +114,11 @@ class DiTModule(L.LightningModule):
         abar = self.abar[k].view(b, 1, 1, 1)
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         t = k.double() / T
-        radius = None if self.radius_schedule is None else self.radius_schedule.radii(t.cpu(), self.global_step).to(x0.device)
+        radius = None
+        if self.radius_schedule is not None:
+            grid = max(self.denoiser.grid(x0))
+            gen_cpu = None if generator is None else torch.Generator().manual_seed(int(generator.initial_seed()))
+            radius = self.radius_schedule.radii(t.cpu(), self.global_step, grid, gen_cpu).to(x0.device)
         labels = torch.where(y == NULL, torch.full_like(y, self.denoiser.null_id), y)
         out = self.transformer(
             xt, timestep=k, class_labels=labels, cross_attention_kwargs={"radius": radius, "grid": self.denoiser.grid(xt)}
@@ -144,13 +163,26 @@ class DiTModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def setup(self, stage: str) -> None:
+        # seed_everything gives every rank the same seed: without this, all ranks would draw the same t, noise and
+        # label dropout for their (different) images, and the global batch would cover fewer diffusion times.
+        if stage == "fit" and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def validation_step(self, batch, batch_idx):
         x0, y = batch
+        if self.vae is not None and x0.shape[1] == 3:
+            x0 = self.denoiser.encode(x0)
         g = torch.Generator(device=x0.device).manual_seed(batch_idx)
         loss = self._loss(x0, y, generator=g)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         if batch_idx == 0:
             self._log_grid()
+            # Evaluation callbacks (callbacks.TrainingEvaluation) run here, inside the strategy's forward, so that
+            # sharded strategies (FSDP) have gathered the parameters; every rank runs them (forwards are collective).
+            for cb in self.trainer.callbacks:
+                if hasattr(cb, "evaluate_in_validation_step"):
+                    cb.evaluate_in_validation_step(self.trainer, self)
 
     @torch.no_grad()
     def _log_grid(self) -> None:
@@ -177,18 +209,38 @@ class DiTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if not self.hparams.export_dir:
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Parameters are shards here: gather the full state dict (a collective, every rank calls it; rank 0
+            # receives it) and export a full copy of the transformer.
+            state = self.trainer.strategy.lightning_module_state_dict()
+            if self.trainer.is_global_zero:
+                self.export(self.hparams.export_dir, transformer=self.transformer_from_state_dict(state))
+        elif self.trainer.is_global_zero:
             self.export(self.hparams.export_dir)
 
-    def export(self, folder: str | Path, **meta) -> Path:
+    def transformer_from_state_dict(self, state: dict[str, torch.Tensor]) -> DiTTransformer2DModel:
+        """A new transformer with this module's config and the ``denoiser.transformer.*`` tensors of ``state``."""
+        prefix = "denoiser.transformer."
+        full = DiTTransformer2DModel.from_config(self.transformer.config)
+        full.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        return full
+
+    def export(self, folder: str | Path, transformer: DiTTransformer2DModel | None = None, **meta) -> Path:
         """Write a loadable model folder: ``transformer/`` (diffusers, EMA weights once training ended),
-        ``scheduler/scheduler_config.json`` and ``critsample.json`` (classes, pixel space, default guidance, ``meta``)."""
+        ``scheduler/scheduler_config.json`` and ``critsample.json`` (classes, pixel space, default guidance, ``meta``).
+        ``transformer``: a full copy to write instead of this module's (gathered from shards under FSDP)."""
         import json
 
         from diffusers import DDIMScheduler
 
         folder = Path(folder)
-        self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        (transformer or self.transformer).save_pretrained(folder / "transformer", safe_serialization=True)
+        if self.vae is not None:  # a latent-space model is loadable only with its (frozen, unchanged) VAE
+            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
         s = self.schedule
         DDIMScheduler(
             num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,

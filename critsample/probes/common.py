@@ -1,0 +1,106 @@
+"""Row bookkeeping shared by the probes: conditioning rows, per-row radii, and chunked batched forwards.
+
+A *row* is one network evaluation: (x_t, t, cond, radius). The probes stack many rows that share nothing but the
+model (several times, radii, classes) and evaluate them in chunks of ``max_batch`` rows; global rows and local rows
+go to separate forwards so global rows always take the stock attention path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..denoisers import NULL, Cond, Denoiser, PromptCond
+
+GLOBAL = -1  # per-row radius code for global attention
+
+
+def cond_len(cond: Cond) -> int:
+    return len(cond)
+
+
+def take(cond: Cond, idx: torch.Tensor) -> Cond:
+    """Rows ``idx`` of a conditioning batch (class ids or prompt embeddings)."""
+    if isinstance(cond, PromptCond):
+        idx = idx.to(cond.embeds.device)
+        return PromptCond(cond.embeds[idx], cond.pooled[idx])
+    return cond[idx.to(cond.device)]
+
+
+def cat(conds: list[Cond]) -> Cond:
+    if isinstance(conds[0], PromptCond):
+        return PromptCond(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
+    return torch.cat(conds)
+
+
+def tile(cond: Cond, n: int) -> Cond:
+    """``cond`` repeated ``n`` times as whole blocks: [c_0..c_B, c_0..c_B, ...]."""
+    return cat([cond] * n)
+
+
+def class_rows(denoiser: Denoiser, n: int, class_id: int | None, offset: int = 0) -> torch.Tensor:
+    """(n,) class ids: ``class_id`` everywhere, or classes cycled 0..K-1 by global row index when None."""
+    if class_id is not None:
+        return torch.full((n,), int(class_id), dtype=torch.long)
+    k = int(denoiser.num_classes or 1)
+    return (torch.arange(offset, offset + n) % k).long()
+
+
+def num_tokens(denoiser: Denoiser, x: torch.Tensor) -> int:
+    h, w = denoiser.grid(x)
+    return h * w
+
+
+def grid_size(denoiser: Denoiser) -> tuple[int, int]:
+    _, hh, ww = denoiser.sample_shape[-3:]
+    return hh // denoiser.patch_size, ww // denoiser.patch_size
+
+
+def radius_codes(radii: list[int | None]) -> torch.Tensor:
+    """Radii (None = global) -> long codes (GLOBAL = -1)."""
+    return torch.tensor([GLOBAL if r is None else int(r) for r in radii], dtype=torch.long)
+
+
+@torch.no_grad()
+def predict_rows(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Cond,
+    radius: torch.Tensor | None = None,
+    *,
+    kind: str = "eps",
+    max_batch: int = 256,
+) -> torch.Tensor:
+    """Predictions of every row: x (N, ...), t (N,) float64, cond N rows, radius (N,) long codes (GLOBAL = -1) or None.
+
+    Global rows and local rows are evaluated in separate chunks of at most ``max_batch`` rows; a chunk of local rows
+    passes its per-row radii to the model, so rows of several radii share one forward.
+    """
+    n = x.shape[0]
+    t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
+    t = t.expand(n) if t.numel() == 1 else t
+    out = torch.empty_like(x)
+    if radius is None:
+        groups = [(torch.arange(n), None)]
+    else:
+        radius = radius.reshape(-1).cpu()
+        glob = radius == GLOBAL
+        groups = [(torch.nonzero(glob).reshape(-1), None), (torch.nonzero(~glob).reshape(-1), radius)]
+    for idx, rad in groups:
+        for start in range(0, idx.numel(), max(1, max_batch)):
+            j = idx[start : start + max_batch]
+            if j.numel() == 0:
+                continue
+            r = None
+            if rad is not None:
+                rj = rad[j]
+                r = int(rj[0]) if bool((rj == rj[0]).all()) else rj.to(x.device)
+            jd = j.to(x.device)
+            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), take(cond, j), radius=r, kind=kind).to(x.dtype)
+    return out
+
+
+def null_like(denoiser: Denoiser, cond: Cond) -> Cond:
+    if isinstance(cond, PromptCond):
+        return denoiser.null(cond)
+    return torch.full_like(cond, NULL)
