@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 
-def batched_over_plain(model, repeats: int = 2) -> dict:
+def batched_over_plain(model, repeats: int = 3) -> dict:
     """The gap probe on one batch of states (8 samples x 6 times x cond/null x global + 3 radii = 384 rows):
     ``predict_rows`` in chunks of 128 rows versus one row per forward; same numbers, evaluations per second."""
     from critsample.datasets import digits_split

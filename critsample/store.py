@@ -174,6 +174,15 @@ class Ranks:
         else:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """End the distributed part: a last barrier, then the process group is destroyed, so that rank 0's assembly
+        (torchmetrics, which syncs whenever a process group exists) runs as a single process."""
+        if self.world <= 1:
+            return
+        self.barrier()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def run_units(
     store: Store,

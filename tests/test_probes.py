@@ -20,7 +20,7 @@ from critsample.probes.windows import window_plan
 from critsample.sampling import step_times
 from critsample.store import Store, stable_hash, unit_generator
 
-DIGITS_WEIGHTS = bundled_path("dit-digits") / "transformer" / "config.json"
+DIGITS_WEIGHTS = bundled_path("dit-digits") / "transformer" / "diffusion_pytorch_model.safetensors"
 needs_dit_digits = pytest.mark.skipif(not DIGITS_WEIGHTS.exists(), reason=f"bundled dit-digits weights absent ({DIGITS_WEIGHTS})")
 
 

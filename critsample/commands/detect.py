@@ -375,6 +375,7 @@ def run(cfg: DetectConfig, model: Denoiser | None = None, *, classifier=None, on
             got = run_units(store, stage, det.compute, ranks=ranks, device=device, on_unit=advance)
             if got is not None:
                 results.update(got)
+    ranks.close()
     if not ranks.is_main:
         return None
     from .detect_report import assemble
