@@ -100,12 +100,18 @@ def plot_curves(t, series: dict, path, *, title: str, ylabel: str, schedule=None
     return _finish(fig, ax, path, title)
 
 
-def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: str = "t (0 = clean, 1 = noise)", schedule=None, windows=None):
-    """Points with one-sigma error bars: ``series`` = {label: (mean, err)}."""
+def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: str = "t (0 = clean, 1 = noise)", schedule=None,
+                   windows=None, theory: dict | None = None, marks: dict | None = None):
+    """Points with one-sigma error bars: ``series`` = {label: (mean, err)}; ``theory`` = {label: (x, y)} exact curves
+    drawn as lines over them (analytic oracles); ``marks`` = {label: t} vertical lines (e.g. the speciation time)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, (mean, err) in series.items():
         ax.errorbar(x, mean, yerr=err, marker="o", ms=3, capsize=2, label=label)
+    for label, (tx, ty) in (theory or {}).items():
+        ax.plot(tx, ty, "k-", lw=1.2, label=label)
+    for label, tv in (marks or {}).items():
+        ax.axvline(tv, color="k", ls=":", lw=1, label=label)
     ax.set_ylabel(ylabel)
     _spans(ax, windows)
     _log_snr_axis(ax, schedule)

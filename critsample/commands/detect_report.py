@@ -151,9 +151,10 @@ def assemble(det, units, results, store, out: Path, wall: float) -> dict:
             windows["forward_backward_local"].rule = ("FWHM of the local-minus-global error (radii normalised and averaged): where local denoising "
                                                       "fails but global does not; valid only if the peak excess is >= 2 standard errors")
         series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
+        theory, marks, theory_record = _oracle_theory(model, t_used, sch, seed)
         figures["forward_backward"] = report.plot_errorbars(
             t_used, series, figs_dir / "forward_backward.png", title=f"{model.name}: forward-backward classifier error (Bernoulli 1-sigma)",
-            ylabel="classifier error", schedule=sch,
+            ylabel="classifier error", schedule=sch, theory=theory, marks=marks,
             windows={"threshold": w_sb.to_dict(), **({"local excess": windows["forward_backward_local"].to_dict()} if det.fb_radii else {})})
         mseries = {lab: (mse[i].mean(0), mse[i].std(0) / math.sqrt(mse.shape[1])) for i, lab in enumerate(labels)}
         figures["forward_backward_mse"] = report.plot_errorbars(
@@ -166,6 +167,7 @@ def assemble(det, units, results, store, out: Path, wall: float) -> dict:
             "local_window": windows["forward_backward_local"].to_dict() if det.fb_radii else None,
             "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"]} for lab, d in per_r.items()},
             "per_radius": per_r, "radii": det.fb_radii, "source": cfg.fb.source, "arrays": "arrays/forward_backward.npz",
+            "theory": theory_record,
         }
 
     # -- windowed scans --------------------------------------------------------------------------
@@ -406,3 +408,24 @@ def write_report(summary: dict, out: Path) -> Path:
     path = Path(out) / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _oracle_theory(model, t_used: np.ndarray, sch, seed: int):
+    """Exact forward-backward error and speciation time of an analytic oracle (None for neural models).
+
+    The probe denoises with a deterministic integrator (DDIM / DPM-Solver++), so the matching closed form is the
+    ODE readout by the Bayes classifier, 1 - Phi(K(t)) (``oracles.forward_backward_agreement``)."""
+    if not hasattr(model, "forward_backward_agreement"):
+        return None, None, None
+    import torch
+
+    t_fine = np.linspace(float(t_used.min()), float(t_used.max()), 200)
+    exact = 1 - model.forward_backward_agreement(torch.tensor(t_fine), reverse="ode", readout="classifier").numpy()
+    exact_on_grid = 1 - model.forward_backward_agreement(torch.tensor(t_used), reverse="ode", readout="classifier").numpy()
+    w = critical.threshold_window("forward_backward_theory", "symmetry_breaking", t_used, np.stack([exact_on_grid] * 2), sch, seed=seed)
+    spec = model.speciation() if hasattr(model, "speciation") else {"t": float("nan")}
+    marks = {"speciation t_S": spec["t"]} if np.isfinite(spec["t"]) else {}
+    record = {"curve": "1 - P_FB(t), ODE reverse, Bayes readout (exact)", "t": t_fine.tolist(), "error": exact.tolist(),
+              "window": w.to_dict(), "speciation": spec}
+    return {"theory (exact)": (t_fine, exact)}, marks, record
+
