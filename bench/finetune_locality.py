@@ -1,6 +1,6 @@
 """Does training for locality outside the critical window make the cheap (adaptive) sampler better?
 
-    python bench/finetune_locality.py [--steps 1500] [--samples 500] [--window 0.3:0.7 | --summary S] [--radius 1]
+    python bench/finetune_locality.py [--steps 1500] [--samples 500] [--window 0.3:0.7 | --summary S] [--radius 1] [--control]
 
 1. Snapshots the bundled dit-digits into ``OUT/base`` (the bundled weights may be replaced while this runs).
 2. Fine-tunes it with ``configs/fit/dit-digits-locality.yaml`` (radius ``--radius`` outside the window on a share of
@@ -10,6 +10,8 @@
    same adaptive plan (guided global inside the window, local unconditional outside) and with full guidance, and
    reports class accuracy (bundled digits classifier, Bernoulli one-sigma) and digits-FID against the test split
    (bootstrap one-sigma). Each arm is cached in ``OUT/arms.json``.
+4. ``--control``: the same fine-tune without the schedules (``OUT/control``), so that the effect of training for
+   locality can be told from that of training longer.
 
 Last line: one JSON object with the before / after numbers.
 """
@@ -41,18 +43,21 @@ def snapshot_base(out: Path, model: str) -> Path:
     return base
 
 
-def finetune(out: Path, base: Path, steps: int, window: tuple[float, float] | None, summary: str | None, radius: int) -> Path:
-    """Run (or resume, or reuse) the locality fine-tune; returns its exported model folder."""
+def finetune(out: Path, base: Path, steps: int, window: tuple[float, float], summary: str | None, radius: int,
+             control: bool = False) -> Path:
+    """Run (or resume, or reuse) the locality fine-tune; returns its exported model folder. ``control``: the same
+    fine-tune without radius schedule and loss weighting (global attention, uniform loss)."""
     from critsample.cli import main
 
-    export = out / "fit" / "export"
+    name = "control" if control else "fit"
+    export = out / name / "export"
     meta = export / "critsample.json"
     if meta.exists() and json.loads(meta.read_text()).get("global_step") == steps:
         print(f"reusing the fine-tuned model in {export}", flush=True)
         return export
     import yaml
 
-    root = out / "fit"
+    root = out / name
     root.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((REPO / "configs/fit/dit-digits-locality.yaml").read_text())
     t = cfg["trainer"]
@@ -61,11 +66,15 @@ def finetune(out: Path, base: Path, steps: int, window: tuple[float, float] | No
     for cb in t["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(root / "checkpoints")
+        if cb["class_path"].endswith("TrainingEvaluation"):  # evaluate the bench's adaptive plan, schedule or not
+            cb["init_args"].update(window=list(window), radius=radius)
     m = cfg["model"]
     m.update(init_from=str(base), export_dir=str(export))
     m["radius_schedule"]["radius"] = radius
     for sched in ("radius_schedule", "loss_weighting"):
-        if summary:
+        if control:
+            m[sched] = None
+        elif summary:
             m[sched].pop("window", None)
             m[sched]["summary"] = str(summary)
         else:
@@ -115,6 +124,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's own default guidance")
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--control", action="store_true",
+                    help="also fine-tune without radius schedule and loss weighting (same steps, data, optimizer) and "
+                         "evaluate it: separates the effect of locality training from that of more training")
     args = ap.parse_args()
 
     from critsample.errors import UserError
@@ -153,8 +165,12 @@ def main() -> None:
         return cache[name]
 
     before = {k: arm(f"{k}_before", base, k) for k in ("adaptive", "full")}
-    tuned = finetune(out, base, args.steps, None if args.summary else window, args.summary, args.radius)
+    tuned = finetune(out, base, args.steps, window, args.summary, args.radius)
     after = {k: arm(f"{k}_after", tuned, k) for k in ("adaptive", "full")}
+    control = {}
+    if args.control:
+        plain = finetune(out, base, args.steps, window, args.summary, args.radius, control=True)
+        control = {k: arm(f"{k}_control", plain, k) for k in ("adaptive", "full")}
 
     print()
     print(f"base: dit-digits at step {base_meta.get('global_step')}; fine-tune: {args.steps} steps; window t in "
@@ -169,6 +185,9 @@ def main() -> None:
         b, a = before[k], after[k]
         print(f"{k:10s} {b['accuracy']:>12.4f} +- {b['accuracy_sigma']:.4f} {a['accuracy']:>12.4f} +- {a['accuracy_sigma']:.4f} "
               f"{b['fid']:>10.3f} +- {b['fid_sigma']:.3f} {a['fid']:>10.3f} +- {a['fid_sigma']:.3f}")
+    for k, c in control.items():
+        print(f"control ({k}, fine-tuned {args.steps} steps without schedules): accuracy {c['accuracy']:.4f} +- "
+              f"{c['accuracy_sigma']:.4f}, FID {c['fid']:.3f} +- {c['fid_sigma']:.3f}")
     drop = (before["full"]["accuracy"] - after["full"]["accuracy"]) * 100
     print(f"full-guidance accuracy change: {-drop:+.2f} points (limit: a drop of at most 1 point) -> "
           f"{'ok' if drop <= 1.0 else 'EXCEEDED'}")

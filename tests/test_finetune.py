@@ -164,6 +164,22 @@ def test_export_from_a_gathered_state_dict_matches_the_module(tiny_model, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_module_samples_with_the_integrator_of_the_loaded_model(tiny_model, tmp_path):
+    """Validation grids and TrainingEvaluation sample as `critsample sample` will: same DDIM config (no x0 clipping)."""
+    import critsample
+    from critsample.finetune.module import DiTModule
+    from critsample.sampling import make_scheduler
+
+    def config(denoiser) -> dict:
+        return {k: v for k, v in make_scheduler(denoiser).config.items() if not k.startswith("_")}
+
+    loaded = critsample.load(str(tiny_model))
+    assert config(DiTModule(init_from=str(tiny_model)).denoiser) == config(loaded)
+    assert config(loaded)["clip_sample"] is False
+    scratch = DiTModule(model=TINY)
+    assert config(scratch.denoiser) == config(critsample.load(str(scratch.export(tmp_path / "m"))))
+
+
 def test_evaluation_gaps_match_a_direct_computation(tiny_model):
     """TrainingEvaluation's gaps are ||s_c - s_u|| / tokens (eq. 6) and ||s_r - s|| / tokens (eq. 7), batch means."""
     from diffusers.utils.torch_utils import randn_tensor

@@ -90,6 +90,11 @@ class DiTModule(L.LightningModule):
         if self.vae is not None:
             self.vae.requires_grad_(False)
         self.denoiser = DiTDenoiser(transformer, schedule, self.vae, num_classes=num_classes, name=init_from or "dit")
+        # Sample (validation grids, evaluation callbacks) with the integrator the model is loaded with after export:
+        # the pretrained model's scheduler config, or the one ``export`` writes (DDIM without x0 clipping; diffusers'
+        # default clip_sample=True costs dit-digits most of its class accuracy).
+        self.denoiser.scheduler_config = dict(getattr(base, "scheduler_config", {}) or {}) if init_from else {"clip_sample": False}
+        self.denoiser.default_guidance = float(getattr(base, "default_guidance", val_guidance)) if init_from else val_guidance
         self.schedule = schedule
         self.register_buffer("abar", schedule.alphas_cumprod().float(), persistent=False)
         for m in transformer.modules():  # labels are dropped once per sample in training_step instead
