@@ -8,7 +8,6 @@ Flow matching: ``x_t = (1 - sigma) x_0 + sigma eps`` with ``t = sigma``; the net
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -182,16 +181,12 @@ def load_sd3(
 
     ``text_encoders=False`` skips CLIP and T5 (prompt-embedding-level use); ``t5=False`` drops only T5.
     """
+    from .loaders import load_parts
+
     folder = Path(folder)
-    sub = folder / "transformer"
-    tdir = sub if sub.exists() else folder
-    try:
-        transformer = SD3Transformer2DModel.from_pretrained(tdir, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load an SD3 transformer from {tdir}: {str(e).splitlines()[0]}") from None
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype) if (folder / "vae" / "config.json").exists() else None
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    transformer, vae, sched_cfg = load_parts(
+        folder, SD3Transformer2DModel, dtype, "an SD3", default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    )
     has_text = (folder / "model_index.json").exists() and (folder / "text_encoder").exists()
     text = _load_text(folder, transformer, vae, dtype, t5) if text_encoders and has_text else None
     model = SD3Denoiser(
