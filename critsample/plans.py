@@ -50,7 +50,10 @@ def read_summary(path: str | Path, denoiser: Denoiser | None = None) -> dict:
         window = summary["critical_window"]
         parse_window((window["t_start"], window["t_end"]))
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path} is not a critsample summary.json (no critical_window.t_start / t_end).") from None
+        raise UserError(
+            f"{path} has no critical_window.t_start / t_end: none was detected, or it is not a critsample summary; "
+            "give an explicit window."
+        ) from None
     if denoiser is not None and summary.get("model") not in (None, denoiser.name):
         raise UserError(f"{path} was measured on {summary.get('model')!r}, not on {denoiser.name!r}; detect the window of this model first.")
     return summary

@@ -9,7 +9,6 @@ spend its signal near the window. Both schedules are plain data (dataclasses), s
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,25 +21,17 @@ GLOBAL_RADIUS = 1 << 20  # any radius >= grid size - 1 is global attention
 
 
 def _check_window(window) -> tuple[float, float]:
-    try:
-        t0, t1 = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise UserError(f"A window is two times [t0, t1] in [0, 1] (t: 0 = clean, 1 = noise); got {window!r}.") from None
-    if not (0.0 <= t0 < t1 <= 1.0):
-        raise UserError(f"A window [t0, t1] needs 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); got [{t0}, {t1}].")
-    return t0, t1
+    from ..plans import parse_window
+
+    return parse_window(window)
 
 
 def window_from_summary(path: str | Path) -> tuple[float, float]:
     """The combined critical window [t0, t1] written by ``critsample detect`` into ``summary.json``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"No summary at {path}; run `critsample detect --model ... --out DIR` and pass DIR/summary.json.")
-    try:
-        w = json.loads(path.read_text())["critical_window"]
-        return _check_window((w["t_start"], w["t_end"]))
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path} has no critical_window.t_start / t_end (none detected, or not a critsample summary.json); give an explicit window.") from None
+    from ..plans import read_summary
+
+    w = read_summary(path)["critical_window"]
+    return float(w["t_start"]), float(w["t_end"])
 
 
 def _inside(t: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
