@@ -25,8 +25,7 @@ import time
 import torch
 
 import critsample
-from critsample import plans
-from critsample.denoisers import NULL
+from critsample import plans, summary
 from critsample.evaluate import Generated, digits_quality
 from critsample.flops import forward_flops, plan_flops, transformer_shape
 from critsample.sampling import Step, sample
@@ -38,10 +37,9 @@ def digits_part(args) -> dict:
     if args.window:
         window, radius = plans.parse_window(args.window), args.radius
     else:
-        summary = plans.read_summary(args.summary, model)
-        cw = summary["critical_window"]
-        window = (cw["t_start"], cw["t_end"])
-        radius = args.radius if args.radius is not None else summary.get("suggested_radius", 1)
+        s = summary.read(args.summary, model.name)
+        window = summary.critical_window(s, args.summary)
+        radius = args.radius if args.radius is not None else (summary.suggested_radius(s) or 1)
     arms = {
         "full": plans.full_guidance(model, args.steps, w),
         "interval": plans.interval_guidance(model, args.steps, w, window),

@@ -49,11 +49,11 @@ def batched_over_plain(model, repeats: int = 3) -> dict:
 
 
 def time_preset(preset: str, model_name: str, threads: int, out: Path) -> tuple[float, dict]:
-    from critsample.commands.detect import parse_config, run
+    from critsample import detect
 
-    cfg = parse_config(["--model", model_name, "--preset", preset, "--out", str(out), "--threads", str(threads), "--no-wandb"])
+    cfg = detect.DetectConfig.from_preset(preset, model=model_name, out=str(out), threads=threads, wandb=False)
     start = time.perf_counter()
-    summary = run(cfg)
+    summary = detect.run(cfg)
     return time.perf_counter() - start, summary
 
 

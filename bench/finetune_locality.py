@@ -130,13 +130,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from critsample.errors import UserError
-    from critsample.plans import parse_window, read_summary
+    from critsample import summary
+    from critsample.plans import parse_window
 
     torch.set_num_threads(1)  # one thread is much faster than two on a shared 2-core machine
     try:
         if args.summary:
-            cw = read_summary(args.summary)["critical_window"]
-            window = parse_window((cw["t_start"], cw["t_end"]))
+            window = summary.critical_window(summary.read(args.summary), args.summary)
         else:
             window = parse_window(args.window)
     except UserError as e:

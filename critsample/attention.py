@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from .errors import UserError
 from .local_attention import local_attention
-
 
 Radius = int | torch.Tensor | list | None
 
@@ -128,11 +128,24 @@ def install_window_attention(transformer: torch.nn.Module) -> int:
     return count
 
 
-def check_radius(radius: Radius, grid: tuple[int, int]) -> None:
-    """Raise one clear ValueError for a radius that is not a non-negative integer (or None)."""
+def check_radius(radius: Radius, grid: tuple[int, int], *, bound: str = "any", model: str = "the model") -> None:
+    """The one radius check: raise one :class:`UserError` sentence for a radius that does not fit ``grid`` (h, w).
+
+    ``radius``: None (global), an int, or one radius per row. Every radius must be a non-negative integer; ``bound``
+    adds an upper limit: ``"any"`` none (radii >= max(h, w) - 1 are the global model computed through the window path),
+    ``"grid"`` at most max(h, w) - 1 (a plan's radius), ``"local"`` at most max(h, w) - 2, i.e. a radius that is truly
+    local (probes and radius schedules, where a global radius would measure nothing).
+    """
     if radius is None:
         return
-    values = torch.as_tensor(radius).reshape(-1).tolist()
+    h, w = grid
+    top = {"any": None, "grid": max(h, w) - 1, "local": max(h, w) - 2}[bound]
+    values = radius if isinstance(radius, (list, tuple)) else torch.as_tensor(radius).reshape(-1).tolist()
     for r in values:
-        if not float(r).is_integer() or r < 0:
-            raise ValueError(f"Attention radius must be a non-negative integer or None (global); got {r}.")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not float(r).is_integer():
+            raise UserError(f"An attention radius must be a non-negative integer or None (global); got {r!r}.")
+        if top is None and r < 0:
+            raise UserError(f"Radius {int(r)} is out of range: an attention radius is a non-negative integer (None = global).")
+        if top is not None and not 0 <= r <= top:
+            extra = f" ({max(h, w) - 1} or more is already global)" if bound == "local" else " (omit it for global attention)"
+            raise UserError(f"Radius {int(r)} is out of range: it does not fit {model}'s {h}x{w} token grid; use a radius in 0..{top}{extra}.")

@@ -1,6 +1,7 @@
 """The one command-line entry point: ``critsample detect | sample | fit``.
 
-User errors (``UserError`` / ``ValueError`` raised while checking input) print one sentence and exit with code 2.
+A :class:`~critsample.errors.UserError` (bad input, a missing resource) prints its one sentence and exits with code 2.
+Any other exception is a bug: it keeps its traceback, and the message says where to report it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ commands:
 
 Run `critsample COMMAND --help` for the options of a command.
 """
+COMMANDS = ("detect", "sample", "fit")
 
 
 def _fail(message: str) -> int:
@@ -31,24 +33,30 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return _fail(f"unknown command {command!r}; choose detect, sample or fit.")
+    from .errors import UserError  # the commands import torch; keep `critsample --help` instant
+
     try:
         if command == "fit":
-            from .finetune.cli import run_fit
+            from .commands.fit import run_fit
 
             return run_fit(rest)
         if command == "sample":
             from .commands.sample import run_sample
 
             return run_sample(rest)
-        if command == "detect":
-            from .commands.detect import run_detect
+        from .commands.detect import run_detect
 
-            return run_detect(rest)
-    except ValueError as e:  # UserError and input validation: one sentence, no traceback
+        return run_detect(rest)
+    except UserError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume from what was stored.")
-    return _fail(f"unknown command {command!r}; choose detect, sample or fit.")
+    except Exception:
+        print("critsample: internal error (a bug, not your input): please report it to the critsample issue tracker "
+              "with the command line and the traceback below.", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

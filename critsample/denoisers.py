@@ -5,6 +5,11 @@ models, ``velocity`` for flow models) shaped like ``x``. ``t`` is critsample's t
 ``cond`` the per-row conditioning (class ids with ``NULL`` rows, or prompt embeddings), ``radius`` the attention
 window (None = global; an int; or one radius per row). :meth:`Denoiser.predict` adds guidance and conversions;
 conditional and unconditional rows always share one batched forward.
+
+This module also owns the conditioning rows (class ids with ``NULL`` rows, or :class:`PromptCond`): indexing
+``cond[idx]`` works on both, :func:`cat_rows` / :func:`tile_rows` stack them, :meth:`Denoiser.null` gives the
+unconditional rows; and the one guided-or-conditional decision (:func:`is_guided`: w = 1 is one plain conditional
+forward everywhere).
 """
 
 from __future__ import annotations
@@ -33,14 +38,34 @@ class PromptCond:
     def to(self, device) -> "PromptCond":
         return PromptCond(self.embeds.to(device), self.pooled.to(device))
 
+    def __getitem__(self, idx) -> "PromptCond":
+        """Rows ``idx`` (an int range, a slice, or an index tensor), as tensors of class ids are indexed."""
+        if torch.is_tensor(idx):
+            idx = idx.to(self.embeds.device)
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return PromptCond(self.embeds[idx], self.pooled[idx])
+
 
 Cond = torch.Tensor | PromptCond
 
 
-def cat_cond(a: Cond, b: Cond) -> Cond:
-    if isinstance(a, PromptCond):
-        return PromptCond(torch.cat([a.embeds, b.embeds]), torch.cat([a.pooled, b.pooled]))
-    return torch.cat([a, b])
+def cat_rows(conds: list[Cond]) -> Cond:
+    """Conditioning batches stacked row-wise."""
+    if isinstance(conds[0], PromptCond):
+        return PromptCond(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
+    return torch.cat(conds)
+
+
+def tile_rows(cond: Cond, n: int) -> Cond:
+    """``cond`` repeated ``n`` times as whole blocks: [c_0..c_B, c_0..c_B, ...]."""
+    return cat_rows([cond] * n)
+
+
+def is_guided(guidance: float | None) -> bool:
+    """Whether a step with guidance scale ``guidance`` needs the unconditional forward: w = 1 (and None) is the plain
+    conditional prediction, one forward (``u + 1 (c - u) = c``)."""
+    return guidance is not None and float(guidance) != 1.0
 
 
 def autocast(device: torch.device | str, enabled: bool = True):
@@ -52,15 +77,36 @@ def autocast(device: torch.device | str, enabled: bool = True):
 
 
 class Denoiser(nn.Module):
-    """Base class. Subclasses implement :meth:`forward`, :meth:`null` and set the attributes below."""
+    """Base class. Subclasses implement :meth:`forward`, :meth:`null` and set the attributes below.
+
+    ``scheduler_config`` is the diffusers scheduler config the model samples with (``{}``: the defaults of the
+    integrator, ``sampling.make_scheduler``); subclasses pass it to ``Denoiser.__init__``.
+    """
 
     schedule: Schedule
+    family: str = "denoiser"  # the model kind: "dit", "sd3" or "oracle" (decides loaders, data and classifier defaults)
+    dataset: str | None = None  # the data critsample knows the model was trained on ("digits"), else None
     prediction: Kind = "eps"
     num_classes: int | None = None  # class-conditional models; None for text or unconditional models
     patch_size: int = 1
     sample_shape: tuple[int, ...] = ()  # (C, H, W) of the model's input (latent) space
     name: str = "denoiser"
     default_guidance: float = 4.0  # classifier-free guidance scale used when none is given
+
+    def __init__(self, scheduler_config: dict | None = None):
+        super().__init__()
+        self.scheduler_config: dict = dict(scheduler_config or {})
+
+    @property
+    def is_text(self) -> bool:
+        """Text-conditional (prompts) rather than class-conditional."""
+        return self.num_classes is None
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(h, w) image-token grid of the model's own sample shape."""
+        _, hh, ww = self.sample_shape[-3:]
+        return hh // self.patch_size, ww // self.patch_size
 
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
         """(h, w) image-token grid for an input batch ``x`` (B, C, H, W)."""
@@ -105,16 +151,16 @@ class Denoiser(nn.Module):
         guidance: float | None = None,
         kind: Kind | None = None,
     ) -> torch.Tensor:
-        """Prediction of ``kind`` (default: native). ``guidance`` None = plain conditional on ``cond`` (which may hold
-        NULL rows); a number w = classifier-free guidance with [cond; null] in one batched forward."""
+        """Prediction of ``kind`` (default: native). ``guidance`` None or 1 = plain conditional on ``cond`` (which may
+        hold NULL rows), one forward; another w = classifier-free guidance with [cond; null] in one batched forward."""
         b = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(b) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t, device=x.device)
         self.check_cond(cond, b)
-        if guidance is None:
+        if not is_guided(guidance):
             out = self(x, t, cond, radius=radius)
         else:
             r2 = radius if radius is None or isinstance(radius, int) else torch.cat([torch.as_tensor(radius)] * 2)
-            both = self(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, self.null(cond)), radius=r2)
+            both = self(torch.cat([x, x]), torch.cat([t, t]), cat_rows([cond, self.null(cond)]), radius=r2)
             out = self._guide(both[:b], both[b:], float(guidance))
         if kind is None or kind == self.prediction:
             return out

@@ -10,8 +10,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from rich.progress import Progress
 
 from .denoisers import NULL, Denoiser
+from .metrics import classifier_error, digits_features, digits_real, fid_with_bootstrap
+from .models.classifiers import load_classifier
 from .sampling import Plan, sample
 
 
@@ -25,7 +28,6 @@ class Generated:
 @torch.no_grad()
 def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
     """Sample one image per label; batch b draws its noise from ``seed + b`` (results do not depend on timing)."""
-    from rich.progress import Progress
 
     device = next(model.parameters(), torch.empty(0)).device
     chunks, seconds = [], 0.0
@@ -56,8 +58,6 @@ class Quality:
 
 def digits_quality(gen: Generated, classifier=None, n_boot: int = 20, seed: int = 0) -> Quality:
     """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split."""
-    from .metrics import classifier_error, digits_features, digits_real, fid_with_bootstrap
-    from .models.classifiers import load_classifier
 
     classifier = classifier or load_classifier("digits")
     with torch.no_grad():

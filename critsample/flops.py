@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 
-
 def mean_window_keys(h: int, w: int, radius: int | None) -> float:
     """Mean number of image keys per image query for a Chebyshev window truncated at the borders (None = h w)."""
     if radius is None:

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .datasets import digits_split
 from .errors import UserError
+from .models.classifiers import load_digits_classifier
 
 # ---------------------------------------------------------------------------------------------------------------
 # Classifier statistics
@@ -131,7 +133,6 @@ class FeatureModule(nn.Module):
 @functools.lru_cache(maxsize=4)
 def digits_features(device: str = "cpu") -> FeatureModule:
     """Penultimate features (64) of the shipped digits classifier; input (B, 1, 8, 8) in [0, 1]."""
-    from .models.classifiers import load_digits_classifier
 
     clf = load_digits_classifier(device)
     return FeatureModule(clf.features, clf.num_features, owner=clf)
@@ -264,7 +265,6 @@ def fid_with_bootstrap(
 
 def digits_real(split: str = "test") -> torch.Tensor:
     """Digits images of a split, (N, 1, 8, 8) in [0, 1]."""
-    from .datasets import digits_split
 
     return (digits_split(split)[0] + 1) / 2
 

@@ -6,10 +6,19 @@ One user-facing time ``t`` in [0, 1] (0 = clean data, 1 = pure noise) for every 
   A ``t`` between two steps is rounded to the nearest step ``k`` (the model was only trained there).
 * Flow matching (SD3): ``t = sigma``, ``x_t = (1 - sigma) x_0 + sigma eps``; the model's timestep is ``1000 sigma``.
 
-Every time is also reported as a model-independent noise level: ``alpha_bar`` (the variance-preserving
-signal fraction ``alpha^2 / (alpha^2 + sigma^2)``), ``log_snr = log(alpha^2 / sigma^2)`` and the
-Ornstein-Uhlenbeck time ``s = -1/2 log(alpha_bar)`` that the analytic oracles and the theory use
-(OU process ``x_s = e^{-s} x_0 + sqrt(1 - e^{-2s}) z``).
+Two kinds of maps, kept apart on purpose:
+
+* **The noise level the network sees** (:meth:`Schedule.native`, :meth:`Schedule.snap`, :meth:`Schedule.alpha_sigma`,
+  :meth:`Schedule.alpha_bar`, :meth:`Schedule.ou_time`): a DDPM model is only defined at its 1000 steps, so a ``t``
+  between two steps is rounded to the nearest one. ``alpha_bar`` is the variance-preserving signal fraction and
+  ``s = -1/2 log(alpha_bar)`` the Ornstein-Uhlenbeck time of the analytic oracles
+  (OU process ``x_s = e^{-s} x_0 + sqrt(1 - e^{-2s}) z``).
+* **The log-SNR axis for reporting and comparing models** (:meth:`Schedule.log_snr`, its inverse
+  :meth:`Schedule.t_from_log_snr`, :meth:`Schedule.log_snr_slope`): one continuous, monotone convention.
+  ``log_snr = log(alpha^2 / sigma^2)`` in nats, decreasing in t; DDPM: linear in t between the steps (equal to the
+  network's value at every step; constant above the last step), flow matching: analytic, with t clamped to
+  [1e-4, 1 - 1e-4] so both ends stay finite. Windows, their centers and uncertainties are computed on this axis;
+  nothing else in the package converts between t and log-SNR.
 
 Predictions (all tensors shaped like ``x``) with ``x = alpha x0 + sigma eps``:
 ``eps``; ``x0``; ``score = -eps / sigma`` (DESIGN.md); ``velocity = eps - x0`` (the flow-matching target of SD3).
@@ -21,10 +30,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+
+from .errors import UserError
 
 Kind = Literal["eps", "x0", "score", "velocity"]
 KINDS: tuple[str, ...] = ("eps", "x0", "score", "velocity")
+_FLOW_EPS = 1e-4  # flow-matching t is clamped to [eps, 1 - eps] in log-SNR so both ends stay finite
+_INVERSE_POINTS = 20001  # t grid of the log-SNR inverse (exact between DDPM steps: every 20th point is a step)
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,7 @@ class Schedule:
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
         else:
-            raise ValueError(f"Unsupported beta_schedule {self.beta_schedule!r}; use linear, scaled_linear or squaredcos_cap_v2.")
+            raise UserError(f"Unsupported beta_schedule {self.beta_schedule!r}; use linear, scaled_linear or squaredcos_cap_v2.")
         return torch.cumprod(1.0 - betas, dim=0)
 
     # -- time maps -----------------------------------------------------------------------------
@@ -90,37 +104,41 @@ class Schedule:
         t = t.clamp(0.0, 1.0)
         return 1.0 - t, t
 
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+    def log_snr(self, t) -> torch.Tensor:
+        """Continuous float64 ``log(alpha^2 / sigma^2)`` (nats) of ``t`` (module docstring: linear between DDPM steps)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.kind == "flow":
+            tc = t.clamp(_FLOW_EPS, 1 - _FLOW_EPS)
+            return 2.0 * (torch.log1p(-tc) - tc.log())
+        grid, lam = self._log_snr_table()
+        return torch.from_numpy(np.asarray(np.interp(t.detach().cpu().numpy(), grid, lam))).reshape(t.shape)
+
+    def t_from_log_snr(self, log_snr) -> torch.Tensor:
+        """Inverse of :meth:`log_snr`: the t in [0, 1] with that log-SNR (monotone; ends clamp to 0 and 1)."""
+        lam = torch.as_tensor(log_snr, dtype=torch.float64)
+        grid = np.linspace(0.0, 1.0, _INVERSE_POINTS)
+        lg = self.log_snr(torch.from_numpy(grid)).numpy()
+        return torch.from_numpy(np.asarray(np.interp(-lam.detach().cpu().numpy(), -lg, grid))).reshape(lam.shape)  # -lambda increases with t
+
+    def log_snr_slope(self, t: float, h: float = 1e-3) -> float:
+        """|d log_snr / dt| at ``t`` (central difference, one-sided at the ends): maps a t-uncertainty to nats."""
+        lo, hi = max(float(t) - h, 0.0), min(float(t) + h, 1.0)
+        return abs(float(self.log_snr(hi) - self.log_snr(lo))) / (hi - lo)
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """Variance-preserving signal fraction ``alpha^2 / (alpha^2 + sigma^2)`` the network sees at ``t`` (snapped)."""
         a, s = self.alpha_sigma(t)
         return a**2 / (a**2 + s**2)
 
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        a, s = self.alpha_sigma(t)
-        return 2.0 * (a.log() - s.log())
-
-    def ou_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Ornstein-Uhlenbeck time ``s = -1/2 log(alpha_bar)`` (alpha_bar = e^{-2s})."""
+    def ou_time(self, t) -> torch.Tensor:
+        """Ornstein-Uhlenbeck time ``s = -1/2 log(alpha_bar)`` (alpha_bar = e^{-2s}) the network sees at ``t``."""
         return -0.5 * self.alpha_bar(t).log()
 
-    def t_from_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`log_snr` (nearest DDPM step for ddpm schedules)."""
-        log_snr = torch.as_tensor(log_snr, dtype=torch.float64)
-        if self.kind == "flow":
-            return torch.sigmoid(-log_snr / 2)  # alpha/sigma = e^{l/2}, alpha + sigma = 1
-        grid = self.log_snr(torch.arange(self.num_train_timesteps, dtype=torch.float64) / self.num_train_timesteps)
-        k = (grid[None, :] - log_snr.reshape(-1, 1)).abs().argmin(dim=1)
-        return (k.double() / self.num_train_timesteps).reshape(log_snr.shape)
-
-    def describe(self, t) -> dict:
-        """A JSON-ready record of one or more times in every convention (units stated in the keys)."""
-        t = self.snap(torch.as_tensor(t, dtype=torch.float64))
-        return {
-            "t": t.tolist(),
-            "native_timestep": self.native(t).tolist(),
-            "alpha_bar": self.alpha_bar(t).tolist(),
-            "log_snr": self.log_snr(t).tolist(),
-            "ou_time": self.ou_time(t).tolist(),
-        }
+    def _log_snr_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(t_k, log_snr_k) at the DDPM steps k = 0..T-1, t_k = k / T."""
+        T = self.num_train_timesteps
+        a, s = self.alpha_sigma(torch.arange(T, dtype=torch.float64) / T)
+        return np.arange(T) / T, (2.0 * (a.log() - s.log())).numpy()
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward process ``x_t = alpha x0 + sigma eps`` (float64 coefficients, result in x0's dtype)."""

@@ -51,12 +51,14 @@ def _plt():
 def _log_snr_axis(ax, schedule) -> None:
     if schedule is None:
         return
-    import numpy as np
+    def forward(t):
+        return schedule.log_snr(torch.as_tensor(np.clip(t, 0, 1), dtype=torch.float64)).numpy()
 
-    from .probes.critical import _t_of, log_snr
+    def inverse(lam):
+        return schedule.t_from_log_snr(torch.as_tensor(np.asarray(lam, dtype=np.float64))).numpy()
 
-    top = ax.secondary_xaxis("top", functions=(lambda t: log_snr(schedule, np.clip(t, 0, 1)), lambda l: np.array([_t_of(schedule, v) for v in np.ravel(l)]).reshape(np.shape(l))))
-    top.set_xticks([round(float(log_snr(schedule, t)), 1) for t in (0.1, 0.3, 0.5, 0.7, 0.9)])
+    top = ax.secondary_xaxis("top", functions=(forward, inverse))
+    top.set_xticks([round(float(schedule.log_snr(t)), 1) for t in (0.1, 0.3, 0.5, 0.7, 0.9)])
     top.set_xlabel("log-SNR  log(alpha^2/sigma^2)")
 
 
@@ -84,7 +86,6 @@ def _finish(fig, ax, path, title, xlabel="t (0 = clean, 1 = noise)"):
 
 def plot_curves(t, series: dict, path, *, title: str, ylabel: str, schedule=None, windows=None, logy: bool = False):
     """Curves vs t with one-sigma bands: ``series`` = {label: (mean (T,), err (T,))}."""
-    import numpy as np
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -120,7 +121,6 @@ def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: st
 
 def plot_heatmap(t, radii, values, path, *, title: str, label: str = "locality gap"):
     """Heatmap of values (T, R) over t (x) and radius (y), log colour scale."""
-    import numpy as np
     from matplotlib.colors import LogNorm
 
     plt = _plt()
@@ -142,8 +142,6 @@ def plot_heatmap(t, radii, values, path, *, title: str, label: str = "locality g
 def plot_strips(rows: dict, path, scale: int = 4):
     """One row of sample images per label (e.g. per window position), labels on the left:
     ``rows`` = {label: uint8 (N, C, H, W)}."""
-    import numpy as np
-    import torch
 
     n = max((len(v) for v in rows.values()), default=0)
     if n == 0:
@@ -171,4 +169,58 @@ def plot_strips(rows: dict, path, scale: int = 4):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+# -- the detection report -------------------------------------------------------------------------
+
+
+def _fmt(v, nd=3):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def write_detect_report(summary: dict, out: Path) -> Path:
+    """The one-page Markdown report of a detection (``report.md``), embedding its figures."""
+    s = summary
+    lines = [f"# Critical windows of `{s['model']}`", ""]
+    lines += [f"Preset `{s['preset']}`, seed {s['seed']}, guidance w = {s['guidance']}, token grid {s['token_grid']}x{s['token_grid']}. "
+              f"{s['schedule']['t_convention']}; {s['schedule']['log_snr_convention']}.", ""]
+    cw = s.get("critical_window")
+    if cw:
+        lines += [f"**Combined critical window**: t in [{_fmt(cw['t_start'])}, {_fmt(cw['t_end'])}], center {_fmt(cw['center'])} "
+                  f"+- {_fmt(cw['uncertainty'])} (log-SNR {_fmt(cw['log_snr_start'], 2)} .. {_fmt(cw['log_snr_end'], 2)}, "
+                  f"center {_fmt(cw['log_snr_center'], 2)} +- {_fmt(cw['log_snr_uncertainty'], 2)}); members: {', '.join(cw.get('members', []))}. "
+                  f"Suggested local radius outside it: {s.get('suggested_radius')}.", ""]
+    lines += ["| probe | family | t_start | t_end | center +- 1 sigma | log-SNR start .. end | rule |", "|---|---|---|---|---|---|---|"]
+    for name, w in s["windows"].items():
+        lines.append(f"| {name} | {w['family']} | {_fmt(w['t_start'])} | {_fmt(w['t_end'])} | {_fmt(w['center'])} +- {_fmt(w['uncertainty'])} | "
+                     f"{_fmt(w['log_snr_start'], 2)} .. {_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
+    lines.append("")
+    if s["concurrence"]:
+        lines += ["## Concurrence", ""]
+        for pair, v in s["concurrence"].items():
+            lines.append(f"- **{pair}**: {v['verdict']}.")
+        lines.append("")
+    captions = {
+        "cond_gap": "Conditioning gap (eq. 6) per image token along each trajectory (mean +- std over samples), in the units the window uses.",
+        "cond_gap_score": "Conditioning gap in score units (= eps units / sigma(t); diverges as sigma -> 0 at the clean end).",
+        "cond_gap_eps": "Conditioning gap in eps units (= sigma(t) x score units).",
+        "forward_backward": "Forward-backward: classifier error of unconditionally denoised images, global and local (Bernoulli 1-sigma).",
+        "forward_backward_mse": "Forward-backward per-pixel MSE.",
+        "window_cond": "Windowed conditioning: error vs window position (cond_in: conditioning only inside; cond_out: only outside).",
+        "window_cond_fid": "Windowed conditioning: FID to the always-conditioned baseline.",
+        "window_cond_strips": "Samples per window position (first row: always conditioned; then one row per window, cond_in).",
+        "window_locality": "Windowed locality: global conditional inside / local unconditional outside (loc_in) and the reverse (loc_out).",
+        "window_locality_fid": "Windowed locality: FID to the always-conditioned baseline.",
+        "window_locality_strips": "Samples per window position (first row: always conditioned; then one row per window, loc_in, first radius).",
+    }
+    lines += ["## Figures", ""]
+    for name, path in s["outputs"]["figures"].items():
+        cap = captions.get(name) or ("Locality gap (eq. 7): " + name.replace("_", " "))
+        lines += [f"**{name}** — {cap}", "", f"![{name}]({path})", ""]
+    c = s["cost"]
+    lines += [f"Cost: {c['model_evaluations']} model evaluations in {c['units']} stored units "
+              f"({c['units_computed_this_run']} computed in this run, {c['units_loaded']} loaded). Raw arrays: {', '.join(s['outputs']['arrays'])}.", ""]
+    path = Path(out) / "report.md"
+    path.write_text("\n".join(lines))
     return path

@@ -1,8 +1,11 @@
-"""One sampling loop driven by a per-step plan (k-diffusion style: the loop knows nothing of probes).
+"""The one sampling loop, driven by a per-step plan (k-diffusion style: the loop knows nothing of probes).
 
 A :class:`Plan` names, for every step, which denoiser to call: conditional, unconditional or guided(w), with global
 or local(r) attention. The integrator is a diffusers scheduler: DDIM or DPM-Solver++ for DDPM models, flow-matching
-Euler for flow models. A callback receives each step's tensors so probes and loggers hang off it.
+Euler for flow models. A callback receives each step's tensors so probes and loggers hang off it. The loop can start
+at any step (``start``: forward-backward noises a clean image to step ``start``'s time and integrates from there, as
+SDEdit / diffusers' img2img do), and ``predict`` can replace the denoiser call (probes batch rows of several radii).
+Every probe and command samples through :func:`sample`; there is no second loop.
 
 Switching denoisers inside a multistep solver (DPM-Solver++) is handled deliberately: the solver's history holds
 x0-predictions of *earlier* denoisers, and extrapolating across a switch mixes two different vector fields.
@@ -19,7 +22,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .denoisers import Cond, Denoiser
+from .denoisers import Cond, Denoiser, is_guided
+from .errors import UserError
 
 Mode = Literal["cond", "uncond", "guided"]
 SAMPLERS = ("ddim", "dpm", "euler")
@@ -32,6 +36,15 @@ class Step:
     mode: Mode = "guided"
     radius: int | None = None
     guidance: float = 1.0
+
+    def __post_init__(self):
+        if self.mode == "guided" and not is_guided(self.guidance):  # w = 1 is the conditional step: one forward
+            object.__setattr__(self, "mode", "cond")
+
+    @classmethod
+    def conditional(cls, guidance: float, radius: int | None = None) -> "Step":
+        """The conditioned step of guidance scale w: guided(w), or plain conditional (one forward) when w = 1."""
+        return cls("guided", radius, float(guidance))
 
     @property
     def forwards(self) -> int:
@@ -65,8 +78,7 @@ class Plan:
     @classmethod
     def guided(cls, num_steps: int, guidance: float, radius: int | None = None, sampler: str = "auto") -> "Plan":
         """Classifier-free guidance with the same denoiser at every step (w = 1 is plain conditional)."""
-        mode = "guided" if guidance != 1.0 else "cond"
-        return cls([Step(mode, radius, guidance)] * num_steps, sampler=sampler, name=f"guided(w={guidance:g})")
+        return cls([Step.conditional(guidance, radius)] * num_steps, sampler=sampler, name=f"guided(w={guidance:g})")
 
     @classmethod
     def from_rule(cls, denoiser: Denoiser, num_steps: int, rule: Callable[[float], Step], sampler: str = "auto", name: str = "custom") -> "Plan":
@@ -116,7 +128,7 @@ def make_scheduler(denoiser: Denoiser, sampler: str = "auto"):
         sampler = "euler" if flow else "ddim"
     if flow != (sampler == "euler"):
         kind = "flow-matching" if flow else "DDPM"
-        raise ValueError(f"Sampler {sampler!r} does not fit the {kind} model {denoiser.name}; use {'euler' if flow else 'ddim or dpm'}.")
+        raise UserError(f"Sampler {sampler!r} does not fit the {kind} model {denoiser.name}; use {'euler' if flow else 'ddim or dpm'}.")
     if flow:
         return FlowMatchEulerDiscreteScheduler.from_config(config) if config else FlowMatchEulerDiscreteScheduler()
     s = denoiser.schedule
@@ -148,6 +160,7 @@ def _reset_history(scheduler) -> None:
 
 
 StepCallback = Callable[[dict], None]
+Predict = Callable[[torch.Tensor, float, Step, Cond], torch.Tensor]
 
 
 @torch.no_grad()
@@ -158,13 +171,17 @@ def sample(
     *,
     x: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    start: int = 0,
     callback: StepCallback | None = None,
+    predict: Predict | None = None,
 ) -> torch.Tensor:
-    """Run ``plan`` from noise (or from ``x``) and return the final sample in the model's space, float32.
+    """Run ``plan`` from step ``start`` and return the final sample in the model's space, float32.
 
-    ``cond`` holds one row per sample (class ids, NULL rows, or prompt embeddings). The initial noise is drawn with
-    diffusers' ``randn_tensor`` from ``generator``, as diffusers' pipelines draw it, so equal seeds give equal noise.
-    ``callback`` receives ``{"i", "t", "timestep", "x", "prediction", "step"}`` after each step.
+    ``cond`` holds one row per sample (class ids, NULL rows, or prompt embeddings). Without ``x`` the initial noise is
+    drawn with diffusers' ``randn_tensor`` from ``generator`` (as diffusers' pipelines draw it, so equal seeds give
+    equal noise); with ``x`` the loop starts from that state, which must lie at the time of step ``start``.
+    ``predict(x, t, step, cond)`` replaces ``denoiser.predict`` (it gets the rows of ``step.mode``: ``cond`` or their
+    null rows). ``callback`` receives ``{"i", "t", "timestep", "x_in", "x", "prediction", "step"}`` after each step.
     """
     device = next(denoiser.parameters(), torch.empty(0)).device
     batch = len(cond)
@@ -172,13 +189,19 @@ def sample(
     scheduler.set_timesteps(len(plan.steps), device=device)
     if len(scheduler.timesteps) != len(plan.steps):
         raise ValueError(f"The integrator made {len(scheduler.timesteps)} steps for a plan of {len(plan.steps)}.")
+    if not 0 <= start < len(plan.steps):
+        raise ValueError(f"start must index a step of the plan (0..{len(plan.steps) - 1}); got {start}.")
     if x is None:
+        if start:
+            raise ValueError("Starting mid-way needs the state x at that step.")
         x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatchEuler has none (its sigma_max is 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     null = None
-    for i, ts in enumerate(scheduler.timesteps):
-        step = plan.steps[i]
-        if i > 0 and step != plan.steps[i - 1] and plan.on_switch == "reset":
+    for i in range(start, len(plan.steps)):
+        ts, step = scheduler.timesteps[i], plan.steps[i]
+        if i > start and step != plan.steps[i - 1] and plan.on_switch == "reset":
             _reset_history(scheduler)
         t = _time_of(denoiser, scheduler, i)
         xin = scheduler.scale_model_input(x, ts) if hasattr(scheduler, "scale_model_input") else x  # not on FlowMatchEuler
@@ -187,9 +210,11 @@ def sample(
             c = null
         else:
             c = cond
-        guidance = step.guidance if step.mode == "guided" else None
-        pred = denoiser.predict(xin, t, c, radius=step.radius, guidance=guidance)
-        x = scheduler.step(pred, ts, x).prev_sample
+        if predict is not None:
+            pred = predict(xin, t, step, c)
+        else:
+            pred = denoiser.predict(xin, t, c, radius=step.radius, guidance=step.guidance if step.mode == "guided" else None)
+        x_in, x = x, scheduler.step(pred, ts, x).prev_sample
         if callback is not None:
-            callback({"i": i, "t": t, "timestep": ts, "x": x, "prediction": pred, "step": step})
+            callback({"i": i, "t": t, "timestep": ts, "x_in": x_in, "x": x, "prediction": pred, "step": step})
     return x

@@ -74,13 +74,15 @@ def model_fingerprint(model: torch.nn.Module, name: str = "") -> str:
 
 @dataclass
 class Unit:
-    """One piece of work: the probe it belongs to, its parameters (hashed into the key) and its cost."""
+    """One piece of work: its kind (the folder it is stored in), its parameters (hashed into the key), its cost, and
+    its stage (units of stage k + 1 may read the stored results of stage k; not part of the key)."""
 
     probe: str
     params: dict
     forwards: int = 0  # network evaluations (rows) the unit costs, for --dry-run and progress
     local_forwards: int = 0  # of which with window attention
     key: str = ""
+    stage: int = 0
 
 
 @dataclass
@@ -97,12 +99,12 @@ class Store:
     def __post_init__(self):
         self.root = Path(self.root)
 
-    def unit(self, probe: str, params: dict, forwards: int = 0, local_forwards: int = 0) -> Unit:
+    def unit(self, probe: str, params: dict, forwards: int = 0, local_forwards: int = 0, stage: int = 0) -> Unit:
         key = stable_hash(
             {"v": STORE_VERSION, "probe": probe, "config": self.config.get(probe, {}), "params": params,
              "model": self.model_id, "seed": int(self.seed)}
         )
-        return Unit(probe, params, forwards, local_forwards, key)
+        return Unit(probe, params, forwards, local_forwards, key, stage)
 
     def path(self, unit: Unit) -> Path:
         return self.root / "units" / unit.probe / f"{unit.key}.npz"

@@ -11,7 +11,7 @@ import torch
 import critsample
 from critsample import plans
 from critsample.cli import main
-from critsample.commands.sample import SampleConfig, run
+from critsample.generate import SampleConfig, run
 from critsample.sampling import Plan, Step, sample
 
 

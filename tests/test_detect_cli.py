@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from critsample.cli import main
+from critsample.detect import DetectConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = "test_probes:tiny_classifier"  # tests/ is on sys.path under pytest
@@ -32,7 +34,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-digit-dit")
     tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10}))
+    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
     return folder
 
 
@@ -56,11 +58,11 @@ def test_end_to_end_then_resume(tiny_folder, tmp_path, capsys, monkeypatch):
     assert set(s["probes"]) == {"cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality"}
     assert s["suggested_radius"] == 1
     # consumers of the summary
+    from critsample import summary
     from critsample.finetune.schedules import window_from_summary
-    from critsample.plans import read_summary
 
     assert window_from_summary(out / "summary.json") == (cw["t_start"], cw["t_end"])
-    assert read_summary(out / "summary.json")["critical_window"] == cw
+    assert summary.read(out / "summary.json")["critical_window"] == cw
     # report, figures, arrays
     report = (out / "report.md").read_text()
     for name, rel in s["outputs"]["figures"].items():
@@ -117,11 +119,13 @@ def test_config_files_are_the_presets(preset, capsys):
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == yaml.safe_load((ROOT / "configs" / "detect" / f"{preset}.yaml").read_text())
-    # and a config file round-trips to the same options
-    from critsample.commands.detect import parse_config
-
-    cfg = parse_config(["--config", str(ROOT / "configs" / "detect" / f"{preset}.yaml")])
-    assert cfg.preset == preset and cfg.gaps.steps == printed["gaps"]["steps"] and cfg.windows.samples == printed["windows"]["samples"]
+    # and a config file round-trips to the same options (and to the library's preset)
+    with pytest.raises(SystemExit):
+        main(["detect", "--config", str(ROOT / "configs" / "detect" / f"{preset}.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["preset"] == preset and cfg["gaps"]["steps"] == printed["gaps"]["steps"] and cfg["windows"]["samples"] == printed["windows"]["samples"]
+    lib = DetectConfig.from_preset(preset)
+    assert asdict(lib.gaps) == printed["gaps"] and asdict(lib.fb) == printed["fb"] and asdict(lib.windows) == printed["windows"]
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_missing_weights_fail_fast_with_the_fix(monkeypatch, tmp_path):
 
 
 def test_cli_missing_weights_exit_code_2(monkeypatch, tmp_path, capsys):
-    pytest.importorskip("critsample.commands.sample")
+    pytest.importorskip("critsample.generate")
     import huggingface_hub.constants as hf_constants
 
     from critsample.cli import main

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import critsample
-from critsample.commands.detect import DetectConfig, ForwardBackwardArgs, run
+from critsample.detect import DetectConfig, ForwardBackwardArgs, run
 from critsample.probes.gaps import score_gaps, train_states
 
 TIMES = [round(v, 3) for v in np.linspace(0.05, 0.95, 19)]

@@ -11,9 +11,9 @@ import torch
 
 import critsample
 from critsample import NULL, Schedule
-from critsample.commands.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs, run
+from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs, run
 from critsample.models import bundled_path
-from critsample.probes import critical
+from critsample.detect import estimators
 from critsample.probes.forward_backward import forward_backward, start_index
 from critsample.probes.gaps import sampling_states, score_gaps, train_states, trajectory_plan
 from critsample.probes.windows import window_plan
@@ -39,9 +39,7 @@ def tiny_digit_dit(seed: int = 0, name: str = "tiny-digits"):
         num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=1, in_channels=1,
         out_channels=1, num_embeds_ada_norm=10,
     ).eval()
-    model = DiTDenoiser(tr, Schedule(), num_classes=10, name=name)
-    model.scheduler_config = {}
-    return model.eval()
+    return DiTDenoiser(tr, Schedule(), num_classes=10, name=name, dataset="digits").eval()
 
 
 class TinyClassifier(torch.nn.Module):
@@ -154,7 +152,7 @@ def test_oracle_gaps_match_theory():
 
 def test_forward_backward_matches_oracle_theory():
     """DDIM forward-backward on the mixture oracle: error of the Bayes classifier = 1 - Phi(K) exactly (ODE readout)."""
-    from critsample.commands.detect import OracleClassifier
+    from critsample.detect import OracleClassifier
 
     oracle = critsample.load("gmm-mixture:N=4,mu=0.35,s2=1.0")
     clf = OracleClassifier(oracle)
@@ -200,14 +198,14 @@ def test_half_max_window_of_a_gaussian_bump():
     rng = np.random.default_rng(0)
     sd = 0.08
     curves = np.exp(-((t - 0.55) ** 2) / (2 * sd**2))[None] * (1 + 0.05 * rng.standard_normal((40, 1)))
-    w = critical.half_max_window("g", "symmetry_breaking", t, curves, sch)
+    w = estimators.half_max_window("g", "symmetry_breaking", t, curves, sch)
     assert w.center == pytest.approx(0.55, abs=0.005)
     assert w.width == pytest.approx(2 * math.sqrt(2 * math.log(2)) * sd, abs=0.01)  # FWHM
     assert w.log_snr_start > w.log_snr_center > w.log_snr_end
     assert w.log_snr_center == pytest.approx(float(sch.log_snr(torch.tensor(0.55))), abs=0.02)
     # several radii: each normalised by its own maximum, so a 100x smaller radius weighs the same
     stacked = np.stack([curves, 0.01 * curves], axis=-1)
-    assert critical.half_max_window("g", "nonlocality", t, stacked, sch).center == pytest.approx(w.center, abs=1e-9)
+    assert estimators.half_max_window("g", "nonlocality", t, stacked, sch).center == pytest.approx(w.center, abs=1e-9)
 
 
 def test_threshold_window_of_a_logistic_error_curve():
@@ -216,11 +214,11 @@ def test_threshold_window_of_a_logistic_error_curve():
     p = 0.05 + 0.85 / (1 + np.exp(-(t - 0.6) / 0.04))
     rng = np.random.default_rng(1)
     errors = (rng.random((2000, t.size)) < p).astype(float)
-    w = critical.threshold_window("fb", "symmetry_breaking", t, errors, sch)
+    w = estimators.threshold_window("fb", "symmetry_breaking", t, errors, sch)
     assert w.center == pytest.approx(0.6, abs=0.01)
     assert w.t_start == pytest.approx(0.6 - 0.04 * math.log(3), abs=0.02)  # 25 % of the rise
     assert 0 < w.uncertainty < 0.02
-    flat = critical.threshold_window("fb", "symmetry_breaking", t, np.zeros((10, t.size)), sch)
+    flat = estimators.threshold_window("fb", "symmetry_breaking", t, np.zeros((10, t.size)), sch)
     assert not flat.valid and flat.to_dict()["center"] is None
 
 
@@ -228,21 +226,21 @@ def test_scan_minimum_and_concurrence():
     sch = Schedule()
     centers = np.linspace(0.1, 0.9, 9)
     p = 0.2 + 2.0 * (centers - 0.43) ** 2
-    exact = critical.scan_minimum("win", "symmetry_breaking", centers, np.stack([p, p]), 0.2, sch)
+    exact = estimators.scan_minimum("win", "symmetry_breaking", centers, np.stack([p, p]), 0.2, sch)
     assert exact.center == pytest.approx(0.43, abs=1e-9) and exact.t_end - exact.t_start == pytest.approx(0.2)
     errors = (np.random.default_rng(2).random((3000, 9)) < p).astype(float)
-    w = critical.scan_minimum("win", "symmetry_breaking", centers, errors, 0.2, sch)
+    w = estimators.scan_minimum("win", "symmetry_breaking", centers, errors, 0.2, sch)
     assert abs(w.center - 0.43) < 3 * w.uncertainty and w.uncertainty < 0.1
-    mx = critical.scan_minimum("win", "symmetry_breaking", centers, 1 - errors, 0.2, sch, maximum=True)
+    mx = estimators.scan_minimum("win", "symmetry_breaking", centers, 1 - errors, 0.2, sch, maximum=True)
     assert mx.center == pytest.approx(w.center, abs=1e-9)
-    other = critical.scan_minimum("loc", "nonlocality", centers + 0.01, errors, 0.2, sch)
-    c = critical.concurrence(w, other)
+    other = estimators.scan_minimum("loc", "nonlocality", centers + 0.01, errors, 0.2, sch)
+    c = estimators.concurrence(w, other)
     assert c["concurrent"] and c["overlap_fraction"] > 0.8
-    far = critical.Window("far", "nonlocality", 0.85, 0.95, 0.9, 0.1, 0.01)
-    far = critical._finish(far, sch, centers, np.array([]))
-    c2 = critical.concurrence(w, far)
+    far = estimators.Window("far", "nonlocality", 0.85, 0.95, 0.9, 0.1, 0.01)
+    far = estimators._finish(far, sch, centers, np.array([]))
+    c2 = estimators.concurrence(w, far)
     assert not c2["concurrent"] and c2["overlap_fraction"] == 0 and c2["distance_in_sigma"] > 2
-    comb = critical.combine([w, other], sch)
+    comb = estimators.combine([w, other], sch)
     assert w.log_snr_center >= comb.log_snr_center >= other.log_snr_center or other.log_snr_center >= comb.log_snr_center >= w.log_snr_center
 
 
@@ -327,7 +325,7 @@ def test_detect_on_the_oracle_matches_forward_backward_theory(tmp_path):
     w = s["windows"]["forward_backward"]
     t = np.load(tmp_path / "arrays" / "forward_backward.npz")["t"]
     exact = 1 - oracle.forward_backward_agreement(torch.tensor(t), reverse="ode", readout="classifier").numpy()
-    theory = critical.threshold_window("theory", "symmetry_breaking", t, np.stack([exact, exact]), oracle.schedule)
+    theory = estimators.threshold_window("theory", "symmetry_breaking", t, np.stack([exact, exact]), oracle.schedule)
     assert abs(w["center"] - theory.center) < 3 * w["uncertainty"] + 0.01, (w["center"], theory.center, w["uncertainty"])
     assert s["model"] == oracle.name and s["probes"]["forward_backward"]["source"] == "data"
 
@@ -363,7 +361,7 @@ def test_detect_text_model_with_a_prompt(sd3, tmp_path):
 
 
 def test_user_data_file(tiny, tmp_path):
-    from critsample.commands.detect import load_data
+    from critsample.detect import load_data
 
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     np.savez(tmp_path / "lat.npz", latents=x.numpy(), labels=np.arange(5))

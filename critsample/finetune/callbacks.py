@@ -23,6 +23,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..errors import UserError
+from ..evaluate import generate
+from ..metrics import digits_fid
+from ..models.classifiers import load_classifier
+from ..plans import adaptive, full_guidance
+from ..probes.gaps import score_gaps, train_states
+from ..report import image_grid
+
 
 class TrainingEvaluation(Callback):
     def __init__(
@@ -59,9 +67,9 @@ class TrainingEvaluation(Callback):
         """
         super().__init__()
         if every_n_val_epochs < 0:
-            raise ValueError(f"every_n_val_epochs must be >= 0; got {every_n_val_epochs}.")
+            raise UserError(f"every_n_val_epochs must be >= 0; got {every_n_val_epochs}.")
         if any(not 0.0 < float(t) <= 1.0 for t in times):
-            raise ValueError(f"Gap times lie in (0, 1] (t: 0 = clean, 1 = noise); got {list(times)}.")
+            raise UserError(f"Gap times lie in (0, 1] (t: 0 = clean, 1 = noise); got {list(times)}.")
         self.every = every_n_val_epochs
         self.times = [float(t) for t in times]
         self.radius = radius
@@ -99,7 +107,7 @@ class TrainingEvaluation(Callback):
         sched = getattr(module, "radius_schedule", None)
         window = self.window or (sched.window if sched is not None else None)
         if window is None:
-            raise ValueError("TrainingEvaluation needs a window: set its window or the module's radius_schedule.")
+            raise UserError("TrainingEvaluation needs a window: set its window or the module's radius_schedule.")
         radius = self.radius if self.radius is not None else (sched.radius if sched is not None else 1)
         return tuple(window), int(radius)
 
@@ -120,7 +128,6 @@ class TrainingEvaluation(Callback):
     @torch.no_grad()
     def gaps(self, module, x0: torch.Tensor, y: torch.Tensor, radius: int) -> dict[str, float]:
         """Mean over the fixed batch of the score gaps (eqs. 6 and 7) at each of ``times``."""
-        from ..probes.gaps import score_gaps, train_states
 
         den = module.denoiser
         g = torch.Generator(device=x0.device).manual_seed(self.seed)
@@ -136,9 +143,6 @@ class TrainingEvaluation(Callback):
     @torch.no_grad()
     def samples(self, module, window: tuple[float, float], radius: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Adaptive vs full guidance: class accuracy (and FID), network evaluations per sample, image grids."""
-        from ..evaluate import generate
-        from ..plans import adaptive, full_guidance
-        from ..report import image_grid
 
         den = module.denoiser
         w = self.guidance if self.guidance is not None else float(module.hparams.val_guidance)
@@ -154,7 +158,6 @@ class TrainingEvaluation(Callback):
                 pred = clf.predict_logits(gen.images.to(module.device)).argmax(dim=1).cpu()
                 metrics[f"eval/{name}_accuracy"] = float((pred == gen.labels).double().mean())
             if self.fid:
-                from ..metrics import digits_fid
 
                 metrics[f"eval/{name}_fid"] = float(digits_fid(gen.images))
             grids[f"eval/{name}_samples"] = image_grid(gen.images, nrow=self.samples_per_class)
@@ -162,7 +165,6 @@ class TrainingEvaluation(Callback):
 
     def _get_classifier(self, module):
         if self._classifier is None:
-            from ..models.classifiers import load_classifier
 
             self._classifier = load_classifier(self.classifier_name, device=module.device).eval()
         return self._classifier

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split
 from ..metrics import frechet_distance
 from ..models.classifiers import DigitsCNN
-from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split
 
 TRAIN_DEFAULTS = dict(epochs=60, batch_size=64, lr=3e-3, weight_decay=5e-4, label_smoothing=0.05, max_shift=1)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split  # noqa: F401  (re-exported)
+from ..errors import UserError
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -16,6 +21,11 @@ class DigitsDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 128, resolution: int = 8, num_workers: int = 0):
         super().__init__()
         self.save_hyperparameters()
+
+    @property
+    def dataset_name(self) -> str | None:
+        """"digits" at the native 8 x 8 (a model trained here can be probed on the digits test split and classifier)."""
+        return "digits" if self.hparams.resolution == 8 else None
 
     def _dataset(self, split: str) -> TensorDataset:
         x, y = digits_split(split)
@@ -44,10 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def folder_classes(root: str, class_index: str | None = None) -> dict[str, int]:
     """Class id of every sub-folder: sorted folder names (the ImageNet convention DiT was trained with, when the
     folders are the 1,000 synset ids), or an explicit JSON ``{"folder": id}`` for subsets."""
-    import json
-    from pathlib import Path
 
-    from ..errors import UserError
 
     root_p = Path(root)
     if not root_p.is_dir():
@@ -64,7 +71,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """(image in [0, 1], (3, R, R) center-cropped and resized; class id) from ``root/<class>/<image>``."""
 
     def __init__(self, root: str, resolution: int, class_index: str | None = None):
-        from pathlib import Path
 
         self.resolution = resolution
         classes = folder_classes(root, class_index)
@@ -77,7 +83,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
 
         path, label = self.items[i]
         img = Image.open(path).convert("RGB")
@@ -135,9 +140,7 @@ class LatentsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
-        from pathlib import Path
 
-        from ..errors import UserError
 
         if not Path(self.hparams.path).exists():
             raise UserError(f"No latents at {self.hparams.path}; write them with `python -m critsample.finetune.encode`.")

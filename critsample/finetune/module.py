@@ -9,17 +9,24 @@ dropped to the null class with probability ``class_dropout`` for classifier-free
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+from lightning.pytorch.strategies import FSDPStrategy
 
+from ..attention import check_radius
 from ..denoisers import NULL
+from ..errors import UserError
+from ..models import load
 from ..models.dit import DiTDenoiser
 from ..noise import Schedule
+from ..report import image_grid
+from ..sampling import Plan, sample
 from .schedules import LossWeighting, RadiusSchedule
 
 DIGITS_DIT = dict(
@@ -78,22 +85,24 @@ class DiTModule(L.LightningModule):
         self.radius_schedule = radius_schedule
         self.loss_weighting = loss_weighting
         if init_from is not None:
-            from ..models import load
 
             base = load(init_from, device="cpu")
             if not isinstance(base, DiTDenoiser):
-                raise ValueError(f"Fine-tuning needs a DiT model; {init_from!r} is a {type(base).__name__}.")
+                raise UserError(f"Fine-tuning needs a DiT model; {init_from!r} is a {type(base).__name__}.")
             transformer, schedule, self.vae = base.transformer.train(), base.schedule, base.vae
         else:
             transformer = DiTTransformer2DModel(**{**DIGITS_DIT, **(model or {})})
             schedule, self.vae = Schedule(), None
         if self.vae is not None:
             self.vae.requires_grad_(False)
-        self.denoiser = DiTDenoiser(transformer, schedule, self.vae, num_classes=num_classes, name=init_from or "dit")
         # Sample (validation grids, evaluation callbacks) with the integrator the model is loaded with after export:
         # the pretrained model's scheduler config, or the one ``export`` writes (DDIM without x0 clipping; diffusers'
         # default clip_sample=True costs dit-digits most of its class accuracy).
-        self.denoiser.scheduler_config = dict(getattr(base, "scheduler_config", {}) or {}) if init_from else {"clip_sample": False}
+        self.denoiser = DiTDenoiser(
+            transformer, schedule, self.vae, num_classes=num_classes, name=init_from or "dit",
+            scheduler_config=base.scheduler_config if init_from else {"clip_sample": False},
+            dataset=base.dataset if init_from else None,
+        )
         self.denoiser.default_guidance = float(getattr(base, "default_guidance", val_guidance)) if init_from else val_guidance
         self.schedule = schedule
         self.register_buffer("abar", schedule.alphas_cumprod().float(), persistent=False)
@@ -101,10 +110,7 @@ class DiTModule(L.LightningModule):
             if hasattr(m, "dropout_prob") and m.__class__.__name__ == "LabelEmbedding":
                 m.dropout_prob = 0.0
         if radius_schedule is not None:
-            h, w = self.denoiser.sample_shape[-2] // self.denoiser.patch_size, self.denoiser.sample_shape[-1] // self.denoiser.patch_size
-            if radius_schedule.radius >= max(h, w) - 1:
-                raise ValueError(f"Radius {radius_schedule.radius} is already global on the {h}x{w} token grid; "
-                                 f"use a radius in 0..{max(h, w) - 2} for the radius schedule.")
+            check_radius(radius_schedule.radius, self.denoiser.token_grid, bound="local", model=self.denoiser.name)
 
     @property
     def transformer(self) -> DiTTransformer2DModel:
@@ -194,8 +200,6 @@ class DiTModule(L.LightningModule):
         """A 10 x 10 (class x sample) grid of guided samples, logged as an image."""
         if self.denoiser.num_classes is None or self.trainer.sanity_checking or not self.loggers:
             return
-        from ..report import image_grid
-        from ..sampling import Plan, sample
 
         n_cls = min(self.denoiser.num_classes, 10)
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(10)
@@ -216,7 +220,6 @@ class DiTModule(L.LightningModule):
     def on_train_end(self) -> None:
         if not self.hparams.export_dir:
             return
-        from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # Parameters are shards here: gather the full state dict (a collective, every rank calls it; rank 0
@@ -238,9 +241,7 @@ class DiTModule(L.LightningModule):
         """Write a loadable model folder: ``transformer/`` (diffusers, EMA weights once training ended),
         ``scheduler/scheduler_config.json`` and ``critsample.json`` (classes, pixel space, default guidance, ``meta``).
         ``transformer``: a full copy to write instead of this module's (gathered from shards under FSDP)."""
-        import json
 
-        from diffusers import DDIMScheduler
 
         folder = Path(folder)
         (transformer or self.transformer).save_pretrained(folder / "transformer", safe_serialization=True)
@@ -251,8 +252,10 @@ class DiTModule(L.LightningModule):
             num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
             beta_schedule=s.beta_schedule, clip_sample=False,
         ).save_pretrained(folder / "scheduler")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         info = {
             "num_classes": self.denoiser.num_classes,
+            "dataset": self.denoiser.dataset or getattr(datamodule, "dataset_name", None),
             "null_class": self.denoiser.null_id,
             "space": "pixels in [-1, 1]" if self.vae is None else "VAE latents (scaled)",
             "default_guidance": self.hparams.val_guidance,

@@ -15,23 +15,21 @@ from typing import Callable
 
 import torch
 
+from .. import summary
+from ..attention import check_radius
 from ..errors import UserError
+from ..plans import parse_window
 
 GLOBAL_RADIUS = 1 << 20  # any radius >= grid size - 1 is global attention
 
 
 def _check_window(window) -> tuple[float, float]:
-    from ..plans import parse_window
-
     return parse_window(window)
 
 
 def window_from_summary(path: str | Path) -> tuple[float, float]:
     """The combined critical window [t0, t1] written by ``critsample detect`` into ``summary.json``."""
-    from ..plans import read_summary
-
-    w = read_summary(path)["critical_window"]
-    return float(w["t_start"]), float(w["t_end"])
+    return summary.critical_window(summary.read(path), path)
 
 
 def _inside(t: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
@@ -59,8 +57,7 @@ class RadiusSchedule:
         if self.summary:
             self.window = window_from_summary(self.summary)
         self.window = _check_window(self.window)
-        if not isinstance(self.radius, int) or self.radius < 0:
-            raise UserError(f"The outside radius must be an integer >= 0; got {self.radius!r}.")
+        check_radius(self.radius, (0, 0))  # an integer >= 0; the training module checks it against its token grid
         if self.anneal_steps < 0:
             raise UserError(f"anneal_steps must be >= 0 (0 = no curriculum); got {self.anneal_steps}.")
         if not 0.0 <= self.local_prob <= 1.0:

@@ -11,9 +11,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 
 from ..denoisers import Denoiser
 from ..errors import UserError
+from .loaders import load_dit
+from .oracles import load_oracle
+from .sd3 import load_sd3
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,6 @@ def fetch(spec: ModelSpec) -> Path:
         if not (path / "transformer" / "config.json").exists():
             raise UserError(f"The bundled weights of {spec.name} are missing from {path}; reinstall critsample or run `critsample fit --config configs/fit/dit-digits.yaml`.")
         return path
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(spec.source, allow_patterns=_PATTERNS[spec.family]))
@@ -89,7 +92,6 @@ def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dty
     from a local diffusers folder. ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
     name = str(name_or_path)
     if name.startswith("gmm"):
-        from .oracles import load_oracle
 
         return load_oracle(name, **kwargs).to(device)
     if name in REGISTRY:
@@ -102,11 +104,9 @@ def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dty
             raise UserError(f"Unknown model {name!r}: use one of {known}, or a path to a local diffusers folder.")
         family = family_of(folder)
     if family == "dit":
-        from .loaders import load_dit
 
         model = load_dit(folder, name=name, dtype=dtype, **kwargs)
     else:
-        from .sd3 import load_sd3
 
         model = load_sd3(folder, name=name, dtype=dtype, **kwargs)
     return model.to(device).eval()

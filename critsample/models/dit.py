@@ -15,6 +15,7 @@ class DiTDenoiser(Denoiser):
     the original DiT code, which guided only the first three of the four latent channels."""
 
     prediction = "eps"
+    family = "dit"
 
     def __init__(
         self,
@@ -25,8 +26,11 @@ class DiTDenoiser(Denoiser):
         num_classes: int | None = None,
         guide_channels: int | None = None,
         name: str = "dit",
+        scheduler_config: dict | None = None,
+        dataset: str | None = None,
     ):
-        super().__init__()
+        super().__init__(scheduler_config)
+        self.dataset = dataset
         self.transformer = transformer
         self.vae = vae
         self.schedule = schedule

@@ -40,9 +40,9 @@ def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32, guide_
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     model = DiTDenoiser(
         transformer, Schedule.from_scheduler_config(sched_cfg), vae,
-        num_classes=meta.get("num_classes"), guide_channels=guide_channels, name=name,
+        num_classes=meta.get("num_classes"), guide_channels=guide_channels, name=name, scheduler_config=sched_cfg,
+        dataset=meta.get("dataset"),
     )
-    model.scheduler_config = sched_cfg
     model.meta = meta
     model.default_guidance = float(meta.get("default_guidance", model.default_guidance))
     return model

@@ -191,16 +191,18 @@ class GaussianOracle(Denoiser):
     """Common part: conditioning, time, radius handling, posterior, data, and the theory curves."""
 
     prediction = "eps"
+    family = "oracle"
+    dataset = "oracle"  # exact samples of p_0 (sample_data)
     num_classes = 2
     patch_size = 1
 
     def __init__(self, N: int, mu: float, s2: float, name: str):
-        super().__init__()
+        # DDIM clips x0 to [-1, 1] by default; the oracles are not in it.
+        super().__init__(scheduler_config={"clip_sample": False})
         self.N, self.d, self.mu, self.s2 = int(N), int(N) ** 2, float(mu), float(s2)
         self.name = name
         self.schedule = Schedule()
         self._abar_table = self.schedule.alphas_cumprod()  # (1000,) float64, the DDPM alpha_bar_k
-        self.scheduler_config = {"clip_sample": False}  # DDIM clips x0 to [-1, 1] by default; the oracles are not in it
         self.sample_shape = (1, self.N, self.N)
         # No weights: an empty parameter carries the device for `.to()` and `next(model.parameters())`.
         self._device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)

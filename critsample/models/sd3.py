@@ -18,6 +18,7 @@ from ..attention import check_radius, install_window_attention
 from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
 from ..noise import Schedule
+from .loaders import load_parts
 
 _TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -30,6 +31,7 @@ class SD3Denoiser(Denoiser):
     """
 
     prediction = "velocity"
+    family = "sd3"
     num_classes = None
     default_guidance = 7.0  # StableDiffusion3Pipeline's default guidance_scale
 
@@ -42,8 +44,9 @@ class SD3Denoiser(Denoiser):
         *,
         max_sequence_length: int = 256,
         name: str = "sd3",
+        scheduler_config: dict | None = None,
     ):
-        super().__init__()
+        super().__init__(scheduler_config)
         self.transformer = transformer
         self.vae = vae
         self.schedule = schedule or Schedule(kind="flow")
@@ -62,7 +65,6 @@ class SD3Denoiser(Denoiser):
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
         self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
         self._null_cache: dict[int, PromptCond] = {}
-        self.scheduler_config: dict = {}
         install_window_attention(transformer)
 
     # -- conditioning --------------------------------------------------------------------------
@@ -181,7 +183,6 @@ def load_sd3(
 
     ``text_encoders=False`` skips CLIP and T5 (prompt-embedding-level use); ``t5=False`` drops only T5.
     """
-    from .loaders import load_parts
 
     folder = Path(folder)
     transformer, vae, sched_cfg = load_parts(
@@ -191,6 +192,6 @@ def load_sd3(
     text = _load_text(folder, transformer, vae, dtype, t5) if text_encoders and has_text else None
     model = SD3Denoiser(
         transformer, Schedule.from_scheduler_config(sched_cfg), vae, text, max_sequence_length=max_sequence_length, name=name,
+        scheduler_config=sched_cfg,
     )
-    model.scheduler_config = sched_cfg
     return model

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..denoisers import Cond, Denoiser
-from ..sampling import make_scheduler, step_times
-from .common import predict_rows, radius_codes, tile
+from ..denoisers import Cond, Denoiser, tile_rows
+from ..sampling import Plan, Step, sample, step_times
+from .rows import predict_rows, radius_codes
 
 
 def start_index(denoiser: Denoiser, t: float, steps: int, sampler: str = "auto") -> tuple[int, float]:
@@ -43,20 +43,19 @@ def denoise_from(
     max_batch: int = 256,
 ) -> tuple[torch.Tensor, float]:
     """Noise ``x0`` (B, ...) to ``t`` and integrate back to 0 with the denoiser on ``cond`` (NULL rows = unconditional),
-    once per radius (None = global). Returns x_hat (R, B, ...) in model space and the snapped t."""
+    once per radius (None = global), on the one sampling loop started at the step nearest ``t``.
+    Returns x_hat (R, B, ...) in model space and the snapped t."""
     i0, t_used = start_index(denoiser, t, steps, sampler)
     eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
     R, B = len(radii), x0.shape[0]
     x = denoiser.schedule.add_noise(x0, torch.tensor(t_used), eps).repeat(R, *([1] * (x0.ndim - 1)))
-    rows_cond = tile(cond, R)
     rows_r = radius_codes(radii).repeat_interleave(B)
-    scheduler = make_scheduler(denoiser, sampler)
-    scheduler.set_timesteps(steps, device=x0.device)
-    times = step_times(denoiser, steps, sampler)
-    for i in range(i0, len(scheduler.timesteps)):
-        ts = scheduler.timesteps[i]
-        pred = predict_rows(denoiser, scheduler.scale_model_input(x, ts), torch.tensor(times[i]), rows_cond, rows_r, kind=denoiser.prediction, max_batch=max_batch)
-        x = scheduler.step(pred, ts, x).prev_sample
+
+    def predict(x: torch.Tensor, t: float, step: Step, c: Cond) -> torch.Tensor:  # every radius in one stream of rows
+        return predict_rows(denoiser, x, torch.tensor(t), c, rows_r, kind=denoiser.prediction, max_batch=max_batch)
+
+    plan = Plan.from_rule(denoiser, steps, lambda t: Step("cond"), sampler, name="forward-backward")
+    x = sample(denoiser, plan, tile_rows(cond, R), x=x, start=i0, predict=predict)
     return x.reshape(R, B, *x0.shape[1:]), t_used
 
 

@@ -16,7 +16,7 @@ The score is ``-eps / sigma`` (``noise.py``), so a score gap equals the eps gap 
   conditional) / the unconditional global denoiser; the state entering step i is probed at that step's t.
 
 Every (x_t, t) needs 2 (1 + R) rows: cond and null, global and each radius. All rows of all times of a batch of
-samples share batched forwards (:func:`~critsample.probes.common.predict_rows`).
+samples share batched forwards (:func:`~critsample.probes.rows.predict_rows`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..denoisers import Cond, Denoiser
+from ..denoisers import Cond, Denoiser, cat_rows, tile_rows
 from ..sampling import Plan, Step, sample, step_times
-from .common import GLOBAL, cat, null_like, num_tokens, predict_rows, tile
-
-TRAJECTORIES = ("train", "sample_cond", "sample_uncond")
+from .rows import GLOBAL, num_tokens, predict_rows
 
 
 def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float], generator: torch.Generator) -> torch.Tensor:
@@ -39,10 +37,7 @@ def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float], gener
 
 def trajectory_plan(denoiser: Denoiser, kind: str, steps: int, guidance: float, sampler: str = "auto") -> Plan:
     """The sampler plan of a sampling trajectory: guided(w) (cond if w = 1) or uncond, global attention."""
-    if kind == "sample_uncond":
-        step = Step("uncond", None, 1.0)
-    else:
-        step = Step("guided", None, guidance) if guidance != 1.0 else Step("cond", None, 1.0)
+    step = Step("uncond") if kind == "sample_uncond" else Step.conditional(guidance)
     times = step_times(denoiser, steps, sampler)
     return Plan([step] * len(times), sampler=sampler, name=kind, times=times)
 
@@ -51,12 +46,10 @@ def sampling_states(
     denoiser: Denoiser, plan: Plan, cond: Cond, generator: torch.Generator
 ) -> tuple[torch.Tensor, list[float], torch.Tensor]:
     """Run ``plan`` from noise; return the (T, B, ...) states entering each step, their times, and the final sample."""
-    device = next(denoiser.parameters(), torch.empty(0)).device
-    x = randn_tensor((len(cond), *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
-    states = [x]
-    final = sample(denoiser, plan, cond, x=x, callback=lambda d: states.append(d["x"]))
+    states = []
+    final = sample(denoiser, plan, cond, generator=generator, callback=lambda d: states.append(d["x_in"]))
     times = plan.times or step_times(denoiser, len(plan.steps), plan.sampler)
-    return torch.stack(states[: len(plan.steps)]), list(times), final
+    return torch.stack(states), list(times), final
 
 
 def rows_per_state(radii: list[int], conditional: bool = True) -> int:
@@ -83,11 +76,11 @@ def score_gaps(
     T, B = states.shape[:2]
     x = states.reshape(T * B, *states.shape[2:])  # rows ordered (t, b)
     t = torch.tensor([float(v) for v in times], dtype=torch.float64).repeat_interleave(B)
-    c = tile(cond, T)
-    null = null_like(denoiser, c)
+    c = tile_rows(cond, T)
+    null = denoiser.null(c)
     n = T * B
     # Global cond and null rows in one forward (stock attention).
-    both = predict_rows(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat([c, null]), kind="eps", max_batch=max_batch)
+    both = predict_rows(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat_rows([c, null]), kind="eps", max_batch=max_batch)
     g_cond, g_null = both[:n].double(), both[n:].double()
     _, sigma = denoiser.schedule.alpha_sigma(torch.as_tensor([float(v) for v in times], dtype=torch.float64))
     sigma = sigma.to(x.device)  # (T,)
@@ -104,7 +97,7 @@ def score_gaps(
         # Local rows of every radius, cond and null: (R, 2, n) rows in one stream of forwards.
         xr = x.repeat(2 * R, *([1] * (x.ndim - 1)))
         tr = t.repeat(2 * R)
-        cr = tile(cat([c, null]), R)
+        cr = tile_rows(cat_rows([c, null]), R)
         rr = torch.tensor(radii, dtype=torch.long).repeat_interleave(2 * n)
         assert not bool((rr == GLOBAL).any())
         loc = predict_rows(denoiser, xr, tr, cr, rr, kind="eps", max_batch=max_batch).double().reshape(R, 2, n, *x.shape[1:])

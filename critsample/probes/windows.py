@@ -15,12 +15,9 @@ always-conditioned baseline (metrics.py); the scans' minima locate the critical 
 
 from __future__ import annotations
 
-import torch
-from diffusers.utils.torch_utils import randn_tensor
-
-from ..denoisers import Cond, Denoiser
+from ..denoisers import Denoiser
 from ..errors import UserError
-from ..sampling import Plan, Step, sample
+from ..sampling import Plan, Step
 
 SCANS = ("cond_in", "cond_out", "loc_in", "loc_out")
 
@@ -38,10 +35,6 @@ def window_bounds(t0: float, width: float) -> tuple[float, float]:
     return float(t0), min(float(t0) + float(width), 1.0)
 
 
-def conditioned(guidance: float, radius: int | None = None) -> Step:
-    return Step("guided", radius, guidance) if guidance != 1.0 else Step("cond", radius, 1.0)
-
-
 def window_plan(
     denoiser: Denoiser, steps: int, scan: str, t0: float, width: float, *, guidance: float, radius: int | None = None,
     sampler: str = "auto",
@@ -50,25 +43,17 @@ def window_plan(
     lo, hi = window_bounds(t0, width)
     inside_window = lambda t: lo <= t <= hi  # noqa: E731
     if scan == "cond_in":
-        rule = lambda t: conditioned(guidance) if inside_window(t) else Step("uncond")  # noqa: E731
+        rule = lambda t: Step.conditional(guidance) if inside_window(t) else Step("uncond")  # noqa: E731
     elif scan == "cond_out":
-        rule = lambda t: Step("uncond") if inside_window(t) else conditioned(guidance)  # noqa: E731
+        rule = lambda t: Step("uncond") if inside_window(t) else Step.conditional(guidance)  # noqa: E731
     elif scan == "loc_in":
-        rule = lambda t: conditioned(guidance) if inside_window(t) else Step("uncond", radius)  # noqa: E731
+        rule = lambda t: Step.conditional(guidance) if inside_window(t) else Step("uncond", radius)  # noqa: E731
     elif scan == "loc_out":
-        rule = lambda t: Step("uncond", radius) if inside_window(t) else conditioned(guidance)  # noqa: E731
+        rule = lambda t: Step("uncond", radius) if inside_window(t) else Step.conditional(guidance)  # noqa: E731
     else:
         raise ValueError(f"Unknown scan {scan!r}; use one of {SCANS}.")
     return Plan.from_rule(denoiser, steps, rule, sampler, name=f"{scan}[{lo:g},{hi:g}]" + (f"(r={radius})" if radius is not None else ""))
 
 
 def baseline_plan(denoiser: Denoiser, steps: int, *, guidance: float, sampler: str = "auto") -> Plan:
-    return Plan.from_rule(denoiser, steps, lambda t: conditioned(guidance), sampler, name=f"baseline(w={guidance:g})")
-
-
-@torch.no_grad()
-def run_plan(denoiser: Denoiser, plan: Plan, cond: Cond, generator: torch.Generator) -> torch.Tensor:
-    """Samples (B, ...) in model space of ``plan`` from noise drawn with ``generator`` (B = rows of ``cond``)."""
-    device = next(denoiser.parameters(), torch.empty(0)).device
-    x = randn_tensor((len(cond), *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
-    return sample(denoiser, plan, cond, x=x)
+    return Plan.from_rule(denoiser, steps, lambda t: Step.conditional(guidance), sampler, name=f"baseline(w={guidance:g})")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..noise import Schedule
+from ..summary import jsonable
 
 N_BOOT = 200
 
@@ -61,39 +62,12 @@ class Window:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _finite(asdict(self))
+        return jsonable(asdict(self))
 
 
-def _finite(obj):
-    """JSON-safe: NaN / inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-# -- time <-> log-SNR --------------------------------------------------------------------------
-
-
-def log_snr(schedule: Schedule, t) -> np.ndarray:
-    """Continuous log-SNR of (possibly interpolated) times: DDPM steps interpolated linearly in k, flow analytic
-    (t clamped to [1e-4, 1 - 1e-4] so the noisy end stays finite)."""
-    t = np.asarray(t, dtype=np.float64)
-    if schedule.kind == "flow":
-        tc = np.clip(t, 1e-4, 1 - 1e-4)
-        return 2 * (np.log1p(-tc) - np.log(tc))
-    T = schedule.num_train_timesteps
-    grid = np.arange(T) / T
-    lam = schedule.log_snr(torch.from_numpy(grid)).numpy()
-    return np.interp(t, grid, lam)
+def _lam(schedule: Schedule, t) -> np.ndarray:
+    """Continuous log-SNR of times ``t`` (``Schedule.log_snr``) as a float64 array."""
+    return schedule.log_snr(torch.as_tensor(np.asarray(t, dtype=np.float64))).numpy()
 
 
 def _resolution(grid: np.ndarray, x: float) -> float:
@@ -109,14 +83,12 @@ def _finish(w: Window, schedule: Schedule, grid: np.ndarray, boot_centers: np.nd
     """Add grid resolution to the t uncertainty and fill the log-SNR fields (bootstrap in log-SNR too)."""
     res = _resolution(grid, w.center)
     w.uncertainty = float(math.hypot(w.uncertainty, res))
-    lam = log_snr(schedule, [w.t_start, w.t_end, w.center])
+    lam = _lam(schedule, [w.t_start, w.t_end, w.center])
     w.log_snr_start, w.log_snr_end, w.log_snr_center = (float(v) for v in lam)
     w.log_snr_width = float(w.log_snr_start - w.log_snr_end)
     bc = boot_centers[np.isfinite(boot_centers)]
-    lam_boot = float(np.std(log_snr(schedule, bc))) if bc.size > 1 else 0.0
-    slope = abs(float(log_snr(schedule, min(w.center + 1e-3, 1.0)) - log_snr(schedule, max(w.center - 1e-3, 0.0)))) / (
-        min(w.center + 1e-3, 1.0) - max(w.center - 1e-3, 0.0)
-    )
+    lam_boot = float(np.std(_lam(schedule, bc))) if bc.size > 1 else 0.0
+    slope = schedule.log_snr_slope(w.center)
     w.log_snr_uncertainty = float(math.hypot(lam_boot, slope * res))
     return w
 
@@ -330,7 +302,7 @@ def concurrence(a: Window, b: Window) -> dict:
     sigma = math.hypot(a.log_snr_uncertainty, b.log_snr_uncertainty)
     z = dist / sigma if sigma > 0 else (0.0 if dist == 0 else math.inf)
     ok = bool(overlap >= 0.5 or z <= 2.0)
-    return _finite({
+    return jsonable({
         "symmetry_breaking": a.probe, "nonlocality": b.probe,
         "overlap_fraction": overlap, "iou": inter / union if union > 0 else 0.0,
         "center_distance_log_snr": dist, "center_distance_t": abs(a.center - b.center),
@@ -360,20 +332,12 @@ def combine(windows: list[Window], schedule: Schedule, name: str = "critical_win
     unc = math.sqrt((spread + float(np.median(sig**2))) / n)
     width = float(np.median([w.log_snr_width for w in ws]))
     lam_hi, lam_lo = c + width / 2, c - width / 2
-    t_start, t_end, t_c = (float(_t_of(schedule, v)) for v in (lam_hi, lam_lo, c))
+    t_start, t_end, t_c = (float(schedule.t_from_log_snr(v)) for v in (lam_hi, lam_lo, c))
     t_start, t_end = max(0.0, min(t_start, t_end)), min(1.0, max(t_start, t_end))
-    lo, hi = max(t_c - 1e-3, 0.0), min(t_c + 1e-3, 1.0)
-    slope = abs(float(log_snr(schedule, hi) - log_snr(schedule, lo))) / (hi - lo)
+    slope = schedule.log_snr_slope(t_c)
     return Window(
         name, "combined", t_start, t_end, t_c, t_end - t_start, unc / slope if slope > 0 else math.nan,
         log_snr_start=lam_hi, log_snr_end=lam_lo, log_snr_center=c, log_snr_width=width, log_snr_uncertainty=unc,
         rule="median of member centers and widths in log-SNR; uncertainty sqrt((var of centers + median member var) / n)",
         extra={"members": [w.probe for w in ws], "member_centers_log_snr": centers.tolist()},
     )
-
-
-def _t_of(schedule: Schedule, lam: float) -> float:
-    """Inverse of :func:`log_snr` (continuous, monotone)."""
-    grid = np.linspace(0.0, 1.0, 20001)
-    lg = log_snr(schedule, grid)
-    return float(np.interp(-lam, -lg, grid))  # -lambda increases with t

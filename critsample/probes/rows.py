@@ -1,4 +1,4 @@
-"""Row bookkeeping shared by the probes: conditioning rows, per-row radii, and chunked batched forwards.
+"""Row bookkeeping shared by the probes: class rows, per-row radii, and chunked batched forwards.
 
 A *row* is one network evaluation: (x_t, t, cond, radius). The probes stack many rows that share nothing but the
 model (several times, radii, classes) and evaluate them in chunks of ``max_batch`` rows; global rows and local rows
@@ -9,32 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..denoisers import NULL, Cond, Denoiser, PromptCond
+from ..denoisers import Cond, Denoiser
 
 GLOBAL = -1  # per-row radius code for global attention
-
-
-def cond_len(cond: Cond) -> int:
-    return len(cond)
-
-
-def take(cond: Cond, idx: torch.Tensor) -> Cond:
-    """Rows ``idx`` of a conditioning batch (class ids or prompt embeddings)."""
-    if isinstance(cond, PromptCond):
-        idx = idx.to(cond.embeds.device)
-        return PromptCond(cond.embeds[idx], cond.pooled[idx])
-    return cond[idx.to(cond.device)]
-
-
-def cat(conds: list[Cond]) -> Cond:
-    if isinstance(conds[0], PromptCond):
-        return PromptCond(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
-    return torch.cat(conds)
-
-
-def tile(cond: Cond, n: int) -> Cond:
-    """``cond`` repeated ``n`` times as whole blocks: [c_0..c_B, c_0..c_B, ...]."""
-    return cat([cond] * n)
 
 
 def class_rows(denoiser: Denoiser, n: int, class_id: int | None, offset: int = 0) -> torch.Tensor:
@@ -48,11 +25,6 @@ def class_rows(denoiser: Denoiser, n: int, class_id: int | None, offset: int = 0
 def num_tokens(denoiser: Denoiser, x: torch.Tensor) -> int:
     h, w = denoiser.grid(x)
     return h * w
-
-
-def grid_size(denoiser: Denoiser) -> tuple[int, int]:
-    _, hh, ww = denoiser.sample_shape[-3:]
-    return hh // denoiser.patch_size, ww // denoiser.patch_size
 
 
 def radius_codes(radii: list[int | None]) -> torch.Tensor:
@@ -96,11 +68,5 @@ def predict_rows(
                 rj = rad[j]
                 r = int(rj[0]) if bool((rj == rj[0]).all()) else rj.to(x.device)
             jd = j.to(x.device)
-            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), take(cond, j), radius=r, kind=kind).to(x.dtype)
+            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), cond[j], radius=r, kind=kind).to(x.dtype)
     return out
-
-
-def null_like(denoiser: Denoiser, cond: Cond) -> Cond:
-    if isinstance(cond, PromptCond):
-        return denoiser.null(cond)
-    return torch.full_like(cond, NULL)

@@ -1,19 +1,20 @@
-"""``critsample fit``: LightningCLI over :class:`DiTModule` and the DataModules (``--print_config`` works)."""
+"""``critsample fit``: argv -> LightningCLI over :class:`~critsample.finetune.module.DiTModule` and the
+DataModules of ``critsample.finetune.data`` (``--config``, ``--print_config``) -> train."""
 
 from __future__ import annotations
 
 import os
 
+import wandb
 from lightning.pytorch.cli import LightningCLI
 
 from ..errors import UserError
+from ..finetune import data as _data  # noqa: F401  (imported so LightningCLI finds the DataModules by class path)
+from ..finetune.module import DiTModule
 
 
 def run_fit(args: list[str]) -> int:
     """Train or fine-tune. Weights & Biases runs offline unless the user sets WANDB_MODE."""
-    from . import data as _data  # noqa: F401  (registers DataModules for class_path lookup)
-    from .module import DiTModule
-
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
         LightningCLI(
@@ -28,8 +29,6 @@ def run_fit(args: list[str]) -> int:
         while cause is not None and not isinstance(cause, UserError):
             cause = cause.__cause__ or cause.__context__
         raise (cause or e) from None
-    import wandb
-
     if wandb.run is not None:  # a later fit in the same process must not append to this run
         wandb.finish()
     return 0

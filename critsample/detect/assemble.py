@@ -1,0 +1,124 @@
+"""Assembling a detection: the probes' outputs -> family windows, concurrence, the combined critical window, the
+suggested radius, ``summary.json`` (``summary.py``), ``config.yaml``, the report (``report.py``) and W&B
+(``tracking.py``). Rank 0 only; every number comes from the stored units, so a resumed run writes exactly what an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .. import summary as summary_io
+from ..report import write_detect_report
+from ..summary import LOG_SNR_CONVENTION, T_CONVENTION
+from ..tracking import log_detect
+from . import estimators
+from .context import Detection
+from .estimators import Window
+from .protocol import ProbeOutput
+
+# Pairs of one symmetry-breaking and one nonlocality window that measure the same thing two ways (concurrence).
+PAIRS = (("instantaneous", "cond_gap", "locality_gap"), ("forward_backward", "forward_backward", "forward_backward_local"),
+         ("windowed", "window_cond", "window_locality"))
+
+
+def family_windows(windows: dict[str, Window], family: str) -> list[Window]:
+    return [w for w in windows.values() if w.family == family]
+
+
+def concurrence(windows: dict[str, Window], schedule) -> tuple[dict, Window | None, Window | None, Window | None]:
+    """Per-pair and overall verdicts, the two family windows and the combined critical window."""
+    conc = {}
+    for pair, a, b in PAIRS:
+        if a in windows and b in windows and windows[a].valid and windows[b].valid:
+            conc[pair] = estimators.concurrence(windows[a], windows[b])
+    sb, nl = family_windows(windows, "symmetry_breaking"), family_windows(windows, "nonlocality")
+    w_sb, w_nl = estimators.combine(sb, schedule, "symmetry_breaking"), estimators.combine(nl, schedule, "nonlocality")
+    if w_sb is not None and w_nl is not None:
+        conc["overall"] = estimators.concurrence(w_sb, w_nl)
+    return conc, w_sb, w_nl, estimators.combine(sb + nl, schedule)
+
+
+def suggested_radius(det: Detection, probes: dict) -> int | None:
+    """The smallest radius that is good enough outside the critical window, for ``critsample sample --adaptive``.
+
+    With a windowed-locality scan: the smallest radius whose best position's error is within 2 Bernoulli sigma of the
+    best radius's. Else the median radius probed.
+    """
+    scan = (probes.get("window_locality") or {}).get("scan") or {}
+    best = {}
+    for name, v in scan.items():
+        if name.startswith("loc_in[r="):
+            r = int(name[len("loc_in[r="):-1])
+            k = int(np.argmin(v["error"]))
+            best[r] = (v["error"][k], v["error_sigma"][k])
+    if best:
+        e_min = min(e for e, _ in best.values())
+        return min(r for r, (e, s) in best.items() if e <= e_min + 2 * max(s, 1e-9) + 1e-12)
+    radii = det.gap_radii or det.fb_radii or det.win_radii
+    return int(radii[len(radii) // 2]) if radii else None
+
+
+def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, store, out: Path, wall: float) -> dict:
+    """The summary dict (schema: docs/summary-schema.md) from the probes' outputs."""
+    cfg, model, sch = det.cfg, det.model, det.model.schedule
+    windows = {k: w for o in outputs.values() for k, w in o.windows.items()}
+    probes = {name: o.record for name, o in outputs.items() if o.record is not None}
+    figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}
+    conc, w_sb, w_nl, combined = concurrence(windows, sch)
+    cw = None
+    if combined is not None:
+        cw = combined.to_dict()
+        cw["members"] = combined.extra["members"]
+    return {
+        "schema": summary_io.SCHEMA,
+        "model": model.name,
+        "model_id": det.model_id,
+        "schedule": {
+            "kind": sch.kind, "num_train_timesteps": sch.num_train_timesteps, "beta_start": sch.beta_start, "beta_end": sch.beta_end,
+            "beta_schedule": sch.beta_schedule, "t_convention": T_CONVENTION, "log_snr_convention": LOG_SNR_CONVENTION,
+        },
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "probes_run": list(cfg.probes),
+        "guidance": det.guidance,
+        "class_id": det.class_id,
+        "prompt": cfg.prompt,
+        "token_grid": det.grid,
+        "probes": probes,
+        "windows": {k: w.to_dict() for k, w in windows.items()},
+        "symmetry_breaking_window": w_sb.to_dict() if w_sb else None,
+        "nonlocality_window": w_nl.to_dict() if w_nl else None,
+        "concurrence": conc,
+        "critical_window": cw,
+        "suggested_radius": suggested_radius(det, probes),
+        "cost": {
+            "model_evaluations": int(sum(u.forwards for u in units)),
+            "model_evaluations_note": "network forwards summed over rows (one row = one sample at one time with one denoiser; guided = 2)",
+            "units": len(units), "units_computed_this_run": store.computed, "units_loaded": store.loaded,
+            "wall_seconds_this_run": wall,
+        },
+        "outputs": {"report": "report.md", "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+                    "arrays": sorted(str(p.relative_to(out)) for p in (out / "arrays").glob("*.npz")), "units": "units/"},
+    }
+
+
+def config_record(det: Detection) -> dict:
+    return {**asdict(det.cfg), "resolved": det.resolved()}
+
+
+def write_outputs(det: Detection, summary: dict, outputs: dict[str, ProbeOutput], out: Path) -> dict:
+    """summary.json, config.yaml, report.md and (when enabled) W&B; returns the summary as written."""
+    summary = summary_io.jsonable(summary)
+    summary_io.write(summary, out / "summary.json")
+    (out / "config.yaml").write_text(yaml.safe_dump(asdict(det.cfg), sort_keys=False))
+    write_detect_report(summary, out)
+    if det.cfg.wandb:
+        figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}
+        curves = {k: v for o in outputs.values() for k, v in o.curves.items()}
+        summary["wandb_dir"] = log_detect(summary, out, figures=figures, curves=curves, config=config_record(det))
+    return summary

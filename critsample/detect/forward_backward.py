@@ -1,0 +1,168 @@
+"""Probe ``forward_backward`` (sec. 3.3): noise clean images to t, denoise unconditionally (globally and with each
+radius), classify. Unit kinds: ``fb_generate`` (stage 0: the clean images, when ``--fb.source generated``) and
+``forward_backward`` (one noise level x one batch, every radius; stage 1 when it reads generated images).
+
+Windows: ``forward_backward`` (symmetry breaking; ``estimators.threshold_window`` of the global error) and
+``forward_backward_local`` (nonlocality; FWHM of the local-minus-global error excess).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import report
+from ..denoisers import NULL
+from ..probes.forward_backward import forward_backward, start_index
+from ..probes.windows import baseline_plan
+from ..sampling import sample
+from ..store import Unit
+from ..summary import T_CONVENTION
+from . import estimators
+from .gaps import common_config, data_config
+from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
+
+if TYPE_CHECKING:
+    from .context import Detection
+
+GENERATE, KIND = "fb_generate", "forward_backward"
+
+
+class ForwardBackward(Probe):
+    """Forward-backward classifier error vs t, global and local (Bernoulli one-sigma bars)."""
+
+    name = "forward_backward"
+    family = "symmetry_breaking"
+    kinds = (GENERATE, KIND)
+
+    def data_samples(self, det: Detection) -> int:
+        return det.cfg.fb.samples if det.cfg.fb.source == "data" else 0
+
+    def key_config(self, det: Detection) -> dict[str, dict]:
+        c, common = det.cfg, common_config(det)
+        return {
+            GENERATE: {**common, "steps": c.fb.steps, "batch": c.fb.batch},
+            KIND: {**common, **data_config(det), "classifier": det.classifier_name, "steps": c.fb.steps, "radii": det.fb_radii,
+                   "batch": c.fb.batch, "source": c.fb.source},
+        }
+
+    def units(self, det: Detection) -> list[Unit]:
+        c, m, store = det.cfg, det.model, det.store
+        generated = c.fb.source == "generated"
+        out = []
+        if generated:
+            for lo, hi in batches(c.fb.samples, c.fb.batch):
+                out.append(store.unit(GENERATE, {"lo": lo, "hi": hi}, forwards=(hi - lo) * c.fb.steps * (2 if det.guidance != 1.0 else 1)))
+        R = 1 + len(det.fb_radii)
+        for t in det.fb_times:
+            i0, _ = start_index(m, t, c.fb.steps, c.sampler)
+            n_steps = c.fb.steps - i0
+            for lo, hi in batches(c.fb.samples, c.fb.batch):
+                out.append(store.unit(KIND, {"t": round(float(t), 10), "lo": lo, "hi": hi}, forwards=(hi - lo) * R * n_steps,
+                                      local_forwards=(hi - lo) * (R - 1) * n_steps, stage=1 if generated else 0))
+        return out
+
+    def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
+        p, c, m = unit.params, det.cfg, det.model
+        lo, hi = p["lo"], p["hi"]
+        if unit.probe == GENERATE:
+            cond = det.cond_rows(hi - lo, lo)
+            x = sample(m, baseline_plan(m, c.fb.steps, guidance=det.guidance, sampler=c.sampler), cond, generator=g)
+            labels = cond.cpu().numpy() if not det.text else np.full(hi - lo, NULL)
+            return {"x0": x.cpu().numpy(), "labels": labels}
+        x0, ref = self.clean(det, lo, hi)
+        out = forward_backward(
+            m, x0, ref, p["t"], [None, *det.fb_radii], det.classify, det.null_rows(hi - lo),
+            steps=c.fb.steps, generator=g, sampler=c.sampler, max_batch=c.max_batch,
+        )
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def clean(self, det: Detection, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean images of a batch and their reference labels (true / conditioned class, else the classifier's label
+        of the clean image). Generated images are read from the store (stage 0 has finished on every rank)."""
+        if det.cfg.fb.source == "generated":
+            gen = det.memo("fb_generated", lambda: _read_generated(det))
+            x0 = torch.as_tensor(gen["x0"][lo:hi], device=det.device)
+            y = torch.as_tensor(gen["labels"][lo:hi])
+        else:
+            x0, y = det.data(hi)
+            x0, y = x0[lo:hi], (y[lo:hi].cpu() if y is not None else None)
+        if y is None or bool((y == NULL).any()):
+            y = det.classify(det.model.decode(x0)).argmax(-1).cpu()
+        return x0, y
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
+        us = results.units(KIND)
+        ts = sorted({u.params["t"] for u in us})
+        per_t = {tv: results.units(KIND, t=tv) for tv in ts}
+        err = np.stack([results.cat(per_t[tv], "error", axis=1) for tv in ts], axis=-1)  # (R+1, n, T)
+        mse = np.stack([results.cat(per_t[tv], "mse", axis=1) for tv in ts], axis=-1)
+        flip = np.stack([results.cat(per_t[tv], "flip", axis=1) for tv in ts], axis=-1)
+        t_used = np.array([float(results[per_t[tv][0]]["t"]) for tv in ts])
+        labels = ["global"] + [f"r={r}" for r in det.fb_radii]
+        np.savez(out.arrays / "forward_backward.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
+                 error=err, flip=flip, mse=mse, error_mean=err.mean(1), error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
+                 mse_mean=mse.mean(1), mse_std=mse.std(1), note=np.asarray(
+                     f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier label of the "
+                     "denoised image != reference label; flip: != label of the clean image; mse: per-pixel MSE in [0, 1] pixels; "
+                     "error_mean / error_sigma (Bernoulli), mse_mean / mse_std: (radius, t)."))
+        res = ProbeOutput()
+        w_sb = estimators.threshold_window("forward_backward", "symmetry_breaking", t_used, err[0], sch, seed=seed)
+        per_r = {lab: estimators.threshold_window(f"forward_backward[{lab}]", "symmetry_breaking", t_used, err[i], sch, seed=seed).to_dict()
+                 for i, lab in enumerate(labels)}
+        res.windows["forward_backward"] = w_sb
+        w_loc = None
+        if det.fb_radii:
+            excess = np.moveaxis(err[1:] - err[:1], 0, -1)  # (n, T, R)
+            w_loc = estimators.half_max_window("forward_backward_local", "nonlocality", t_used, excess, sch, seed=seed, min_z=2.0)
+            w_loc.rule = ("FWHM of the local-minus-global error (radii normalised and averaged): where local denoising "
+                          "fails but global does not; valid only if the peak excess is >= 2 standard errors")
+            res.windows["forward_backward_local"] = w_loc
+        series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
+        theory, marks, theory_record = oracle_theory(model, t_used, seed)
+        res.figures["forward_backward"] = report.plot_errorbars(
+            t_used, series, out.figures / "forward_backward.png", title=f"{model.name}: forward-backward classifier error (Bernoulli 1-sigma)",
+            ylabel="classifier error", schedule=sch, theory=theory, marks=marks,
+            windows={"threshold": w_sb.to_dict(), **({"local excess": w_loc.to_dict()} if w_loc else {})})
+        mseries = {lab: (mse[i].mean(0), mse[i].std(0) / math.sqrt(mse.shape[1])) for i, lab in enumerate(labels)}
+        res.figures["forward_backward_mse"] = report.plot_errorbars(
+            t_used, mseries, out.figures / "forward_backward_mse.png", title="forward-backward per-pixel MSE (mean +- s.e.)",
+            ylabel="per-pixel MSE", schedule=sch)
+        res.curves["forward_backward_error"] = series_json(t_used, series)
+        res.curves["forward_backward_mse"] = series_json(t_used, mseries)
+        res.record = {
+            "window": w_sb.to_dict(),
+            "local_window": w_loc.to_dict() if w_loc else None,
+            "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"]} for lab, d in per_r.items()},
+            "per_radius": per_r, "radii": det.fb_radii, "source": det.cfg.fb.source, "arrays": "arrays/forward_backward.npz",
+            "theory": theory_record,
+        }
+        return res
+
+
+def _read_generated(det: Detection) -> dict[str, np.ndarray]:
+    arrays = [det.store.load(u) for u in ForwardBackward().units(det) if u.probe == GENERATE]
+    return {"x0": np.concatenate([a["x0"] for a in arrays]), "labels": np.concatenate([a["labels"] for a in arrays])}
+
+
+def oracle_theory(model, t_used: np.ndarray, seed: int):
+    """Exact forward-backward error and speciation time of an analytic oracle (None for neural models).
+
+    The probe denoises with a deterministic integrator (DDIM / DPM-Solver++), so the matching closed form is the
+    ODE readout by the Bayes classifier, 1 - Phi(K(t)) (``oracles.forward_backward_agreement``)."""
+    if not hasattr(model, "forward_backward_agreement"):
+        return None, None, None
+    sch = model.schedule
+    t_fine = np.linspace(float(t_used.min()), float(t_used.max()), 200)
+    exact = 1 - model.forward_backward_agreement(torch.tensor(t_fine), reverse="ode", readout="classifier").numpy()
+    exact_on_grid = 1 - model.forward_backward_agreement(torch.tensor(t_used), reverse="ode", readout="classifier").numpy()
+    w = estimators.threshold_window("forward_backward_theory", "symmetry_breaking", t_used, np.stack([exact_on_grid] * 2), sch, seed=seed)
+    spec = model.speciation() if hasattr(model, "speciation") else {"t": float("nan")}
+    marks = {"speciation t_S": spec["t"]} if np.isfinite(spec["t"]) else {}
+    record = {"curve": "1 - P_FB(t), ODE reverse, Bayes readout (exact)", "t": t_fine.tolist(), "error": exact.tolist(),
+              "window": w.to_dict(), "speciation": spec}
+    return {"theory (exact)": (t_fine, exact)}, marks, record

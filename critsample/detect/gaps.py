@@ -1,0 +1,177 @@
+"""Probes ``cond_gap`` (eq. 6) and ``locality_gap`` (eq. 7): both read the same stored trajectories (unit kind
+``gaps``: one batch of trajectories of one kind, every time and radius), so their units coincide and run once.
+
+Window rule (``estimators.half_max_window``): full width at half maximum of the mean gap curve of the primary
+trajectory (train, else the first sampled one), in the units of ``--gaps.kind``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import report
+from ..probes.gaps import rows_per_state, sampling_states, score_gaps, train_states, trajectory_plan
+from ..sampling import step_times
+from ..store import Unit
+from ..summary import T_CONVENTION
+from . import estimators
+from .protocol import Outputs, Probe, ProbeOutput, Results, batches, series_json
+
+if TYPE_CHECKING:
+    from .context import Detection
+
+KIND = "gaps"
+
+
+class _Gaps(Probe):
+    kinds = (KIND,)
+
+    def data_samples(self, det: Detection) -> int:
+        return det.cfg.gaps.samples if "train" in det.cfg.gaps.trajectories else 0
+
+    def key_config(self, det: Detection) -> dict[str, dict]:
+        c = det.cfg
+        return {KIND: {**common_config(det), **data_config(det), "steps": c.gaps.steps, "radii": det.gap_radii, "batch": c.gaps.batch}}
+
+    def units(self, det: Detection) -> list[Unit]:
+        c = det.cfg
+        per_state = rows_per_state(det.gap_radii)
+        out = []
+        for traj in c.gaps.trajectories:
+            gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0 else 1)
+            for lo, hi in batches(c.gaps.samples, c.gaps.batch):
+                n = hi - lo
+                out.append(det.store.unit(KIND, {"traj": traj, "lo": lo, "hi": hi}, forwards=n * (c.gaps.steps * per_state + gen),
+                                          local_forwards=n * c.gaps.steps * 2 * len(det.gap_radii)))
+        return out
+
+    def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
+        p, c, m = unit.params, det.cfg, det.model
+        lo, hi = p["lo"], p["hi"]
+        if p["traj"] == "train":
+            x0, y = det.data(hi)
+            x0, y = x0[lo:hi], (y[lo:hi] if y is not None else None)
+            cond = det.cond_rows(hi - lo, lo, y if not det.text else None)
+            times = step_times(m, c.gaps.steps, c.sampler)
+            states = train_states(m, x0, times, g)
+        else:
+            cond = det.cond_rows(hi - lo, lo)
+            plan = trajectory_plan(m, p["traj"], c.gaps.steps, det.guidance, c.sampler)
+            states, times, _ = sampling_states(m, plan, cond, g)
+        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch)
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def common_config(det: Detection) -> dict:
+    """What every stored unit's numbers depend on besides its own settings."""
+    return {"sampler": det.cfg.sampler, "guidance": det.guidance, "class": det.class_id, "prompt": det.cfg.prompt}
+
+
+def data_config(det: Detection) -> dict:
+    return {"data": det.cfg.data, "data_id": det.data_id}
+
+
+def gap_arrays(det: Detection, results: Results, out: Outputs) -> dict:
+    """Per trajectory, the concatenated gap arrays (samples first), written once to ``arrays/gaps.npz``."""
+
+    def make():
+        arrays = {}
+        for traj in det.cfg.gaps.trajectories:
+            us = results.units(KIND, traj=traj)
+            if not us:
+                continue
+            for name in results[us[0]]:
+                if name != "t":
+                    v = results.cat(us, name)
+                    arrays[f"{traj}__{name}"] = v
+                    arrays[f"{traj}__{name}__mean"], arrays[f"{traj}__{name}__std"] = v.mean(0), v.std(0)
+            arrays["t"] = results[us[0]]["t"]
+        np.savez(out.arrays / "gaps.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
+            f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, radii) eq. 7; "
+            "*_score = score units, *_eps = eps units (= sigma x score); norms per image token, model (latent) space; "
+            "NAME__mean / NAME__std: mean and standard deviation over samples."))
+        return arrays
+
+    return det.memo("gap_arrays", make)
+
+
+def _primary(windows: dict, order: tuple[str, ...], name: str) -> estimators.Window | None:
+    first = next((tr for tr in order if tr in windows), None)
+    if first is None:
+        return None
+    w = windows[first]
+    w.probe = name
+    w.extra["trajectory"] = first
+    return w
+
+
+class CondGap(_Gaps):
+    """Conditioning gap ||s(x_t, t | c) - s(x_t, t | null)|| per image token (eq. 6)."""
+
+    name = "cond_gap"
+    family = "symmetry_breaking"
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        k, seed, sch, model = det.cfg.gaps.kind, int(det.cfg.seed), det.model.schedule, det.model
+        other = "score" if k == "eps" else "eps"
+        arrays = gap_arrays(det, results, out)
+        t = arrays["t"]
+        per_traj, series, other_series = {}, {}, {}
+        for traj in det.cfg.gaps.trajectories:
+            if f"{traj}__cond_gap_{k}" not in arrays:
+                continue
+            cg = arrays[f"{traj}__cond_gap_{k}"]
+            series[traj] = (cg.mean(0), cg.std(0))
+            cg_other = arrays[f"{traj}__cond_gap_{other}"]
+            other_series[traj] = (cg_other.mean(0), cg_other.std(0))
+            per_traj[traj] = estimators.half_max_window(f"cond_gap[{traj}]", "symmetry_breaking", t, cg, sch, seed=seed)
+        res = ProbeOutput()
+        w = _primary(per_traj, ("train", "sample_cond", "sample_uncond"), self.name)
+        if w is not None:
+            res.windows[self.name] = w
+        res.figures["cond_gap"] = report.plot_curves(
+            t, series, out.figures / "cond_gap.png", title=f"{model.name}: conditioning gap (eq. 6) per token",
+            ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"cond gap": w.to_dict()} if w else None, logy=True)
+        res.curves["cond_gap"] = series_json(t, series)
+        res.figures[f"cond_gap_{other}"] = report.plot_curves(
+            t, other_series, out.figures / f"cond_gap_{other}.png", title=f"{model.name}: conditioning gap (eq. 6) in {other} units",
+            ylabel=f"gap per token ({other}), mean +- std", schedule=sch, logy=True)
+        res.record = {"window": w.to_dict() if w else None, "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+                      "arrays": "arrays/gaps.npz", "units": k, "radii": det.gap_radii}
+        return res
+
+
+class LocalityGap(_Gaps):
+    """Locality gap ||s_r(x_t, t) - s(x_t, t)|| per image token over t x r (eq. 7)."""
+
+    name = "locality_gap"
+    family = "nonlocality"
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        k, seed, sch, model = det.cfg.gaps.kind, int(det.cfg.seed), det.model.schedule, det.model
+        arrays = gap_arrays(det, results, out)
+        t = arrays["t"]
+        res, per_traj = ProbeOutput(), {}
+        for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
+            variant = "cond" if traj == "sample_cond" else "uncond"
+            if f"{traj}__loc_gap_{variant}_{k}" not in arrays:
+                continue
+            lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]
+            per_traj[traj] = estimators.half_max_window(f"locality_gap[{traj},{variant}]", "nonlocality", t, lg, sch, seed=seed)
+            res.figures[f"locality_heatmap_{traj}"] = report.plot_heatmap(
+                t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap_{traj}.png",
+                title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory", label=f"gap ({k})")
+            series = {f"r={r}": (lg[:, :, i].mean(0), lg[:, :, i].std(0)) for i, r in enumerate(det.gap_radii)}
+            res.figures[f"locality_curves_{traj}"] = report.plot_curves(
+                t, series, out.figures / f"locality_curves_{traj}.png", title=f"{variant} locality gap (eq. 7), {traj}",
+                ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"locality": per_traj[traj].to_dict()}, logy=True)
+            res.curves[f"locality_gap_{traj}"] = series_json(t, series)
+        w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), self.name)
+        if w is not None:
+            res.windows[self.name] = w
+        res.record = {"window": w.to_dict() if w else None, "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+                      "arrays": "arrays/gaps.npz", "units": k, "radii": det.gap_radii}
+        return res

@@ -1,0 +1,121 @@
+"""The probe protocol: what a probe declares, computes and summarizes.
+
+A probe is one object in ``detect.registry.PROBES`` (one line there) implemented in one module:
+
+* :meth:`Probe.units` — the stored units of work it needs (``store.Unit``: a kind, params, cost, a dependency
+  ``stage``), keyed through ``Detection.store`` so that a finished unit is never recomputed. Probes may share a unit
+  kind (the conditioning and locality gaps read the same trajectories); equal keys are computed once.
+* :meth:`Probe.key_config` — per unit kind, everything its numbers depend on (mixed into every key of that kind).
+* :meth:`Probe.compute` — the arrays of one unit, a pure function of the detection, the unit and its generator.
+* :meth:`Probe.summarize` — stored arrays -> curves, arrays on disk, figures and windows (:class:`ProbeOutput`).
+
+``detect.run`` owns the order (stages), the store, sharding, progress; ``detect.assemble`` turns the probes' windows
+into the combined window, the concurrence verdicts and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from ..store import Unit
+from .estimators import Window
+
+if TYPE_CHECKING:
+    from .context import Detection
+
+
+class Results:
+    """The arrays of every unit of a run, by key, with the units of each kind in declaration order."""
+
+    def __init__(self, units: list[Unit], arrays: dict[str, dict[str, np.ndarray]]):
+        self.units_list, self.arrays = units, arrays
+
+    def units(self, kind: str, **match) -> list[Unit]:
+        """Units of ``kind`` whose params equal ``match``, sorted by their first sample index ``lo``."""
+        us = [u for u in self.units_list if u.probe == kind and all(u.params.get(k) == v for k, v in match.items())]
+        return sorted(us, key=lambda u: u.params.get("lo", 0))
+
+    def __getitem__(self, unit: Unit) -> dict[str, np.ndarray]:
+        return self.arrays[unit.key]
+
+    def cat(self, units: list[Unit], name: str, axis: int = 0) -> np.ndarray:
+        """Array ``name`` of ``units`` concatenated along ``axis`` (the sample axis)."""
+        return np.concatenate([self.arrays[u.key][name] for u in units], axis=axis)
+
+
+@dataclass
+class Outputs:
+    """Where a probe writes: ``figures/`` and ``arrays/`` of the run folder."""
+
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.figures.mkdir(parents=True, exist_ok=True)
+        self.arrays.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def arrays(self) -> Path:
+        return self.root / "arrays"
+
+
+@dataclass
+class ProbeOutput:
+    """What a probe contributes to the summary: its windows (by name), its record under ``summary["probes"]``, its
+    figures (name -> path) and curves (name -> {"x", "series"}) for the report and W&B."""
+
+    windows: dict[str, Window] = field(default_factory=dict)
+    record: dict | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+    curves: dict[str, dict] = field(default_factory=dict)
+
+
+class Probe:
+    """Base class of a probe (see the module docstring). ``family``: symmetry_breaking or nonlocality."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]  # unit kinds this probe can compute
+    about: ClassVar[str] = ""
+
+    def data_samples(self, det: Detection) -> int:
+        """Clean data samples this probe reads (0: none); the data is loaded before the keys are made."""
+        return 0
+
+    def key_config(self, det: Detection) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def units(self, det: Detection) -> list[Unit]:
+        raise NotImplementedError
+
+    def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        raise NotImplementedError
+
+
+def batches(total: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) sample ranges of at most ``size``."""
+    return [(lo, min(total, lo + size)) for lo in range(0, total, size)]
+
+
+def bernoulli(e: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean error and its Bernoulli one-sigma sqrt(p (1 - p) / n) (App. C.3)."""
+    n = e.shape[axis]
+    p = e.mean(axis)
+    return p, np.sqrt(p * (1 - p) / max(n, 1))
+
+
+def series_json(x, series: dict[str, tuple]) -> dict:
+    """A curve set as JSON: x and, per series, (mean, one-sigma) lists."""
+    return {"x": [float(v) for v in x], "series": {s: ([float(v) for v in m], [float(v) for v in e]) for s, (m, e) in series.items()}}

@@ -1,0 +1,220 @@
+"""Probes ``window_cond`` (sec. 3.4) and ``window_locality`` (sec. 3.5): sample with a plan that conditions (or
+attends globally) only inside a window [t0, t0 + w], slide t0, and score the samples by classifier error and FD to
+the always-conditioned baseline. Unit kinds: ``window_baseline`` (shared by both), ``window_cond``,
+``window_locality`` (one scan position x one batch).
+
+Window rule (``estimators.scan_minimum``): the argmin of the mean error over window centers (argmax for the
+complement scans), parabola-refined; window = that center +- w / 2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import report
+from ..denoisers import NULL
+from ..metrics import bootstrap, frechet_distance
+from ..probes.windows import baseline_plan, window_plan
+from ..sampling import Plan, sample
+from ..store import Unit
+from ..summary import T_CONVENTION
+from . import estimators
+from .gaps import common_config
+from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
+
+if TYPE_CHECKING:
+    from .context import Detection
+
+BASELINE = "window_baseline"
+STRIP = 8  # samples per window position kept as images for the sample strips
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray, *, seed: int = 0) -> tuple[float, float]:
+    """FID between feature sets (metrics.frechet_distance: torchmetrics, float64) and its bootstrap one-sigma over
+    resamples of the fake set, the always-conditioned baseline being the fixed reference (as metrics.fid_with_bootstrap).
+    100 resamples for features of dimension <= 256, 20 above (each resample is an eigen-decomposition in d)."""
+    real_t, fake_t = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    n_boot = 100 if real_t.shape[1] <= 256 else 20
+    return bootstrap(lambda f: frechet_distance(real_t, f), fake_t, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+
+
+class _Scan(Probe):
+    """A windowed scan; subclasses name the scans (inside / complement), the width and the radii."""
+
+    inside: str
+    outside: str
+
+    def width(self, det: Detection) -> float:
+        raise NotImplementedError
+
+    def radii(self, det: Detection) -> list[int | None]:
+        return [None]
+
+    def key_config(self, det: Detection) -> dict[str, dict]:
+        c = det.cfg
+        base = {**common_config(det), "classifier": det.classifier_name}
+        return {BASELINE: {**base, "steps": c.windows.steps, "batch": c.windows.batch},
+                self.name: {**base, "steps": c.windows.steps, "width": self.width(det), "batch": c.windows.batch}}
+
+    def plan(self, det: Detection, scan: str, t0: float | None, radius: int | None) -> Plan:
+        c, m = det.cfg, det.model
+        if scan == "baseline":
+            return det.memo(f"plan:{scan}", lambda: baseline_plan(m, c.windows.steps, guidance=det.guidance, sampler=c.sampler))
+        return det.memo(f"plan:{scan}:{t0}:{radius}", lambda: window_plan(
+            m, c.windows.steps, scan, t0, self.width(det), guidance=det.guidance, radius=radius, sampler=c.sampler))
+
+    def units(self, det: Detection) -> list[Unit]:
+        c = det.cfg
+        scans = [(BASELINE, "baseline", None, None)]
+        for r in self.radii(det):
+            for scan in (self.inside, self.outside) if c.windows.complement else (self.inside,):
+                scans += [(self.name, scan, t0, r) for t0 in det.t0s]
+        out = []
+        for kind, scan, t0, r in scans:
+            plan = self.plan(det, scan, t0, r)
+            local = sum(s.forwards for s in plan.steps if s.radius is not None)
+            for lo, hi in batches(c.windows.samples, c.windows.batch):
+                out.append(det.store.unit(kind, {"scan": scan, "t0": t0, "radius": r, "lo": lo, "hi": hi},
+                                          forwards=(hi - lo) * plan.forwards, local_forwards=(hi - lo) * local))
+        return out
+
+    def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
+        p, m = unit.params, det.model
+        lo, hi = p["lo"], p["hi"]
+        cond = det.cond_rows(hi - lo, lo)
+        x = sample(m, self.plan(det, p["scan"], p["t0"], p["radius"]), cond, generator=g)
+        images = m.decode(x).float()
+        with torch.no_grad():
+            logits = det.classifier.predict_logits(images.to(det.device))
+            feats = det.classifier.features(images.to(det.device))
+        keep = images[: max(0, STRIP - lo)]
+        return {
+            "pred": logits.argmax(-1).cpu().numpy(),
+            "target": cond.cpu().numpy() if not det.text else np.full(hi - lo, NULL),
+            "features": feats.double().cpu().numpy(),
+            "images": (keep.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
+        }
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        model, sch, seed, width = det.model, det.model.schedule, int(det.cfg.seed), self.width(det)
+        base = baseline(det, results)
+        us = results.units(self.name)
+        radii = sorted({u.params["radius"] for u in us}, key=lambda r: -1 if r is None else r)
+        res_by: dict[tuple[str, int | None], dict] = {}
+        for scan in sorted({u.params["scan"] for u in us}):
+            for r in radii:
+                t0s = sorted({u.params["t0"] for u in us if u.params["scan"] == scan and u.params["radius"] == r})
+                if not t0s:
+                    continue
+                errs, fids, sig, centers, strips = [], [], [], [], {}
+                for t0 in t0s:
+                    g = results.units(self.name, scan=scan, radius=r, t0=t0)
+                    errs.append((results.cat(g, "pred") != base["target_of"](results.cat(g, "target"))).astype(np.float64))
+                    f, s = fid_from_features(base["features"], results.cat(g, "features"), seed=seed)
+                    fids.append(f), sig.append(s)
+                    lo, hi = t0, min(t0 + width, 1.0)
+                    centers.append((lo + hi) / 2)
+                    strips[f"[{lo:.2f},{hi:.2f}]"] = results[g[0]]["images"]
+                res_by[(scan, r)] = {"t0": np.asarray(t0s), "centers": np.asarray(centers), "errors": np.stack(errs, 1),
+                                     "fid": np.asarray(fids), "fid_sigma": np.asarray(sig), "strips": strips}
+        ins = [v for (s, r), v in res_by.items() if s == self.inside]
+        centers = ins[0]["centers"]
+        w = estimators.scan_minimum(self.name, self.family, centers, np.stack([v["errors"] for v in ins], axis=-1), width, sch, seed=seed)
+        w.extra["fid_window"] = estimators.fid_minimum(
+            f"{self.name}[fid]", self.family, centers, np.mean([v["fid"] for v in ins], 0),
+            np.sqrt(np.mean([v["fid_sigma"] ** 2 for v in ins], 0)), width, sch, seed=seed).to_dict()
+        per_radius = self.per_radius(det, res_by, width)
+        outs = [v for (s, r), v in res_by.items() if s == self.outside]
+        if outs:
+            wo = estimators.scan_minimum(f"{self.name}[{self.outside}]", self.family, outs[0]["centers"],
+                                         np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True, seed=seed)
+            w.extra["complement_window"] = wo.to_dict()
+        res = ProbeOutput(windows={self.name: w})
+        series, fseries = {}, {}
+        for (s, r), v in res_by.items():
+            lab = s + ("" if r is None else f" r={r}")
+            series[lab] = bernoulli(v["errors"])
+            fseries[lab] = (v["fid"], v["fid_sigma"])
+        be, bs = bernoulli(base["errors"])
+        series["always conditioned"] = (np.full(len(centers), be), np.full(len(centers), bs))
+        res.figures[self.name] = report.plot_errorbars(
+            centers, series, out.figures / f"{self.name}.png", title=f"{model.name}: {self.name} (w = {width:g}), classifier error (Bernoulli 1-sigma)",
+            ylabel="classifier error", xlabel="window center t (0 = clean, 1 = noise)", schedule=sch, windows={self.name: w.to_dict()})
+        res.figures[f"{self.name}_fid"] = report.plot_errorbars(
+            centers, fseries, out.figures / f"{self.name}_fid.png", title=f"{self.name}: FID to the always-conditioned baseline (bootstrap 1-sigma)",
+            ylabel="FID (classifier features)", xlabel="window center t", schedule=sch, windows={self.name: w.to_dict()})
+        res.curves[f"{self.name}_error"] = {**series_json(centers, series), "x_label": "window_center_t"}
+        res.curves[f"{self.name}_fid"] = {**series_json(centers, fseries), "x_label": "window_center_t"}
+        strip_rows = {"always conditioned": base["strips"], **ins[0]["strips"]}
+        res.figures[f"{self.name}_strips"] = report.plot_strips(strip_rows, out.figures / f"{self.name}_strips.png",
+                                                                scale=max(1, 32 // max(1, base["strips"].shape[-1])))
+        res.record = {
+            "window": w.to_dict(), "per_radius": per_radius or None, "width": width,
+            "scan": {f"{s}" + ("" if r is None else f"[r={r}]"): {
+                "t0": v["t0"].tolist(), "window_center": v["centers"].tolist(), "error": v["errors"].mean(0).tolist(),
+                "error_sigma": bernoulli(v["errors"])[1].tolist(), "fid": v["fid"].tolist(), "fid_sigma": v["fid_sigma"].tolist()}
+                for (s, r), v in res_by.items()},
+            "baseline_error": float(be), "baseline_error_sigma": float(bs),
+            "strip_rows": list(strip_rows), "arrays": f"arrays/{self.name}.npz",
+        }
+        np.savez(out.arrays / f"{self.name}.npz", **{
+            f"{s}{'' if r is None else f'_r{r}'}__{name}": v[name] for (s, r), v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
+            baseline_errors=base["errors"], note=np.asarray(
+                f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; centers = window centers; "
+                "fid, fid_sigma: FID (classifier features) to the always-conditioned baseline and its bootstrap one-sigma."))
+        return res
+
+    def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
+        return {}
+
+
+def baseline(det: Detection, results: Results) -> dict:
+    """The always-conditioned samples: features (the FID reference), errors, strips and the target rule."""
+
+    def make():
+        base = results.units(BASELINE)
+        pred, target = results.cat(base, "pred"), results.cat(base, "target")
+        text_target = None
+        if bool((target == NULL).all()):  # text models: the majority label of the always-conditioned samples
+            text_target = int(np.bincount(pred.astype(np.int64)).argmax())
+        target_of = (lambda tg: np.where(tg == NULL, text_target, tg)) if text_target is not None else (lambda tg: tg)
+        return {"features": results.cat(base, "features"), "errors": (pred != target_of(target)).astype(np.float64),
+                "strips": results[base[0]]["images"], "target_of": target_of}
+
+    return det.memo("scan_baseline", make)
+
+
+class WindowCond(_Scan):
+    """Windowed conditioning: conditioning only inside the window (cond_in) or only outside it (cond_out)."""
+
+    name = "window_cond"
+    family = "symmetry_breaking"
+    kinds = (BASELINE, "window_cond")
+    inside, outside = "cond_in", "cond_out"
+
+    def width(self, det: Detection) -> float:
+        return det.cfg.windows.width
+
+
+class WindowLocality(_Scan):
+    """Windowed locality: global conditional inside the window, local(r) unconditional outside (loc_in), and the
+    reverse (loc_out), for each radius."""
+
+    name = "window_locality"
+    family = "nonlocality"
+    kinds = (BASELINE, "window_locality")
+    inside, outside = "loc_in", "loc_out"
+
+    def width(self, det: Detection) -> float:
+        return det.cfg.windows.locality_width
+
+    def radii(self, det: Detection) -> list[int | None]:
+        return list(det.win_radii)
+
+    def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
+        sch, seed = det.model.schedule, int(det.cfg.seed)
+        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["centers"], v["errors"], width, sch, seed=seed).to_dict()
+                for (s, r), v in res_by.items() if s == self.inside}

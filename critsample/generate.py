@@ -1,0 +1,186 @@
+"""Sampling a model to disk: plain, interval-guided or adaptive plans from options, resumable batches, and compute
+accounting. The library behind ``critsample sample`` (``commands/sample.py`` parses argv and prints).
+
+Writes ``grid.png``, ``samples.npz`` (``images`` in [0, 1], (N, H, W) or (N, C, H, W); ``labels``; -1 = unconditional)
+and ``run.json`` (arguments, the plan, model evaluations, analytic FLOPs and wall time). Batches are stored as they
+finish under ``DIR/.batches``; an interrupted run started again with the same arguments reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from . import plans
+from . import summary as summary_io
+from .attention import check_radius
+from .denoisers import NULL, Cond, Denoiser
+from .errors import UserError
+from .flops import plan_flops
+from .models import load
+from .report import image_grid, save_png
+from .sampling import SAMPLERS, Plan, sample
+from .tracking import log_sample_run
+
+
+@dataclass
+class SampleConfig:
+    """Options of ``critsample sample``."""
+
+    model: str = "dit-digits"
+    """Registry name (dit-digits, dit-xl, dit-xl-512, sd3-medium, gmm-...) or a local diffusers folder."""
+    classes: list[int] = field(default_factory=list)
+    """Class ids to sample (``--class 3`` or ``--class 0 1 2``), cycled over --num; -1 = unconditional; empty = all classes."""
+    prompt: list[str] = field(default_factory=list)
+    """Text prompts for text models (cycled over --num)."""
+    num: int = 16
+    """Number of samples."""
+    seed: int = 0
+    """Seed of the initial noise (batch b uses seed + b)."""
+    out: str = "out/sample"
+    """Output folder."""
+    steps: int = 50
+    """Integrator steps."""
+    sampler: str = "auto"
+    """ddim or dpm (DDPM models), euler (flow models); auto picks ddim / euler."""
+    guidance: float | None = None
+    """Classifier-free guidance scale w (None: the model's default)."""
+    adaptive: bool = False
+    """Adaptive plan: guided global inside the critical window, cheaper denoiser outside."""
+    summary: str | None = None
+    """summary.json of ``critsample detect`` giving the window and radius of the adaptive plan."""
+    window: str | None = None
+    """Explicit window t0:t1 (0 = clean, 1 = noise) for --adaptive."""
+    radius: int | None = None
+    """Attention radius of the local denoiser outside the window (token grid units)."""
+    outside: str = "local-uncond"
+    """Denoiser outside the window: local-uncond, local-cond or global-uncond."""
+    interval: str | None = None
+    """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
+    batch_size: int = 100
+    """Samples per batch."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 or auto."""
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+
+
+def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
+    """The plan the options describe (also used by bench/adaptive.py)."""
+    if cfg.sampler not in ("auto", *SAMPLERS):
+        raise UserError(f"Unknown sampler {cfg.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
+    if cfg.steps < 1:
+        raise UserError(f"--steps must be >= 1; got {cfg.steps}.")
+    w = cfg.guidance if cfg.guidance is not None else model.default_guidance
+    if cfg.adaptive:
+        window, radius = cfg.window, cfg.radius
+        if cfg.summary:
+            summary = summary_io.read(cfg.summary, model.name)
+            window = window or summary_io.critical_window(summary, cfg.summary)
+            radius = radius if radius is not None else summary_io.suggested_radius(summary)
+        if window is None:
+            raise UserError("--adaptive needs a window: pass --summary DIR/summary.json or --window t0:t1.")
+        if radius is None and cfg.outside != "global-uncond":
+            raise UserError("--adaptive with a local outside denoiser needs --radius R (or a summary that suggests one).")
+        return plans.adaptive(model, cfg.steps, w, window, radius, cfg.outside, cfg.sampler)
+    if cfg.interval:
+        return plans.interval_guidance(model, cfg.steps, w, cfg.interval, cfg.sampler)
+    return plans.full_guidance(model, cfg.steps, w, cfg.sampler)
+
+
+def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.ndarray]:
+    """Per-sample conditioning and the labels stored with the samples."""
+    if model.num_classes is None:
+        if cfg.classes:
+            raise UserError(f"{model.name} is text-conditional: use --prompt, not --class.")
+        if not cfg.prompt:
+            raise UserError(f"{model.name} needs --prompt TEXT.")
+        prompts = [cfg.prompt[i % len(cfg.prompt)] for i in range(cfg.num)]
+        return model.encode_prompt(prompts), np.array(prompts)
+    if cfg.prompt:
+        raise UserError(f"{model.name} is class-conditional: use --class N, not --prompt.")
+    classes = cfg.classes or list(range(model.num_classes))
+    for c in classes:
+        if c != NULL and not 0 <= c < model.num_classes:
+            raise UserError(f"Class {c} is outside {model.name}'s classes 0..{model.num_classes - 1} (-1 = unconditional).")
+    labels = torch.tensor([classes[i % len(classes)] for i in range(cfg.num)], device=device)
+    return labels, labels.cpu().numpy()
+
+
+def _key(cfg: SampleConfig, plan: Plan) -> str:
+    d = {k: v for k, v in vars(cfg).items() if k not in ("out", "wandb", "device")}
+    return hashlib.sha256(json.dumps([d, plan.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None, progress: bool = False) -> dict:
+    """Sample as configured; returns the run record (also written to ``out/run.json``). ``model`` defaults to
+    ``load(cfg.model)`` on ``device`` (default: CPU); ``progress`` shows a progress bar over batches."""
+    if cfg.num < 1 or cfg.batch_size < 1:
+        raise UserError("--num and --batch_size must be >= 1.")
+    model = model if model is not None else load(cfg.model, device=device or "cpu")
+    device = next(model.parameters(), torch.empty(0)).device
+    if cfg.radius is not None:
+        check_radius(cfg.radius, model.token_grid, bound="grid", model=model.name)
+    plan = build_plan(cfg, model)
+    cond, labels = conditioning(cfg, model, device)
+    out = Path(cfg.out)
+    cache = out / ".batches"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _key(cfg, plan)
+    chunks, seconds, computed = [], 0.0, 0
+    n_batches = -(-cfg.num // cfg.batch_size)
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"sampling {cfg.num} x {len(plan.steps)} steps", total=n_batches)
+        for b in range(n_batches):
+            path = cache / f"{key}-{b:05d}.pt"
+            if path.exists():
+                chunks.append(torch.load(path))
+            else:
+                lo, hi = b * cfg.batch_size, min(cfg.num, (b + 1) * cfg.batch_size)
+                g = torch.Generator(device=device).manual_seed(cfg.seed + b)
+                start = time.perf_counter()
+                x = sample(model, plan, cond[lo:hi], generator=g)
+                images = model.decode(x).cpu()
+                seconds += time.perf_counter() - start
+                computed += hi - lo
+                torch.save({"images": images, "seconds": time.perf_counter() - start}, path.with_suffix(".tmp"))
+                os.replace(path.with_suffix(".tmp"), path)
+                chunks.append(torch.load(path))
+            bar.advance(task)
+    images = torch.cat([c["images"] for c in chunks])
+    grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))
+    save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))
+    arr = images.numpy().astype(np.float32)
+    np.savez_compressed(out / "samples.npz", images=arr[:, 0] if arr.shape[1] == 1 else arr, labels=labels)
+    grid = model.grid(torch.empty(1, *model.sample_shape))
+    flops = plan_flops(model, plan, grid)
+    record = {
+        "model": model.name,
+        "config": vars(cfg),
+        "plan": plan.to_dict(),
+        "plan_description": plan.describe(),
+        "time_convention": "t in [0, 1]: 0 = clean data, 1 = pure noise; times_t are the integrator's steps",
+        "cost": {
+            "model_evaluations": plan.forwards * cfg.num,
+            "model_evaluations_note": "network forwards summed over samples (a guided step counts two)",
+            "flops_per_sample": flops,
+            "wall_seconds": sum(float(c["seconds"]) for c in chunks),
+            "wall_seconds_this_run": seconds,
+            "samples_computed_this_run": computed,
+        },
+        "outputs": {"grid": "grid.png", "samples": "samples.npz (images in [0, 1], labels; -1 = unconditional)"},
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    if cfg.wandb:
+        log_sample_run(record, out)
+    return record
+
+
