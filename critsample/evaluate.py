@@ -28,7 +28,6 @@ class Generated:
 @torch.no_grad()
 def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
     """Sample one image per label; batch b draws its noise from ``seed + b`` (results do not depend on timing)."""
-
     device = next(model.parameters(), torch.empty(0)).device
     chunks, seconds = [], 0.0
     batches = list(torch.split(labels, batch_size))
@@ -58,7 +57,6 @@ class Quality:
 
 def digits_quality(gen: Generated, classifier=None, n_boot: int = 20, seed: int = 0) -> Quality:
     """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split."""
-
     classifier = classifier or load_classifier("digits")
     with torch.no_grad():
         pred = classifier.predict_logits(gen.images).argmax(dim=1).cpu()

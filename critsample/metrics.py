@@ -133,14 +133,8 @@ class FeatureModule(nn.Module):
 @functools.lru_cache(maxsize=4)
 def digits_features(device: str = "cpu") -> FeatureModule:
     """Penultimate features (64) of the shipped digits classifier; input (B, 1, 8, 8) in [0, 1]."""
-
     clf = load_digits_classifier(device)
     return FeatureModule(clf.features, clf.num_features, owner=clf)
-
-
-def classifier_features(classifier: nn.Module) -> FeatureModule:
-    """Features of any classifier from :func:`~critsample.models.classifiers.load_classifier`."""
-    return FeatureModule(classifier.features, classifier.num_features, owner=classifier)
 
 
 class _InceptionFeatures(nn.Module):
@@ -265,7 +259,6 @@ def fid_with_bootstrap(
 
 def digits_real(split: str = "test") -> torch.Tensor:
     """Digits images of a split, (N, 1, 8, 8) in [0, 1]."""
-
     return (digits_split(split)[0] + 1) / 2
 
 

@@ -86,7 +86,6 @@ def _finish(fig, ax, path, title, xlabel="t (0 = clean, 1 = noise)"):
 
 def plot_curves(t, series: dict, path, *, title: str, ylabel: str, schedule=None, windows=None, logy: bool = False):
     """Curves vs t with one-sigma bands: ``series`` = {label: (mean (T,), err (T,))}."""
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, (mean, err) in series.items():
@@ -142,7 +141,6 @@ def plot_heatmap(t, radii, values, path, *, title: str, label: str = "locality g
 def plot_strips(rows: dict, path, scale: int = 4):
     """One row of sample images per label (e.g. per window position), labels on the left:
     ``rows`` = {label: uint8 (N, C, H, W)}."""
-
     n = max((len(v) for v in rows.values()), default=0)
     if n == 0:
         return None

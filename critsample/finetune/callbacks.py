@@ -128,7 +128,6 @@ class TrainingEvaluation(Callback):
     @torch.no_grad()
     def gaps(self, module, x0: torch.Tensor, y: torch.Tensor, radius: int) -> dict[str, float]:
         """Mean over the fixed batch of the score gaps (eqs. 6 and 7) at each of ``times``."""
-
         den = module.denoiser
         g = torch.Generator(device=x0.device).manual_seed(self.seed)
         states = train_states(den, x0, self.times, g)
@@ -143,7 +142,6 @@ class TrainingEvaluation(Callback):
     @torch.no_grad()
     def samples(self, module, window: tuple[float, float], radius: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Adaptive vs full guidance: class accuracy (and FID), network evaluations per sample, image grids."""
-
         den = module.denoiser
         w = self.guidance if self.guidance is not None else float(module.hparams.val_guidance)
         k = min(self.num_classes, den.num_classes or 0)
@@ -158,14 +156,12 @@ class TrainingEvaluation(Callback):
                 pred = clf.predict_logits(gen.images.to(module.device)).argmax(dim=1).cpu()
                 metrics[f"eval/{name}_accuracy"] = float((pred == gen.labels).double().mean())
             if self.fid:
-
                 metrics[f"eval/{name}_fid"] = float(digits_fid(gen.images))
             grids[f"eval/{name}_samples"] = image_grid(gen.images, nrow=self.samples_per_class)
         return metrics, grids
 
     def _get_classifier(self, module):
         if self._classifier is None:
-
             self._classifier = load_classifier(self.classifier_name, device=module.device).eval()
         return self._classifier
 

@@ -71,7 +71,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """(image in [0, 1], (3, R, R) center-cropped and resized; class id) from ``root/<class>/<image>``."""
 
     def __init__(self, root: str, resolution: int, class_index: str | None = None):
-
         self.resolution = resolution
         classes = folder_classes(root, class_index)
         self.items = [
@@ -83,7 +82,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-
         path, label = self.items[i]
         img = Image.open(path).convert("RGB")
         s = min(img.size)

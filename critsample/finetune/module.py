@@ -85,7 +85,6 @@ class DiTModule(L.LightningModule):
         self.radius_schedule = radius_schedule
         self.loss_weighting = loss_weighting
         if init_from is not None:
-
             base = load(init_from, device="cpu")
             if not isinstance(base, DiTDenoiser):
                 raise UserError(f"Fine-tuning needs a DiT model; {init_from!r} is a {type(base).__name__}.")

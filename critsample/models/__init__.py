@@ -92,7 +92,6 @@ def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dty
     from a local diffusers folder. ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
     name = str(name_or_path)
     if name.startswith("gmm"):
-
         return load_oracle(name, **kwargs).to(device)
     if name in REGISTRY:
         spec = REGISTRY[name]
@@ -104,9 +103,7 @@ def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dty
             raise UserError(f"Unknown model {name!r}: use one of {known}, or a path to a local diffusers folder.")
         family = family_of(folder)
     if family == "dit":
-
         model = load_dit(folder, name=name, dtype=dtype, **kwargs)
     else:
-
         model = load_sd3(folder, name=name, dtype=dtype, **kwargs)
     return model.to(device).eval()

@@ -183,7 +183,6 @@ def load_sd3(
 
     ``text_encoders=False`` skips CLIP and T5 (prompt-embedding-level use); ``t5=False`` drops only T5.
     """
-
     folder = Path(folder)
     transformer, vae, sched_cfg = load_parts(
         folder, SD3Transformer2DModel, dtype, "an SD3", default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
