@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_detect(rest)
     except UserError as e:
         return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted; run the same command again to resume from what was stored.")
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, the shell's convention (2 is for user errors)
+        print("critsample: interrupted; run the same command again to resume from what was stored.", file=sys.stderr)
+        return 130
     except Exception:
         print("critsample: internal error (a bug, not your input): please report it to the critsample issue tracker "
               "with the command line and the traceback below.", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Figures, image grids and the run report (side effects: the file system and W&B live here and in store.py)."""
+"""Figures, image grids and the run report (side effects: the file system lives here, in store.py and summary.py; W&B in tracking.py)."""
 
 from __future__ import annotations
 

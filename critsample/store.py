@@ -8,8 +8,10 @@ hash of ``(probe name, probe config, unit params, model id, seed, STORE_VERSION)
 * each unit draws its randomness from ``unit_generator(key)``, a ``torch.Generator`` seeded from the key alone, so
   the numbers do not depend on which units ran before, on the order, on a kill and resume, or on the rank that ran it.
 
-Units live in ``<root>/units/<probe>/<key>.npz`` (plus a ``.json`` with the readable params), written to a temporary
-name and moved into place with ``os.replace`` so a killed run never leaves a half-written unit.
+Units live in ``<root>/units/<probe>/<key>.npz`` (plus a ``.json`` with the readable params and the sha256 of the
+``.npz``), written to a temporary name and moved into place with ``os.replace`` so a killed run never leaves a
+half-written unit. Every load checks the checksum: a truncated, garbled or replaced unit is reported in one warning
+line naming the file and computed again.
 
 Sharding: :func:`run_units` gives unit ``i`` to rank ``i % world_size``; every rank writes its own units to the shared
 folder and rank 0 assembles all of them after a barrier (:class:`Ranks`).
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zipfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from .errors import UserError
+
 STORE_VERSION = 1  # bump when a probe's numbers change for the same inputs
+log = logging.getLogger("critsample")
+
+
+class CorruptUnit(Exception):
+    """A stored unit whose file is unreadable or does not match its recorded checksum."""
 
 
 def stable_hash(obj: Any) -> str:
@@ -110,11 +121,25 @@ class Store:
         return self.root / "units" / unit.probe / f"{unit.key}.npz"
 
     def has(self, unit: Unit) -> bool:
-        return self.path(unit).exists()
+        """Whether the unit's file and its checksum record exist (the content is verified by :meth:`load`)."""
+        path = self.path(unit)
+        return path.exists() and path.with_suffix(".json").exists()
 
     def load(self, unit: Unit) -> dict[str, np.ndarray]:
-        with np.load(self.path(unit), allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        """The unit's arrays, verified against the checksum recorded when it was written (:class:`CorruptUnit` if not)."""
+        path = self.path(unit)
+        try:
+            data = path.read_bytes()
+            recorded = json.loads(path.with_suffix(".json").read_text()).get("sha256")
+        except (OSError, ValueError) as e:
+            raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
+        if recorded != hashlib.sha256(data).hexdigest():
+            raise CorruptUnit(f"{path} does not match its recorded checksum" if recorded else f"{path} has no recorded checksum")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
 
     def save(self, unit: Unit, arrays: dict[str, Any]) -> None:
         """Atomic write: a temporary file in the same folder, then ``os.replace``."""
@@ -125,7 +150,8 @@ class Store:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
-            meta = json.dumps({"probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed},
+            sha = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+            meta = json.dumps({"probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed, "sha256": sha},
                               default=_jsonable, indent=1)
             _atomic_text(path.with_suffix(".json"), meta)
             os.replace(tmp, path)
@@ -134,14 +160,37 @@ class Store:
             raise
 
     def get_or_compute(self, unit: Unit, compute: Callable[[torch.Generator], dict], device="cpu") -> dict[str, np.ndarray]:
-        """The stored result of ``unit``, or ``compute(unit_generator(key))`` stored and returned."""
+        """The stored result of ``unit``, or ``compute(unit_generator(key))`` stored and returned. A corrupt stored
+        unit is reported (one warning line naming the file) and computed again."""
         if self.has(unit):
-            self.loaded += 1
-            return self.load(unit)
+            try:
+                arrays = self.load(unit)
+                self.loaded += 1
+                return arrays
+            except CorruptUnit as e:
+                log.warning(f"{e}; computing the unit again.")
         out = compute(unit_generator(unit.key, device))
         self.save(unit, out)
         self.computed += 1
         return self.load(unit)
+
+
+def check_writable(folder: str | Path, option: str = "--out") -> Path:
+    """Create ``folder`` if needed and prove it writable with a probe file, before any work is done; one UserError
+    sentence otherwise (an existing file, a read-only or virtual file system, no permission)."""
+    if not str(folder).strip():
+        raise UserError(f"{option} is empty; give an output folder.")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is an existing file, not a folder; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"Cannot write to {option} {folder}: {e.strerror or type(e).__name__}; choose a writable folder.") from None
+    return folder
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -176,6 +225,20 @@ class Ranks:
         else:
             torch.distributed.barrier()
 
+    def gather_counts(self, store: "Store") -> tuple[int, int]:
+        """(computed, loaded) units summed over every rank on rank 0 (each rank writes its own counts next to the
+        units before a barrier); other ranks get their own."""
+        if self.world <= 1:
+            return store.computed, store.loaded
+        folder = store.root / "units"
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_text(folder / f".counts-rank{self.rank}.json", json.dumps({"computed": store.computed, "loaded": store.loaded}))
+        self.barrier()
+        if not self.is_main:
+            return store.computed, store.loaded
+        counts = [json.loads((folder / f".counts-rank{r}.json").read_text()) for r in range(self.world)]
+        return sum(c["computed"] for c in counts), sum(c["loaded"] for c in counts)
+
     def close(self) -> None:
         """End the distributed part: a last barrier, then the process group is destroyed, so that rank 0's assembly
         (torchmetrics, which syncs whenever a process group exists) runs as a single process."""
@@ -204,10 +267,10 @@ def run_units(
     for i, u in enumerate(units):
         if i % ranks.world != ranks.rank:
             continue
-        fresh = not store.has(u)
+        before = store.computed
         mine[u.key] = store.get_or_compute(u, lambda g, u=u: compute(u, g), device=device)
         if on_unit is not None:
-            on_unit(u, fresh)
+            on_unit(u, store.computed > before)
     ranks.barrier()
     if not ranks.is_main:
         return None

@@ -139,4 +139,4 @@ def test_two_process_gloo_run_equals_one_process(tiny_folder, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "one"))
     assert a["windows"] == b["windows"]
-    assert a["cost"]["units_computed_this_run"] < a["cost"]["units"]  # rank 0 computed only its share
+    assert a["cost"]["units_computed_this_run"] == a["cost"]["units"]  # counted over both ranks

@@ -312,6 +312,7 @@ def test_units_shard_round_robin_over_ranks(tiny, tmp_path):
     summary = run(cfg, tiny, classifier=clf, fabric=rank(0), on_unit=lambda u, c: mine[0].append(c))
     n = summary["cost"]["units"]
     assert len(mine[1]) == n // 2 and len(mine[0]) == n - n // 2 and all(mine[0]) and all(mine[1])
+    assert summary["cost"]["units_computed_this_run"] == n  # counted over both ranks, not rank 0's share
     single = run(small_config(tmp_path / "single", probes=["cond_gap", "locality_gap", "window_cond"]), tiny, classifier=clf)
     assert _numbers(summary) == _numbers(single)
 

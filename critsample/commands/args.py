@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from jsonargparse import ArgumentError
 
@@ -24,6 +26,31 @@ def normalize_argv(argv: list[str], flags: tuple[str, ...], aliases: dict[str, s
                 out.append(f"--{name}=true")
                 continue
         out.append(a)
+    return out
+
+
+def expand_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """Let list options take several values as users type them (``--probes cond_gap locality_gap``), besides the
+    JSON / YAML form (``--probes '[cond_gap, locality_gap]'``): the values up to the next option become a JSON list,
+    of integers when every value is one."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, inline = a.partition("=")
+        if name in options and not eq:
+            vals = []
+            i += 1
+            while i < len(argv) and not (argv[i].startswith("--") or (argv[i].startswith("-") and not argv[i][1:].isdigit())):
+                vals.append(argv[i])
+                i += 1
+            if len(vals) == 1 and vals[0].lstrip().startswith("["):  # already a list
+                out += [a, vals[0]]
+            else:
+                ints = all(v.lstrip("-").isdigit() for v in vals) and vals
+                out += [a, json.dumps([int(v) for v in vals] if ints else vals)]
+            continue
+        out.append(a)
+        i += 1
     return out
 
 
@@ -53,6 +80,11 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..).")
+    return dev

@@ -22,7 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import instantiate, normalize_argv, parse, pick_device
+from .args import expand_lists, instantiate, normalize_argv, parse, pick_device
+
+LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 
 
 def _peek(argv: list[str], name: str) -> str | None:
@@ -63,6 +65,7 @@ def parser(preset: str = "fast") -> ArgumentParser:
 def parse_config(argv: list[str]) -> DetectConfig:
     """The config of a ``critsample detect`` command line (presets fill every size not given)."""
     argv = normalize_argv(list(argv), ("dry_run", "wandb", "windows.complement"), {"--class": "--class_id"})
+    argv = expand_lists(argv, LIST_OPTIONS)
     p = parser(_preset_of(argv))
     cfg = instantiate(p, parse(p, argv))
     return DetectConfig(**{k: getattr(cfg, k) for k in DetectConfig.__dataclass_fields__})

@@ -63,8 +63,9 @@ def suggested_radius(det: Detection, probes: dict) -> int | None:
     return int(radii[len(radii) // 2]) if radii else None
 
 
-def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, store, out: Path, wall: float) -> dict:
-    """The summary dict (schema: docs/summary-schema.md) from the probes' outputs."""
+def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, counts: tuple[int, int], out: Path, wall: float) -> dict:
+    """The summary dict (schema: docs/summary-schema.md) from the probes' outputs; ``counts`` = (computed, loaded)
+    units of this run over every rank."""
     cfg, model, sch = det.cfg, det.model, det.model.schedule
     windows = {k: w for o in outputs.values() for k, w in o.windows.items()}
     probes = {name: o.record for name, o in outputs.items() if o.record is not None}
@@ -99,7 +100,7 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
         "cost": {
             "model_evaluations": int(sum(u.forwards for u in units)),
             "model_evaluations_note": "network forwards summed over rows (one row = one sample at one time with one denoiser; guided = 2)",
-            "units": len(units), "units_computed_this_run": store.computed, "units_loaded": store.loaded,
+            "units": len(units), "units_computed_this_run": counts[0], "units_loaded": counts[1],
             "wall_seconds_this_run": wall,
         },
         "outputs": {"report": "report.md", "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},

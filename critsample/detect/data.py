@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..models.classifiers import load_classifier
 from ..probes.rows import class_rows
 from ..store import stable_hash, unit_generator
+from ..tensorfiles import load_tensors
 
 if TYPE_CHECKING:
     from .config import DetectConfig
@@ -81,9 +82,11 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
         raise UserError(f"--data {path} does not exist; give an image folder or a .pt/.npz file.")
     labels = None
     if path.suffix in (".pt", ".npz"):
-        obj = torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt" else dict(np.load(path, allow_pickle=False))
+        obj = load_tensors(path)
         if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
             obj = {"latents": obj}
+        if not isinstance(obj, dict):
+            raise UserError(f"--data {path} holds a {type(obj).__name__}; store a tensor or a dict with 'latents' or 'images' (and optional 'labels').")
         labels = obj.get("labels")
         labels = torch.as_tensor(np.asarray(labels)).long() if labels is not None else None
         if "latents" in obj:

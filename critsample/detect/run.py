@@ -12,7 +12,7 @@ import torch
 
 from ..denoisers import Denoiser
 from ..models import load
-from ..store import Ranks, Store, Unit, run_units
+from ..store import Ranks, Store, Unit, check_writable, run_units
 from .assemble import build_summary, write_outputs
 from .config import DetectConfig
 from .context import Detection
@@ -79,6 +79,7 @@ def run(
     ``fabric`` (Lightning Fabric) shards the units over its processes.
     """
     cfg.validate()
+    check_writable(cfg.out)  # before the model loads or any unit is computed
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if fabric is not None:
@@ -107,6 +108,7 @@ def run(
                         ranks=ranks, device=det.device, on_unit=advance)
         if got is not None:
             arrays.update(got)
+    computed, loaded = ranks.gather_counts(det.store)
     ranks.close()
     if not ranks.is_main:
         return None
@@ -114,7 +116,7 @@ def run(
     outputs_dir = Outputs(out)
     results = Results(units, arrays)
     outputs = {p.name: p.summarize(det, results, outputs_dir) for p in probes}
-    summary = build_summary(det, outputs, units, det.store, out, wall=time.perf_counter() - start)
+    summary = build_summary(det, outputs, units, (computed, loaded), out, wall=time.perf_counter() - start)
     return write_outputs(det, summary, outputs, out)
 
 

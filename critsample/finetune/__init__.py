@@ -1,0 +1,1 @@
+"""LightningModule, DataModules, radius / loss-weight schedules, callbacks and strategies of ``critsample fit``."""

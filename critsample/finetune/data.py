@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split  # noqa: F401  (re-exported)
 from ..errors import UserError
+from ..tensorfiles import load_tensors
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -144,7 +145,7 @@ class LatentsDataModule(L.LightningDataModule):
             raise UserError(f"No latents at {self.hparams.path}; write them with `python -m critsample.finetune.encode`.")
         # Memory-mapped and kept in the stored dtype (fp16): the ranks of a node share the pages of one file instead
         # of each holding a float32 copy (ImageNet-256: ~10 GB on disk, ~20 GB per rank as float32).
-        blob = torch.load(self.hparams.path, map_location="cpu", mmap=True)
+        blob = load_tensors(self.hparams.path, "LatentsDataModule path", mmap=True)
         full = _FloatLatents(blob["latents"], blob["labels"].long())
         n_val = max(1, int(len(full) * self.hparams.val_fraction))
         g = torch.Generator().manual_seed(0)

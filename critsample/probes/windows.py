@@ -10,7 +10,7 @@ A window W = [t0, min(t0 + w, 1)] (critsample time: 0 = clean, 1 = noise) is sli
 * ``baseline``: always conditioned (guided, global): the reference of the FID and the floor of the error.
 
 Samples are scored by classifier error against the class they were conditioned on and by FID to the
-always-conditioned baseline (metrics.py); the scans' minima locate the critical window (``critical.py``).
+always-conditioned baseline (metrics.py); the scans' minima locate the critical window (``detect.estimators``).
 """
 
 from __future__ import annotations
