@@ -55,7 +55,7 @@ def digits_part(args) -> dict:
             g = torch.Generator().manual_seed(args.seed + b)
             start = time.perf_counter()
             x = sample(model, plan, lab, generator=g)
-            images[name].append(model.decode(x).cpu())
+            images[name].append(model.images(x).cpu())
             seconds[name] += time.perf_counter() - start
         print(f"  batch {b + 1}/{len(batches)}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
     grid = model.grid(torch.empty(1, *model.sample_shape))

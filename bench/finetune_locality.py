@@ -129,8 +129,8 @@ def main() -> None:
                          "evaluate it: separates the effect of locality training from that of more training")
     args = ap.parse_args()
 
-    from critsample.errors import UserError
     from critsample import summary
+    from critsample.errors import UserError
     from critsample.plans import parse_window
 
     torch.set_num_threads(1)  # one thread is much faster than two on a shared 2-core machine

@@ -27,16 +27,18 @@ NULL = -1  # user-facing "no class" label; each model maps it to its own null ro
 
 @dataclass
 class PromptCond:
-    """Text conditioning of SD3-like models: per-row token embeddings and pooled embeddings."""
+    """Text conditioning: per-row token embeddings, pooled embeddings (SD3; (B, 0) for models without them, PixArt)
+    and the token attention mask of models that mask padded text tokens in cross-attention (PixArt's T5; None = all)."""
 
     embeds: torch.Tensor  # (B, T, D)
     pooled: torch.Tensor  # (B, P)
+    mask: torch.Tensor | None = None  # (B, T), 1 = keep, 0 = padding
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def to(self, device) -> "PromptCond":
-        return PromptCond(self.embeds.to(device), self.pooled.to(device))
+        return PromptCond(self.embeds.to(device), self.pooled.to(device), None if self.mask is None else self.mask.to(device))
 
     def __getitem__(self, idx) -> "PromptCond":
         """Rows ``idx`` (an int range, a slice, or an index tensor), as tensors of class ids are indexed."""
@@ -44,7 +46,7 @@ class PromptCond:
             idx = idx.to(self.embeds.device)
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
-        return PromptCond(self.embeds[idx], self.pooled[idx])
+        return PromptCond(self.embeds[idx], self.pooled[idx], None if self.mask is None else self.mask[idx])
 
 
 Cond = torch.Tensor | PromptCond
@@ -53,7 +55,11 @@ Cond = torch.Tensor | PromptCond
 def cat_rows(conds: list[Cond]) -> Cond:
     """Conditioning batches stacked row-wise."""
     if isinstance(conds[0], PromptCond):
-        return PromptCond(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
+        mask = None
+        if any(c.mask is not None for c in conds):  # a row block without a mask keeps every token (None = all)
+            like = next(c.mask for c in conds if c.mask is not None)
+            mask = torch.cat([like.new_ones(c.embeds.shape[:2]) if c.mask is None else c.mask for c in conds])
+        return PromptCond(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]), mask)
     return torch.cat(conds)
 
 
@@ -171,8 +177,23 @@ class Denoiser(nn.Module):
         return self.predict(x, t, cond, radius=radius, guidance=guidance, kind="score")
 
     # -- pixel space ---------------------------------------------------------------------------
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in model space -> images (B, C, H, W), float32 in [0, 1] on ``x``'s device, without autograd graph.
+
+        The one path from samples to pictures (commands, probes, benches, fine-tune logging): :meth:`decode` under
+        ``torch.no_grad()`` and the package's :func:`autocast`. ``decode`` stays the families' hook.
+        """
+        with torch.no_grad(), autocast(x.device):
+            img = self.decode(x).float().to(x.device)
+        if not bool(torch.isfinite(img).all()):
+            bad = int((~torch.isfinite(img)).sum())
+            where = "the VAE decoder (try float32 weights)" if bool(torch.isfinite(x).all()) else "the sampler (the samples themselves are not finite)"
+            raise RuntimeError(f"{self.name}: {bad} of {img.numel()} decoded image values are not finite; they come from {where}.")
+        return img.clamp(0, 1)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in [0, 1], (B, C, H, W). Pixel-space models map [-1, 1] to [0, 1]."""
+        """Model space -> images in [0, 1], (B, C, H, W). Pixel-space models map [-1, 1] to [0, 1]. Callers that want
+        pictures use :meth:`images` (no graph, finite, float32)."""
         return (z.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -37,7 +37,7 @@ def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, b
             g = torch.Generator(device=device).manual_seed(seed + b)
             start = time.perf_counter()
             x = sample(model, plan, lab.to(device), generator=g)
-            chunks.append(model.decode(x).float().cpu())
+            chunks.append(model.images(x).cpu())
             seconds += time.perf_counter() - start
             bar.advance(task)
     return Generated(torch.cat(chunks), labels.cpu(), seconds)

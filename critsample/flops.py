@@ -2,7 +2,9 @@
 
 Counts multiply-adds as 2 FLOPs, per sample. Attention scores and the weighted sum cost ``4 d`` FLOPs per
 (query, key) pair summed over heads (``QK^T`` and ``AV``); a local window of radius r reduces the number of pairs to the
-mean window size (border truncation included), text tokens of joint attention stay dense.
+mean window size (border truncation included), text tokens of joint attention stay dense. Cross-attention to text
+(PixArt: image queries, T5 keys and values) stays dense too: ``n t`` pairs per layer, q / out projections on the image
+rows, k / v projections on the text rows; there the MLP runs on image rows only and adaLN-single is computed once.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ForwardFlops:
 
 
 def transformer_shape(denoiser) -> dict:
-    """Width, depth, heads, MLP ratio, text length of a denoiser's transformer (DiT / SD3)."""
+    """Width, depth, heads, MLP ratio, text length of a denoiser's transformer (DiT / SD3 / PixArt)."""
     tr = getattr(denoiser, "transformer", None)
     if tr is None:
         return {}
@@ -57,9 +59,13 @@ def transformer_shape(denoiser) -> dict:
     return {
         "width": heads * head_dim,
         "heads": heads,
-        "layers": int(cfg.num_layers),
+        # FLUX's single-stream blocks cost what a double-stream block does per token (q, k, v + d x d of proj_out;
+        # 4 d -> d MLP + its half of proj_out) and attend over the same [text; image] pairs.
+        "layers": int(cfg.num_layers) + int(getattr(cfg, "num_single_layers", 0) or 0),
         "mlp_ratio": ff or 4.0,
-        "text_tokens": int(getattr(denoiser, "text_tokens", 0) or 0),
+        "text_tokens": int(getattr(denoiser, "text_tokens", 0) or 0),  # joint attention (SD3)
+        "cross_tokens": int(getattr(denoiser, "cross_tokens", 0) or 0),  # cross-attention keys (PixArt)
+        "caption_channels": int(getattr(cfg, "caption_channels", None) or 0),
         "patch_size": int(cfg.patch_size),
         "in_channels": int(cfg.in_channels),
     }
@@ -70,6 +76,8 @@ def forward_flops(shape: dict, grid: tuple[int, int], radius: int | None) -> For
     h, w = grid
     n, t, d, L = h * w, shape.get("text_tokens", 0), shape["width"], shape["layers"]
     k_img = mean_window_keys(h, w, radius)
+    if shape.get("cross_tokens", 0):
+        return _cross_attention_flops(shape, n, k_img)
     joint = t > 0
     pairs = n * (k_img + t) + (t * (n + t) if joint else 0)  # image rows (+ text keys) and dense text rows
     attention = 4.0 * d * pairs * L
@@ -78,6 +86,19 @@ def forward_flops(shape: dict, grid: tuple[int, int], radius: int | None) -> For
     mlp = 2.0 * 2 * shape["mlp_ratio"] * d * d * rows * L
     p, c = shape["patch_size"], shape["in_channels"]
     other = 2.0 * n * (p * p * c * d) * 2 + 2.0 * 6 * d * d * L * (2 if joint else 1)
+    return ForwardFlops(pairs * L, attention, projections, mlp, other)
+
+
+def _cross_attention_flops(shape: dict, n: int, k_img: float) -> ForwardFlops:
+    """PixArt-style blocks: windowed self-attention over the n image tokens, dense cross-attention to m text tokens."""
+    m, d, L = shape["cross_tokens"], shape["width"], shape["layers"]
+    pairs = n * k_img + n * m  # self (windowed) + cross (dense) (query, key) pairs per layer
+    attention = 4.0 * d * pairs * L
+    projections = 2.0 * d * d * (4 * n + 2 * n + 2 * m) * L  # self q, k, v, out; cross q, out (image) and k, v (text)
+    mlp = 2.0 * 2 * shape["mlp_ratio"] * d * d * n * L
+    p, c, ct = shape["patch_size"], shape["in_channels"], shape.get("caption_channels", 0) or d
+    # patch embedding + final layer, adaLN-single (one shared 6 d x d modulation), caption projection (2 layers)
+    other = 2.0 * n * (p * p * c * d) * 2 + 2.0 * 6 * d * d + 2.0 * m * (ct * d + d * d)
     return ForwardFlops(pairs * L, attention, projections, mlp, other)
 
 

@@ -2,15 +2,22 @@
 accounting. The library behind ``critsample sample`` (``commands/sample.py`` parses argv and prints).
 
 Writes ``grid.png``, ``samples.npz`` (``images`` in [0, 1], (N, H, W) or (N, C, H, W); ``labels``; -1 = unconditional)
-and ``run.json`` (arguments, the plan, model evaluations, analytic FLOPs and wall time). Batches are stored as they
-finish under ``DIR/.batches``; an interrupted run started again with the same arguments reuses them.
+and ``run.json`` (arguments, the plan, model evaluations, analytic FLOPs and wall time).
+
+Sample i starts from noise drawn from a generator seeded by a hash of (seed, i) alone
+(:func:`~critsample.sampling.sample_generator`, edm2's per-sample generators): ``--batch_size`` never changes which
+noise a sample gets (the network's floating-point rounding may still differ slightly between batch sizes), the noise is
+the same on every device, and different seeds never share a sample. Resuming is per batch: each finished batch is
+stored under ``DIR/.batches`` (``.npz``, :class:`~critsample.store.Store`), keyed by the options, the plan and a
+fingerprint of the model's weights; a run started again with the same options (``--num`` may grow) reuses every
+finished batch, and a killed run loses only its batch in flight (all of it when ``--num <= --batch_size``: lower
+``--batch_size`` for finer resume).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,8 @@ from .errors import UserError
 from .flops import plan_flops
 from .models import load
 from .report import image_grid, save_png
-from .sampling import SAMPLERS, Plan, sample
+from .sampling import SAMPLERS, Plan, sample, sample_generator
+from .store import Store, check_writable, model_fingerprint
 from .tracking import log_sample_run
 
 
@@ -44,7 +52,7 @@ class SampleConfig:
     num: int = 16
     """Number of samples."""
     seed: int = 0
-    """Seed of the initial noise (batch b uses seed + b)."""
+    """Seed of the initial noise: sample i draws it from a hash of (seed, i), whatever the batch size."""
     out: str = "out/sample"
     """Output folder."""
     steps: int = 50
@@ -66,23 +74,45 @@ class SampleConfig:
     interval: str | None = None
     """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
     batch_size: int = 100
-    """Samples per batch."""
+    """Samples per batch (also the unit of resuming: a killed run keeps its finished batches)."""
     device: str = "auto"
     """cpu, cuda, cuda:1 or auto."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that need no model; options that would be ignored are errors (one sentence each)."""
+        for name in ("num", "batch_size", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"--{name} must be an integer >= 1; got {v!r}.")
+        if self.sampler not in ("auto", *SAMPLERS):
+            raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UserError(f"--guidance must be a finite number >= 0 (1 = plain conditional); got {self.guidance}.")
+        if not str(self.out).strip():
+            raise UserError("--out is empty; give an output folder.")
+        if self.outside not in plans.OUTSIDE:
+            raise UserError(f"--outside must be one of {', '.join(plans.OUTSIDE)}; got {self.outside!r}.")
+        if not self.adaptive:
+            given = [f"--{n}" for n in ("summary", "window", "radius") if getattr(self, n) is not None]
+            given += ["--outside"] if self.outside != "local-uncond" else []
+            if given:
+                raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --adaptive plans; add --adaptive or drop {'it' if len(given) == 1 else 'them'}.")
+        elif self.interval is not None:
+            raise UserError("--interval (limited-interval guidance) and --adaptive are two different plans; choose one.")
+
 
 def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     """The plan the options describe (also used by bench/adaptive.py)."""
-    if cfg.sampler not in ("auto", *SAMPLERS):
-        raise UserError(f"Unknown sampler {cfg.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
-    if cfg.steps < 1:
-        raise UserError(f"--steps must be >= 1; got {cfg.steps}.")
+    cfg.validate()
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
     if cfg.adaptive:
         window, radius = cfg.window, cfg.radius
-        if cfg.summary:
+        if cfg.summary:  # explicit --window / --radius take precedence over the summary's (documented in the README)
             summary = summary_io.read(cfg.summary, model.name)
             window = window or summary_io.critical_window(summary, cfg.summary)
             radius = radius if radius is not None else summary_io.suggested_radius(summary)
@@ -115,16 +145,18 @@ def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.n
     return labels, labels.cpu().numpy()
 
 
-def _key(cfg: SampleConfig, plan: Plan) -> str:
-    d = {k: v for k, v in vars(cfg).items() if k not in ("out", "wandb", "device")}
-    return hashlib.sha256(json.dumps([d, plan.to_dict()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _batches(cfg: SampleConfig, plan: Plan, model: Denoiser, out: Path) -> Store:
+    """The store of finished batches. Their keys hold every option a sample depends on (not ``--num``: sample i is the
+    same in a longer run), the plan, and the model's weights (a retrained model of the same name never reuses them)."""
+    options = {k: v for k, v in vars(cfg).items() if k not in ("out", "wandb", "device", "num")}
+    return Store(out / ".batches", model_fingerprint(model, model.name), cfg.seed, {"sample": {"options": options, "plan": plan.to_dict()}})
 
 
 def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None, progress: bool = False) -> dict:
     """Sample as configured; returns the run record (also written to ``out/run.json``). ``model`` defaults to
     ``load(cfg.model)`` on ``device`` (default: CPU); ``progress`` shows a progress bar over batches."""
-    if cfg.num < 1 or cfg.batch_size < 1:
-        raise UserError("--num and --batch_size must be >= 1.")
+    cfg.validate()
+    check_writable(cfg.out)
     model = model if model is not None else load(cfg.model, device=device or "cpu")
     device = next(model.parameters(), torch.empty(0)).device
     if cfg.radius is not None:
@@ -132,30 +164,27 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     plan = build_plan(cfg, model)
     cond, labels = conditioning(cfg, model, device)
     out = Path(cfg.out)
-    cache = out / ".batches"
-    cache.mkdir(parents=True, exist_ok=True)
-    key = _key(cfg, plan)
+    store = _batches(cfg, plan, model, out)
     chunks, seconds, computed = [], 0.0, 0
+
+    def compute(lo: int, hi: int) -> dict:
+        nonlocal seconds, computed
+        start = time.perf_counter()
+        x = sample(model, plan, cond[lo:hi], generator=[sample_generator(cfg.seed, i) for i in range(lo, hi)])
+        images = model.images(x).cpu()
+        seconds += time.perf_counter() - start
+        computed += hi - lo
+        return {"images": images, "seconds": time.perf_counter() - start}
+
     n_batches = -(-cfg.num // cfg.batch_size)
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"sampling {cfg.num} x {len(plan.steps)} steps", total=n_batches)
         for b in range(n_batches):
-            path = cache / f"{key}-{b:05d}.pt"
-            if path.exists():
-                chunks.append(torch.load(path))
-            else:
-                lo, hi = b * cfg.batch_size, min(cfg.num, (b + 1) * cfg.batch_size)
-                g = torch.Generator(device=device).manual_seed(cfg.seed + b)
-                start = time.perf_counter()
-                x = sample(model, plan, cond[lo:hi], generator=g)
-                images = model.decode(x).cpu()
-                seconds += time.perf_counter() - start
-                computed += hi - lo
-                torch.save({"images": images, "seconds": time.perf_counter() - start}, path.with_suffix(".tmp"))
-                os.replace(path.with_suffix(".tmp"), path)
-                chunks.append(torch.load(path))
+            lo, hi = b * cfg.batch_size, min(cfg.num, (b + 1) * cfg.batch_size)
+            unit = store.unit("sample", {"lo": lo, "hi": hi}, forwards=(hi - lo) * plan.forwards)
+            chunks.append(store.get_or_compute(unit, lambda _g, lo=lo, hi=hi: compute(lo, hi)))
             bar.advance(task)
-    images = torch.cat([c["images"] for c in chunks])
+    images = torch.from_numpy(np.concatenate([c["images"] for c in chunks]))
     grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))
     save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))
     arr = images.numpy().astype(np.float32)

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import Cond, Denoiser, is_guided
 from .errors import UserError
+from .store import stable_hash, unit_generator
 
 Mode = Literal["cond", "uncond", "guided"]
 SAMPLERS = ("ddim", "dpm", "euler")
@@ -143,8 +144,17 @@ def make_scheduler(denoiser: Denoiser, sampler: str = "auto"):
 def step_times(denoiser: Denoiser, num_steps: int, sampler: str = "auto") -> list[float]:
     """critsample time t of each step of ``sampler`` with ``num_steps`` steps."""
     sch = make_scheduler(denoiser, sampler)
-    sch.set_timesteps(num_steps)
+    set_timesteps(denoiser, sch, num_steps)
     return [_time_of(denoiser, sch, i) for i in range(len(sch.timesteps))]
+
+
+def set_timesteps(denoiser: Denoiser, scheduler, num_steps: int, device=None, x: torch.Tensor | None = None) -> None:
+    """``scheduler.set_timesteps`` as the model's own pipeline calls it. A model whose pipeline passes more than the
+    step count (FLUX: its own sigmas and the resolution shift ``mu``) says so through ``denoiser.timestep_kwargs(
+    num_steps, grid)``, ``grid`` being the (h, w) token grid of the state ``x`` sampled (default: the model's own)."""
+    extra = getattr(denoiser, "timestep_kwargs", None)
+    kwargs = extra(num_steps, denoiser.token_grid if x is None else denoiser.grid(x)) if extra is not None else {}
+    scheduler.set_timesteps(num_steps, device=device, **kwargs)
 
 
 def _time_of(denoiser: Denoiser, scheduler, i: int) -> float:
@@ -159,6 +169,23 @@ def _reset_history(scheduler) -> None:
         scheduler.lower_order_nums = 0
 
 
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of sample ``index`` of a run seeded ``seed``, seeded from a hash of (seed, index) alone (edm2's
+    per-sample generators): a sample never depends on the batch it is drawn in, and runs of different seeds never share
+    noise. It lives on the CPU, so the noise is also the same on every device."""
+    return unit_generator(stable_hash({"seed": int(seed), "sample": int(index)}))
+
+
+def noise(denoiser: Denoiser, generator: torch.Generator | list[torch.Generator] | None, batch: int | None = None, sampler: str = "auto") -> torch.Tensor:
+    """Initial state (B, *sample_shape), float32 on the denoiser's device: diffusers' ``randn_tensor`` from one
+    ``generator`` for ``batch`` rows, or from a list of generators, row i drawn alone from ``generator[i]``; scaled by
+    the integrator's ``init_noise_sigma``."""
+    device = next(denoiser.parameters(), torch.empty(0)).device
+    batch = len(generator) if isinstance(generator, list) else batch
+    x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
+    return x * getattr(make_scheduler(denoiser, sampler), "init_noise_sigma", 1.0)  # FlowMatchEuler has none (its sigma_max is 1)
+
+
 StepCallback = Callable[[dict], None]
 Predict = Callable[[torch.Tensor, float, Step, Cond], torch.Tensor]
 
@@ -170,7 +197,7 @@ def sample(
     cond: Cond,
     *,
     x: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     start: int = 0,
     callback: StepCallback | None = None,
     predict: Predict | None = None,
@@ -178,15 +205,15 @@ def sample(
     """Run ``plan`` from step ``start`` and return the final sample in the model's space, float32.
 
     ``cond`` holds one row per sample (class ids, NULL rows, or prompt embeddings). Without ``x`` the initial noise is
-    drawn with diffusers' ``randn_tensor`` from ``generator`` (as diffusers' pipelines draw it, so equal seeds give
-    equal noise); with ``x`` the loop starts from that state, which must lie at the time of step ``start``.
+    drawn by :func:`noise` from ``generator`` (diffusers' ``randn_tensor``, as diffusers' pipelines draw it, so equal
+    seeds give equal noise; a list gives one generator per row); with ``x`` the loop starts from that state, which must lie at the time of step ``start``.
     ``predict(x, t, step, cond)`` replaces ``denoiser.predict`` (it gets the rows of ``step.mode``: ``cond`` or their
     null rows). ``callback`` receives ``{"i", "t", "timestep", "x_in", "x", "prediction", "step"}`` after each step.
     """
     device = next(denoiser.parameters(), torch.empty(0)).device
     batch = len(cond)
     scheduler = make_scheduler(denoiser, plan.sampler)
-    scheduler.set_timesteps(len(plan.steps), device=device)
+    set_timesteps(denoiser, scheduler, len(plan.steps), device=device, x=x)
     if len(scheduler.timesteps) != len(plan.steps):
         raise ValueError(f"The integrator made {len(scheduler.timesteps)} steps for a plan of {len(plan.steps)}.")
     if not 0 <= start < len(plan.steps):
@@ -194,8 +221,7 @@ def sample(
     if x is None:
         if start:
             raise ValueError("Starting mid-way needs the state x at that step.")
-        x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
-        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatchEuler has none (its sigma_max is 1)
+        x = noise(denoiser, generator, batch, plan.sampler)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     null = None

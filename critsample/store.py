@@ -23,8 +23,8 @@ import hashlib
 import json
 import logging
 import os
-import zipfile
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable

@@ -69,8 +69,10 @@ def read(path: str | Path, model: str | None = None, *, require_window: bool = T
     version = str(schema).rsplit("/", 1)[1]
     if not version.isdigit() or int(version) > VERSION:
         raise UserError(f"{path} was written by a newer critsample (schema {schema}); upgrade critsample to read it.")
-    if model is not None and summary.get("model") not in (None, model):
-        raise UserError(f"{path} was measured on {summary.get('model')!r}, not on {model!r}; detect the window of this model first.")
+    if model is not None and "model" not in summary:
+        raise UserError(f"{path} does not say which model it was measured on (no 'model' key); add it or detect the window of {model!r}.")
+    if model is not None and summary["model"] != model:
+        raise UserError(f"{path} was measured on {summary['model']!r}, not on {model!r}; detect the window of this model first.")
     if require_window:
         critical_window(summary, path)
     return summary
@@ -92,4 +94,8 @@ def critical_window(summary: dict, path: str | Path = "the summary") -> tuple[fl
 def suggested_radius(summary: dict) -> int | None:
     """The local radius ``detect`` suggests for the steps outside the window (None when it could not suggest one)."""
     r = summary.get("suggested_radius")
-    return None if r is None else int(r)
+    if r is None:
+        return None
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise UserError(f"The summary's suggested_radius must be an integer >= 0 or null; got {r!r}.")
+    return r

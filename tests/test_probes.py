@@ -11,9 +11,8 @@ import torch
 
 import critsample
 from critsample import NULL, Schedule
-from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs, run
+from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs, estimators, run
 from critsample.models import bundled_path
-from critsample.detect import estimators
 from critsample.probes.forward_backward import forward_backward, start_index
 from critsample.probes.gaps import sampling_states, score_gaps, train_states, trajectory_plan
 from critsample.probes.windows import window_plan

@@ -126,3 +126,42 @@ def test_an_interruption_exits_130_and_says_how_to_resume(folder, tmp_path, caps
     monkeypatch.setattr(detect, "run", interrupted)
     assert main(_detect(folder, "--out", str(tmp_path / "r"))) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--radius", "1.5"], "--radius expects an integer or nothing (null); got '1.5'."),
+    (["--guidance", "nan"], "--guidance expects a number"),
+    (["--class", "3.5"], "--classes expects an integer; got '3.5'."),
+    (["--num", "many"], "--num expects an integer; got 'many'."),
+])
+def test_type_errors_name_the_option_and_the_value(tmp_path, capsys, args, needle):
+    assert main(["sample", "--model", "dit-digits", "--out", str(tmp_path), "--no-wandb", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("critsample: error: ") and needle in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["detect", "sample", "fit"])
+def test_a_malformed_config_file_names_the_file_and_line(tmp_path, capsys, command):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nprobes: [cond_gap, locality_gap\n")
+    assert main([command, "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--config {bad} line 3, column 1" in err and len(err.splitlines()) == 1, err
+
+
+def test_fit_config_errors_are_one_sentence_not_the_usage(capsys):
+    assert main(["fit", "--config", "configs/fit/dit-digits.yaml", "--model.nonsense", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "critsample: error: unrecognized arguments: --model.nonsense 3", err
+
+
+def test_summaries_with_bad_fields_are_refused(tmp_path):
+    from critsample import summary
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"critical_window": {"t_start": 0.2, "t_end": 0.5}}))
+    with pytest.raises(UserError, match="no 'model' key"):
+        summary.read(path, "dit-digits")
+    path.write_text(json.dumps({"model": "m", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": "two"}))
+    with pytest.raises(UserError, match="suggested_radius must be an integer >= 0 or null; got 'two'"):
+        summary.suggested_radius(summary.read(path, "m"))

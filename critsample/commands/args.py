@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 
 from ..errors import UserError
@@ -54,12 +57,32 @@ def expand_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return out
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "NoneType": "nothing (null)", "str": "text", "bool": "true or false",
+               "list": "a list"}
+
+
+def one_sentence(message: str) -> str:
+    """jsonargparse's report (several lines, Python type names) -> one sentence naming the option, what it expects
+    and what it got."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    key = re.search(r'Parser key "([^"]+)"', text)
+    if key is None:
+        return text
+    types = re.findall(r"Expected a <class '(\w+)'>", text)
+    given = re.search(r"(?:Given value|Got value): (.*?)(?:$| - )", text)
+    if not types:
+        return f"--{key.group(1)}: {text.split(':', 1)[1].strip()}"
+    wanted = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, t) for t in types))
+    got = f"; got {given.group(1).strip()!r}" if given else ""
+    return f"--{key.group(1)} expects {wanted}{got}."
+
+
 def parse(parser, argv: list[str]):
     """Parse with jsonargparse, turning its (multi-line) errors into one-sentence UserErrors."""
     try:
         return parser.parse_args(argv)
     except ArgumentError as e:
-        raise UserError(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
+        raise UserError(one_sentence(str(e))) from None
 
 
 def instantiate(parser, ns):
@@ -73,6 +96,33 @@ def instantiate(parser, ns):
         if cause is None:
             raise
         raise cause from None
+
+
+def read_config_file(path: str) -> dict:
+    """A ``--config`` YAML file as a dict; a missing file or a YAML error is one sentence with the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path} does not exist or is not a file.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"--config {path}{where}: {getattr(e, 'problem', None) or 'not valid YAML'}.") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of option: value; got a {type(data).__name__}.")
+    return data or {}
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The value of the last ``--config`` option (argparse semantics: the last one wins)."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--config="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def pick_device(device: str) -> torch.device:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.fabric import Fabric
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import expand_lists, instantiate, normalize_argv, parse, pick_device
+from .args import config_path, expand_lists, instantiate, normalize_argv, parse, pick_device, read_config_file
 
 LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 
@@ -40,9 +38,10 @@ def _peek(argv: list[str], name: str) -> str | None:
 
 def _preset_of(argv: list[str]) -> str:
     preset = _peek(argv, "preset")
-    config = _peek(argv, "config")
-    if preset is None and config and Path(config).exists():
-        preset = (yaml.safe_load(Path(config).read_text()) or {}).get("preset")
+    config = config_path(argv)
+    if config is not None:
+        from_file = read_config_file(config).get("preset")  # also checks the file before jsonargparse reads it
+        preset = preset or from_file
     preset = preset or "fast"
     if preset not in PRESETS:
         raise UserError(f"Unknown preset {preset!r}; choose {' or '.join(PRESETS)}.")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
+from ..errors import UserError
 from ..generate import SampleConfig, run
-from .args import normalize_argv, parse, pick_device
+from .args import config_path, expand_lists, instantiate, normalize_argv, parse, pick_device, read_config_file
 
 
 def parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # SampleConfig's attribute docstrings are the help
     p = ArgumentParser(prog="critsample sample", description=__doc__.splitlines()[0], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with these options (see configs/sample/).")
     p.add_class_arguments(SampleConfig, None, as_group=False)
@@ -18,11 +18,16 @@ def parser() -> ArgumentParser:
 
 
 def run_sample(argv: list[str]) -> int:
-    argv = normalize_argv(argv, ("adaptive", "wandb"), {"--class": "--classes"})
+    argv = expand_lists(normalize_argv(argv, ("adaptive", "wandb"), {"--class": "--classes"}), ("--classes", "--prompt"))
+    for option in ("--classes", "--prompt"):
+        if option in argv and argv[argv.index(option) + 1] == "[]":
+            raise UserError(f"{'--class' if option == '--classes' else option} needs at least one value (omit it for the default).")
+    config = config_path(argv)
+    if config is not None:
+        read_config_file(config)  # a missing file or a YAML error: one sentence with the file and line
     p = parser()
-    ns = parse(p, _expand_lists(argv))
-    ns = {k: v for k, v in vars(ns).items() if k in SampleConfig.__dataclass_fields__}
-    cfg = SampleConfig(**ns)
+    ns = instantiate(p, parse(p, argv))
+    cfg = SampleConfig(**{k: getattr(ns, k) for k in SampleConfig.__dataclass_fields__})
     record = run(cfg, device=pick_device(cfg.device), progress=True)
     c = record["cost"]
     print(f"{record['plan_description']}")
@@ -32,21 +37,3 @@ def run_sample(argv: list[str]) -> int:
         f"{c['wall_seconds']:.1f} s"
     )
     return 0
-
-
-def _expand_lists(argv: list[str]) -> list[str]:
-    """Let ``--classes 0 1 2`` and ``--prompt a b`` take several values, as users type them."""
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--classes", "--prompt"):
-            vals = []
-            i += 1
-            while i < len(argv) and not (argv[i].startswith("--") or (argv[i].startswith("-") and not argv[i][1:].isdigit())):
-                vals.append(argv[i])
-                i += 1
-            out += [a, json.dumps([int(v) for v in vals] if a == "--classes" and all(v.lstrip("-").isdigit() for v in vals) else vals)]
-            continue
-        out.append(a)
-        i += 1
-    return out

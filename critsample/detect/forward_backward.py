@@ -91,7 +91,7 @@ class ForwardBackward(Probe):
             x0, y = det.data(hi)
             x0, y = x0[lo:hi], (y[lo:hi].cpu() if y is not None else None)
         if y is None or bool((y == NULL).any()):
-            y = det.classify(det.model.decode(x0)).argmax(-1).cpu()
+            y = det.classify(det.model.images(x0)).argmax(-1).cpu()
         return x0, y
 
     def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:

@@ -86,7 +86,7 @@ class _Scan(Probe):
         lo, hi = p["lo"], p["hi"]
         cond = det.cond_rows(hi - lo, lo)
         x = sample(m, self.plan(det, p["scan"], p["t0"], p["radius"]), cond, generator=g)
-        images = m.decode(x).float()
+        images = m.images(x)
         with torch.no_grad():
             logits = det.classifier.predict_logits(images.to(det.device))
             feats = det.classifier.features(images.to(det.device))

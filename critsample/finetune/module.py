@@ -204,7 +204,7 @@ class DiTModule(L.LightningModule):
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(10)
         g = torch.Generator(device=self.device).manual_seed(0)
         x = sample(self.denoiser, Plan.guided(self.hparams.val_steps, self.hparams.val_guidance), labels, generator=g)
-        grid = image_grid(self.denoiser.decode(x), nrow=10)
+        grid = image_grid(self.denoiser.images(x), nrow=10)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("val/samples", [grid], step=self.global_step)

@@ -1,4 +1,7 @@
-"""Loading diffusers DiT folders (hub snapshots, user folders, the bundled dit-digits)."""
+"""Loading diffusers DiT folders (hub snapshots, user folders, the bundled dit-digits).
+
+Weights are read from ``*.safetensors`` only: a folder that holds only pickled weights (``*.bin``, ``*.pt``, ``*.pth``,
+``*.ckpt``) is refused, because unpickling can run code (:func:`require_safetensors`)."""
 
 from __future__ import annotations
 
@@ -12,17 +15,40 @@ from ..errors import UserError
 from ..noise import Schedule
 from .dit import DiTDenoiser
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def require_safetensors(folder: Path, cls_name: str) -> None:
+    """Refuse a weights folder that holds pickled weights and no ``*.safetensors`` (one UserError sentence naming the
+    conversion with ``cls_name``, the diffusers / transformers class of that part)."""
+    folder = Path(folder)
+    pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise UserError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded, and critsample "
+            f"reads safetensors only: if you trust the folder, convert it once in Python with "
+            f"`{cls_name}.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
+        )
+
 
 def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_scheduler: dict | None = None):
-    """(transformer, vae or None, scheduler config) of a pipeline folder or a bare transformer folder, any family."""
+    """(transformer, vae or None, scheduler config) of a pipeline folder or a bare transformer folder, any family.
+    Weights come from safetensors only (:func:`require_safetensors`)."""
     folder = Path(folder)
     sub = folder / "transformer"
     tdir = sub if sub.exists() else folder
+    has_vae = (folder / "vae" / "config.json").exists()
+    require_safetensors(tdir, cls.__name__)
+    if has_vae:
+        require_safetensors(folder / "vae", AutoencoderKL.__name__)
     try:
-        transformer = cls.from_pretrained(tdir, torch_dtype=dtype)
+        transformer = cls.from_pretrained(tdir, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load {label} transformer from {tdir}: {str(e).splitlines()[0]}") from None
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype) if (folder / "vae" / "config.json").exists() else None
+    try:
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=True) if has_vae else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: {str(e).splitlines()[0]}") from None
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else dict(default_scheduler or {})
     return transformer, vae, sched_cfg

@@ -8,6 +8,7 @@ Flow matching: ``x_t = (1 - sigma) x_0 + sigma eps`` with ``t = sigma``; the net
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from ..attention import check_radius, install_window_attention
 from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
 from ..noise import Schedule
-from .loaders import load_parts
+from .loaders import load_parts, require_safetensors
 
 _TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -158,14 +159,21 @@ def _require_transformers() -> None:
 
 
 def _load_text(folder: Path, transformer, vae, dtype: torch.dtype, t5: bool):
-    """diffusers' own SD3 pipeline around the already loaded transformer / VAE, for its ``encode_prompt``."""
+    """diffusers' own SD3 pipeline around the already loaded transformer / VAE, for its ``encode_prompt``; the text
+    encoders are read from safetensors only, as every part (``loaders.require_safetensors``)."""
     _require_transformers()
     from diffusers import StableDiffusion3Pipeline
 
     # Parts a folder lacks (or T5 when dropped) are None; the pipeline then embeds T5 as zeros, as diffusers does.
     skip = {k: None for k in _TEXT_PARTS if not (folder / k).exists() or (not t5 and k.endswith("_3"))}
+    index = json.loads((folder / "model_index.json").read_text())
+    for k in _TEXT_PARTS:
+        if k.startswith("text_encoder") and k not in skip:
+            require_safetensors(folder / k, (index.get(k) or [None, "the part's transformers class"])[-1])
     try:
-        return StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, vae=vae, torch_dtype=dtype, **skip)
+        return StableDiffusion3Pipeline.from_pretrained(
+            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=True, **skip
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load SD3's text encoders from {folder}: {str(e).splitlines()[0]}") from None
 

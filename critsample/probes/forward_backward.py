@@ -88,8 +88,8 @@ def forward_backward(
     """
     x_hat, t_used = denoise_from(denoiser, x0, t, uncond, radii, steps=steps, generator=generator, sampler=sampler, max_batch=max_batch)
     R, B = x_hat.shape[:2]
-    clean = denoiser.decode(x0).double()
-    images = denoiser.decode(x_hat.reshape(R * B, *x0.shape[1:])).double()
+    clean = denoiser.images(x0).double()
+    images = denoiser.images(x_hat.reshape(R * B, *x0.shape[1:])).double()
     pred = labels_of(classify, images.float()).reshape(R, B).cpu()
     clean_pred = labels_of(classify, clean.float()).cpu()
     mse = ((images.reshape(R, B, -1) - clean.reshape(1, B, -1)) ** 2).mean(-1).cpu()

@@ -1,0 +1,277 @@
+"""PixArt-alpha / PixArt-Sigma (diffusers ``PixArtTransformer2DModel``) behind the denoiser interface.
+
+DDPM eps-prediction with learned variance (``out_channels = 2 in_channels``; the variance half is dropped, as DiT's),
+timestep ``k = round(1000 t)`` (noise.py). Text enters only through cross-attention (``attn2``) on T5 token embeddings
+with their padding mask: a :class:`~critsample.denoisers.PromptCond` with ``mask`` set and an empty ``pooled``
+(B, 0), from diffusers' own ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline.encode_prompt``; the unconditional prompt
+is the empty string, as the pipelines' default negative prompt.
+
+The local denoiser windows the self-attention ``attn1`` of every block (the paper's image-token window); the
+cross-attention to the text stays dense, as text tokens in SD3's joint attention do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from ..attention import WindowAttnProcessor, check_radius
+from ..denoisers import Denoiser, PromptCond, autocast
+from ..errors import UserError
+from ..noise import Kind, Schedule
+from .loaders import load_parts, require_safetensors
+
+# The pipelines' ``max_sequence_length`` defaults: T5 tokens per prompt (PixArt-alpha paper sec. 3.1; Sigma raised it).
+MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+_PREDICTIONS: dict[str, Kind] = {"epsilon": "eps", "sample": "x0"}
+
+
+class DenseCrossAttnProcessor(AttnProcessor2_0):
+    """PixArt's cross-attention (image queries, T5 keys with the padding mask): diffusers' stock computation at every
+    radius. It names ``radius`` and ``grid`` only so that diffusers' ``Attention`` does not warn on every call that it
+    drops them (it filters keyword arguments by the processor's signature)."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        radius=None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def install_pixart_window_attention(transformer: PixArtTransformer2DModel) -> int:
+    """Window processor on every block's self-attention ``attn1``, the dense one on its cross-attention ``attn2``.
+
+    PixArt's ``attn1`` is plain unmasked self-attention over image tokens (no group norm, no residual inside), which is
+    what :class:`WindowAttnProcessor` computes; the pipelines never pass a self-attention mask. Returns the number of
+    windowed layers."""
+    count = 0
+    for block in transformer.transformer_blocks:
+        block.attn1.set_processor(WindowAttnProcessor())
+        count += 1
+        if block.attn2 is not None:
+            block.attn2.set_processor(DenseCrossAttnProcessor())
+    if count == 0:
+        raise ValueError(f"{type(transformer).__name__} has no transformer blocks to window.")
+    return count
+
+
+class PixArtDenoiser(Denoiser):
+    """eps-prediction PixArt transformer with window self-attention, optional VAE and optional T5 text encoder.
+
+    ``text`` is a ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` used only for :meth:`encode_prompt`; without it
+    the denoiser works on prompt embeddings, and :meth:`null` needs ``null_cond`` (the empty-prompt embeddings with
+    their mask) to be set by the caller.
+    """
+
+    family = "pixart"
+    num_classes = None
+    default_guidance = 4.5  # the PixArt pipelines' default guidance_scale
+
+    def __init__(
+        self,
+        transformer: PixArtTransformer2DModel,
+        schedule: Schedule | None = None,
+        vae: AutoencoderKL | None = None,
+        text=None,
+        *,
+        max_sequence_length: int = MAX_TOKENS["PixArtAlphaPipeline"],
+        name: str = "pixart",
+        scheduler_config: dict | None = None,
+    ):
+        super().__init__(scheduler_config)
+        self.transformer = transformer
+        self.vae = vae
+        self.schedule = schedule or Schedule(kind="ddpm")
+        if self.schedule.kind != "ddpm":
+            raise ValueError(f"PixArt is a DDPM model; got a {self.schedule.kind!r} schedule.")
+        ptype = str(self.scheduler_config.get("prediction_type", "epsilon"))
+        if ptype not in _PREDICTIONS:
+            raise UserError(
+                f"{name}'s scheduler declares prediction_type {ptype!r}; critsample supports PixArt models that predict epsilon or sample."
+            )
+        self.prediction = _PREDICTIONS[ptype]
+        cfg = transformer.config
+        self.patch_size = int(cfg.patch_size)
+        self.in_channels = int(cfg.in_channels)
+        self.learned_sigma = int(transformer.out_channels) == 2 * self.in_channels
+        self.sample_shape = (self.in_channels, int(cfg.sample_size), int(cfg.sample_size))
+        self.caption_channels = int(cfg.caption_channels) if cfg.caption_channels is not None else None
+        # The pipelines' vae_scale_factor (8 without a VAE): latent pixels -> image pixels for the micro-conditions.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.max_sequence_length = int(max_sequence_length)
+        self.text_tokens = 0  # no joint attention; the T5 tokens are cross-attention keys (FLOPs accounting below)
+        self.cross_tokens = self.max_sequence_length
+        self.name = name
+        self.text = text
+        # Registered so that .to(device) / .eval() reach it; the pipeline `text` holds the same object.
+        encoder = getattr(text, "text_encoder", None) if text is not None else None
+        self.text_encoders = nn.ModuleList([encoder] if encoder is not None else [])
+        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
+        self._null_cache: dict[int, PromptCond] = {}
+        install_pixart_window_attention(transformer)
+
+    # -- conditioning --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str, max_sequence_length: int | None = None) -> PromptCond:
+        """T5 embeddings ``(B, T, caption_channels)``, their mask ``(B, T)`` and an empty pooled ``(B, 0)``, from
+        diffusers' PixArt pipeline (``T = max_sequence_length``, padded: the mask marks the prompt's tokens)."""
+        if self.text is None:
+            raise UserError(
+                f"{self.name} was loaded without its T5 text encoder: load it from a folder with text_encoder/ and "
+                f"tokenizer/ (and `pip install transformers sentencepiece`), or pass PromptCond embeddings directly."
+            )
+        from diffusers.utils import is_bs4_available, is_ftfy_available
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        embeds, mask, _, _ = self.text.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=self.text_encoders[0].device,
+            max_sequence_length=max_sequence_length or self.max_sequence_length,
+            # The pipelines' __call__ cleans captions by default, and falls back to lowercasing without bs4 / ftfy.
+            clean_caption=is_bs4_available() and is_ftfy_available(),
+        )
+        return PromptCond(embeds, embeds.new_zeros(embeds.shape[0], 0), mask)
+
+    def null(self, cond: PromptCond) -> PromptCond:
+        """The empty-prompt embeddings and mask (the pipelines' default negative prompt ``""``, padded to the prompt's
+        length as they pad it), repeated to the batch of ``cond``."""
+        if not isinstance(cond, PromptCond):
+            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
+        seq = cond.embeds.shape[1]
+        if self.null_cond is not None:
+            one = self.null_cond
+            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
+                raise ValueError(
+                    f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}."
+                )
+        elif seq in self._null_cache:
+            one = self._null_cache[seq]
+        elif self.text is not None:
+            one = self._null_cache[seq] = self.encode_prompt([""], max_sequence_length=seq)
+        else:
+            raise UserError(
+                f"{self.name} has no text encoder to embed the empty prompt: set `denoiser.null_cond` to its "
+                f"PromptCond embeddings (with mask), or load the model from a folder with its text encoder."
+            )
+        n, dev = len(cond), cond.embeds.device
+        mask = None if one.mask is None else one.mask[:1].to(dev).expand(n, -1)
+        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1), mask)
+
+    def check_cond(self, cond, batch: int) -> None:
+        super().check_cond(cond, batch)
+        width = cond.embeds.shape[-1]
+        if self.caption_channels is not None and width != self.caption_channels:
+            raise ValueError(f"{self.name} takes T5 embeddings of width {self.caption_channels}; got {width}.")
+        if cond.mask is not None and tuple(cond.mask.shape) != tuple(cond.embeds.shape[:2]):
+            raise ValueError(f"The text mask is {tuple(cond.mask.shape)} but the embeddings have {tuple(cond.embeds.shape[:2])} tokens.")
+
+    def _micro_conditions(self, x: torch.Tensor, dtype: torch.dtype) -> dict:
+        """PixArt-alpha's resolution / aspect-ratio embedding inputs (image pixels), as PixArtAlphaPipeline builds them;
+        ``None`` for models without them (Sigma, and alpha below 1024 px: ``use_additional_conditions``)."""
+        if not self.transformer.use_additional_conditions:
+            return {"resolution": None, "aspect_ratio": None}
+        b = x.shape[0]
+        h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+        resolution = torch.tensor([h, w], dtype=dtype, device=x.device).repeat(b, 1)  # (B, 2)
+        aspect_ratio = torch.tensor([float(h / w)], dtype=dtype, device=x.device).repeat(b, 1)  # (B, 1)
+        return {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+    # -- network -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None) -> torch.Tensor:
+        grid = self.grid(x)
+        check_radius(radius, grid)
+        dtype = self.transformer.dtype
+        timestep = self.schedule.native(t.detach().cpu()).to(x.device)  # DDPM step k, as the pipelines' timesteps
+        mask = None if cond.mask is None else cond.mask.to(x.device)  # (B, T); the transformer makes it a bias
+        with autocast(x.device):
+            out = self.transformer(
+                x.to(dtype),
+                encoder_hidden_states=cond.embeds.to(x.device, dtype),
+                encoder_attention_mask=mask,
+                timestep=timestep,
+                added_cond_kwargs=self._micro_conditions(x, dtype),
+                cross_attention_kwargs={"radius": radius, "grid": grid},
+            ).sample
+        return out[:, : self.in_channels].to(x.dtype)  # learned variance channels are not used by DDIM / DPM
+
+    # -- pixel space ---------------------------------------------------------------------------
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
+        with autocast(z.device):
+            img = self.vae.decode((z / self.latent_scale).to(self.vae.dtype)).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.vae is None:
+            raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
+        with autocast(images.device):
+            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return (dist.sample(generator) * self.latent_scale).float()
+
+
+def _pipeline_class(folder: Path) -> str:
+    """``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` from model_index.json (alpha for a bare transformer)."""
+    index = folder / "model_index.json"
+    cls = json.loads(index.read_text()).get("_class_name", "") if index.exists() else ""
+    return cls if cls in MAX_TOKENS else "PixArtAlphaPipeline"
+
+
+def _load_text(folder: Path, pipeline: str, transformer, vae, dtype: torch.dtype):
+    """diffusers' own PixArt pipeline around the already loaded transformer / VAE, for its ``encode_prompt``; T5 is
+    read from safetensors only, as every part (``loaders.require_safetensors``)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "PixArt's T5 text encoder needs the `transformers` and `sentencepiece` packages: `pip install transformers "
+            "sentencepiece protobuf` (or load with text_encoders=False and pass prompt embeddings)."
+        ) from None
+    import diffusers
+
+    require_safetensors(folder / "text_encoder", "T5EncoderModel")
+    try:
+        return getattr(diffusers, pipeline).from_pretrained(
+            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"Could not load PixArt's T5 text encoder from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def load_pixart(
+    folder: Path,
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    text_encoders: bool = True,
+    max_sequence_length: int | None = None,
+) -> PixArtDenoiser:
+    """A PixArt-alpha / Sigma pipeline folder (transformer/, vae/, scheduler/, text_encoder/, tokenizer/) or a bare
+    transformer folder. ``max_sequence_length`` defaults to the pipeline's (alpha 120, Sigma 300 T5 tokens);
+    ``text_encoders=False`` skips T5 (prompt-embedding-level use)."""
+    folder = Path(folder)
+    # A bare transformer folder samples with PixArt's own integrator (DPM-Solver++, linear betas 1e-4..0.02).
+    transformer, vae, sched_cfg = load_parts(
+        folder, PixArtTransformer2DModel, dtype, "a PixArt", default_scheduler={"_class_name": "DPMSolverMultistepScheduler"}
+    )
+    pipeline = _pipeline_class(folder)
+    has_text = (folder / "model_index.json").exists() and (folder / "text_encoder").exists()
+    text = _load_text(folder, pipeline, transformer, vae, dtype) if text_encoders and has_text else None
+    return PixArtDenoiser(
+        transformer, Schedule.from_scheduler_config(sched_cfg), vae, text,
+        max_sequence_length=max_sequence_length or MAX_TOKENS[pipeline], name=name, scheduler_config=sched_cfg,
+    )

@@ -1,0 +1,334 @@
+"""FLUX.1 behind the denoiser interface: window attention against stock diffusers, locality of r = 0 in both block
+kinds, sampling against ``FluxPipeline``, the CLI on a saved folder, the registry offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import T5_LENGTH, _tiny_tokenizers, tiny_vae
+
+import critsample
+from critsample import Plan, PromptCond
+from critsample.local_attention import window_mask
+from critsample.models.flux import FluxDenoiser, FluxWindowAttnProcessor, image_ids, pack
+
+LATENT_CHANNELS = 4  # the tiny VAE's; the transformer takes 2x2-packed latents: in_channels 16
+VAE_SHIFT, VAE_SCALE = 0.1159, 0.3611  # FLUX.1's VAE factors
+
+
+def tiny_flux_transformer(guidance_embeds: bool, seed: int = 0):
+    """One double-stream and one single-stream block; RoPE axes 4 + 6 + 6 = head dim 16."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def _scheduler(dev: bool):
+    """FLUX.1-dev's scheduler config (resolution-dependent shift) or FLUX.1-schnell's (no shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dev:
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+
+def _save_flux(folder: Path, dev: bool) -> Path:
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _tiny_tokenizers()
+    torch.manual_seed(1)
+    clip = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=1, vocab_size=len(clip_tok), max_position_embeddings=8, hidden_act="gelu",
+    )).eval()  # pooled 16 = pooled_projection_dim
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()  # d_model 32 = joint_attention_dim
+    FluxPipeline(
+        scheduler=_scheduler(dev), vae=tiny_vae(LATENT_CHANNELS, shift_factor=VAE_SHIFT, scaling_factor=VAE_SCALE),
+        text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=tiny_flux_transformer(guidance_embeds=dev),
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux_folders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny FluxPipeline folders: "dev" (guidance-distilled, dynamic shift) and "schnell" (no guidance embedding)."""
+    return {k: _save_flux(tmp_path_factory.mktemp(f"tiny-flux-{k}"), dev=k == "dev") for k in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="module")
+def flux(flux_folders) -> dict[str, FluxDenoiser]:
+    return {k: critsample.load(str(f), max_sequence_length=T5_LENGTH) for k, f in flux_folders.items()}
+
+
+def _prompt(batch: int, seed: int = 0, seq: int = T5_LENGTH) -> PromptCond:
+    g = torch.Generator().manual_seed(seed)
+    return PromptCond(torch.randn(batch, seq, 32, generator=g), torch.randn(batch, 16, generator=g))
+
+
+def test_registry_loads_both_kinds(flux):
+    dev, schnell = flux["dev"], flux["schnell"]
+    for m in (dev, schnell):
+        assert isinstance(m, FluxDenoiser)
+        assert (m.family, m.prediction, m.schedule.kind, m.num_classes, m.default_guidance) == ("flux", "velocity", "flow", None, 1.0)
+        assert m.sample_shape == (LATENT_CHANNELS, 8, 8) and m.token_grid == (4, 4)  # the tiny VAE's 16 px, 2x VAE
+        assert m.text is not None and len(m.text_encoders) == 2
+    assert dev.distilled_guidance == 3.5 and schnell.distilled_guidance is None
+
+
+# -- (a) global radius == stock diffusers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dev", "schnell"])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 12)])
+def test_global_radius_equals_stock(flux, flux_folders, kind, shape):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    model = flux[kind]
+    stock = FluxTransformer2DModel.from_pretrained(flux_folders[kind] / "transformer").eval()  # FluxAttnProcessor
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(2, LATENT_CHANNELS, *shape, generator=g)
+    cond, t = _prompt(2, seed=1), torch.tensor([0.3, 0.9])
+    h, w = shape[0] // 2, shape[1] // 2
+    with torch.no_grad():
+        ref = stock(
+            hidden_states=FluxPipeline._pack_latents(x, 2, LATENT_CHANNELS, *shape), encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled, timestep=t, guidance=torch.full((2,), 3.5) if kind == "dev" else None,
+            txt_ids=torch.zeros(T5_LENGTH, 3), img_ids=FluxPipeline._prepare_latent_image_ids(2, h, w, "cpu", torch.float32),
+        ).sample
+        ref = FluxPipeline._unpack_latents(ref, 2 * shape[0], 2 * shape[1], 2)  # the tiny VAE's scale factor 2
+        for radius in (None, max(h, w) - 1, 50, [max(h, w) - 1, 99]):
+            out = model(x, t, cond, radius=radius)
+            assert out.shape == x.shape
+            assert (out - ref).abs().max() <= 1e-5, radius
+        # Mixed rows run local_attention on the text-last permutation, where the global row must stay global.
+        mixed = model(x, t, cond, radius=[max(h, w) - 1, 0])
+        assert (mixed[0] - ref[0]).abs().max() <= 1e-5
+        assert (mixed[1] - ref[1]).abs().max() > 1e-4  # the local row is not the global model
+
+
+# -- (b) one attention layer: window against a masked stock processor, and locality -------------------------------
+def _layer_inputs(model: FluxDenoiser, block: str, grid, seed: int = 0):
+    """The attention module of ``block``, its inputs (hidden, encoder or None) and RoPE, for a random state."""
+    tr = model.transformer
+    h, w = grid
+    g = torch.Generator().manual_seed(seed)
+    d, n_txt = tr.inner_dim, 5
+    img, txt = torch.randn(2, h * w, d, generator=g), torch.randn(2, n_txt, d, generator=g)
+    rope = tr.pos_embed(torch.cat([torch.zeros(n_txt, 3), image_ids(h, w)]))
+    if block == "double":
+        return tr.transformer_blocks[0].attn, img, txt, rope, n_txt
+    return tr.single_transformer_blocks[0].attn, torch.cat([txt, img], dim=1), None, rope, n_txt
+
+
+def _image_out(out, block: str, n_txt: int):
+    """(image rows, text rows) of a processor's output."""
+    if block == "double":
+        return out[0], out[1]
+    return out[:, n_txt:], out[:, :n_txt]
+
+
+@pytest.mark.parametrize("block", ["double", "single"])
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+@pytest.mark.parametrize("radius", [0, 1])
+def test_window_equals_stock_processor_with_window_mask(flux, block, grid, radius):
+    """The window processor = diffusers' FluxAttnProcessor given the text-first window mask (text rows, columns dense)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    attn, hidden, enc, rope, n_txt = _layer_inputs(flux["dev"], block, grid)
+    mask = window_mask(*grid, radius, num_extra=n_txt)  # (L, L) over [image; text]
+    mask = torch.roll(mask, (n_txt, n_txt), dims=(0, 1))  # over [text; image], FLUX's order
+    with torch.no_grad():
+        ours = FluxWindowAttnProcessor()(attn, hidden, enc, image_rotary_emb=rope, radius=radius, grid=grid)
+        ref = FluxAttnProcessor()(attn, hidden, enc, attention_mask=mask, image_rotary_emb=rope)
+        glob = FluxAttnProcessor()(attn, hidden, enc, image_rotary_emb=rope)
+        full = FluxWindowAttnProcessor()(attn, hidden, enc, image_rotary_emb=rope, radius=max(grid) - 1, grid=grid)
+    for a, b in zip(_image_out(ours, block, n_txt), _image_out(ref, block, n_txt)):
+        assert (a - b).abs().max() <= 1e-5
+    for a, b in zip(_image_out(full, block, n_txt), _image_out(glob, block, n_txt)):
+        assert torch.equal(a, b)  # a global radius is the stock computation itself
+
+
+@pytest.mark.parametrize("block", ["double", "single"])
+def test_radius_zero_one_layer_is_pointwise_on_image_tokens(flux, block):
+    """Perturbing image token j: at r = 0 no other image token's output moves, every text token's does; globally
+    every image token's does."""
+    grid, j = (3, 4), 6
+    attn, hidden, enc, rope, n_txt = _layer_inputs(flux["schnell"], block, grid, seed=2)
+    bumped = hidden.clone()
+    bumped[:, j + (n_txt if block == "single" else 0)] += 1.0
+    proc = FluxWindowAttnProcessor()
+    with torch.no_grad():
+        run = lambda hs, r: _image_out(proc(attn, hs, enc, image_rotary_emb=rope, radius=r, grid=grid), block, n_txt)  # noqa: E731
+        (img0, txt0), (img1, txt1) = run(hidden, 0), run(bumped, 0)
+        (gimg0, _), (gimg1, _) = run(hidden, None), run(bumped, None)
+    moved = (img1 - img0).abs().amax(dim=(0, 2))  # (h w,)
+    others = torch.arange(grid[0] * grid[1]) != j
+    assert moved[others].max() == 0.0 and moved[j] > 1e-4
+    assert (txt1 - txt0).abs().amax(dim=(0, 2)).min() > 0.0  # text rows see every image token
+    assert (gimg1 - gimg0).abs().amax(dim=(0, 2))[others].min() > 0.0  # the global layer does mix, so the check bites
+
+
+# -- (c) sampling == FluxPipeline -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,shape", [("dev", (8, 8)), ("dev", (8, 12)), ("schnell", (8, 8))])
+def test_default_plan_equals_flux_pipeline(flux, flux_folders, kind, shape):
+    from diffusers import FluxPipeline
+
+    model, prompts, steps = flux[kind], ["a cat", "dog"], 3
+    pipe = FluxPipeline.from_pretrained(flux_folders[kind])
+    x = torch.randn(2, LATENT_CHANNELS, *shape, generator=torch.Generator().manual_seed(4))
+    packed = FluxPipeline._pack_latents(x, 2, LATENT_CHANNELS, *shape)
+    cond = model.encode_prompt(prompts)
+    common = dict(height=2 * shape[0], width=2 * shape[1], num_inference_steps=steps, output_type="latent", max_sequence_length=T5_LENGTH)
+    with torch.no_grad():
+        ref = pipe(prompt=prompts, latents=packed.clone(), **common).images
+        ours = critsample.sample(model, Plan.guided(steps, model.default_guidance), cond, x=x.clone())
+        assert (pack(ours) - ref).abs().max() <= 1e-4
+        # a guided(w) step is true CFG against the empty prompt
+        ref_cfg = pipe(prompt=prompts, negative_prompt="", true_cfg_scale=2.0, latents=packed.clone(), **common).images
+        ours_cfg = critsample.sample(model, Plan.guided(steps, 2.0), cond, x=x.clone())
+        assert (pack(ours_cfg) - ref_cfg).abs().max() <= 1e-4
+        assert (ref_cfg - ref).abs().max() > 1e-3
+
+
+def test_step_times_follow_the_resolution_shift(flux):
+    """dev's sigmas are FluxPipeline's linspace(1, 1/N, N) shifted by mu(image tokens); schnell's are unshifted."""
+    from critsample.sampling import step_times
+
+    n = 4
+    base = np.linspace(1.0, 1 / n, n)
+    assert np.allclose(step_times(flux["schnell"], n), base, atol=1e-6)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (16 - 256)  # 4 x 4 tokens
+    shifted = np.exp(mu) / (np.exp(mu) + (1 / base - 1))
+    assert np.allclose(step_times(flux["dev"], n), shifted, atol=1e-6)
+
+
+def test_prompts_and_null_match_the_pipeline(flux, flux_folders):
+    from diffusers import FluxPipeline
+
+    model = flux["dev"]
+    pipe = FluxPipeline.from_pretrained(flux_folders["dev"])
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(["a cat", ""], max_sequence_length=T5_LENGTH)
+    cond = model.encode_prompt(["a cat", "dog"])
+    null = model.null(cond)
+    close = lambda a, b: (a - b).abs().max() <= 1e-6  # noqa: E731  (rows batched differently)
+    assert cond.embeds.shape == (2, T5_LENGTH, 32) and cond.pooled.shape == (2, 16)
+    assert close(cond.embeds[0], embeds[0]) and close(cond.pooled[0], pooled[0])
+    assert close(null.embeds, embeds[1:].expand(2, -1, -1)) and close(null.pooled, pooled[1:].expand(2, -1))
+
+
+def test_vae_latent_convention(flux):
+    model = flux["dev"]
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    z = model.encode(images, generator=torch.Generator().manual_seed(1))
+    assert z.shape == (1, *model.sample_shape)
+    with torch.no_grad():
+        ref = (model.vae.decode(z / VAE_SCALE + VAE_SHIFT).sample / 2 + 0.5).clamp(0, 1)  # FluxPipeline's decode
+    assert (model.decode(z) - ref).abs().max() <= 1e-6
+
+
+def test_flops_count_both_block_kinds(flux):
+    from critsample.flops import plan_flops, transformer_shape
+
+    model = flux["dev"]
+    shape = transformer_shape(model)
+    assert shape["layers"] == 2 and shape["text_tokens"] == T5_LENGTH
+    glob = plan_flops(model, Plan.guided(2, 1.0), model.token_grid)
+    local = plan_flops(model, Plan.guided(2, 1.0, radius=0), model.token_grid)
+    assert np.isfinite(glob["total"]) and local["attention"] < glob["attention"] and local["mlp"] == glob["mlp"]
+
+
+# -- (d) the CLI on a saved folder, (e) the registry offline -------------------------------------------------------
+def test_cli_sample_and_detect(flux_folders, tmp_path, capsys):
+    from critsample.cli import main
+
+    folder = str(flux_folders["dev"])
+    out = tmp_path / "sample"
+    code = main(["sample", "--model", folder, "--prompt", "a cat", "--num", "2", "--steps", "3", "--out", str(out), "--no-wandb"])
+    assert code == 0, capsys.readouterr().err
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    record = json.loads((out / "run.json").read_text())
+    assert record["cost"]["model_evaluations"] == 6 and np.isfinite(record["cost"]["flops_per_sample"]["total"])
+
+    from test_detect_cli import CLASSIFIER, SMALL
+
+    det = tmp_path / "detect"
+    code = main([
+        "detect", "--model", folder, "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source", "generated",
+        "--gaps.trajectories", '["sample_cond", "sample_uncond"]',  # no dataset to noise forward: sampling trajectories
+        "--classifier", CLASSIFIER, "--out", str(det), "--no-wandb",
+    ])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((det / "summary.json").read_text())
+    assert set(summary["probes"]) == {"cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality"}
+    assert summary["schedule"]["kind"] == "flow"
+
+
+@pytest.mark.parametrize("name,repo", [("flux-dev", "black-forest-labs/FLUX.1-dev"), ("flux-schnell", "black-forest-labs/FLUX.1-schnell")])
+def test_registry_offline_is_one_sentence_exit_2(monkeypatch, tmp_path, capsys, name, repo):
+    import huggingface_hub.constants as hf_constants
+
+    from critsample.cli import main
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out", str(tmp_path / "o"), "--no-wandb"])
+    err = capsys.readouterr().err
+    assert code == 2 and repo in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_bad_input_is_one_sentence(flux):
+    model = flux["schnell"]
+    with pytest.raises(critsample.UserError, match="even"):
+        model(torch.zeros(1, LATENT_CHANNELS, 8, 7), torch.tensor([0.5]), _prompt(1))
+    with pytest.raises(critsample.UserError, match="no guidance embedding"):
+        FluxDenoiser(tiny_flux_transformer(guidance_embeds=False), distilled_guidance=3.5)
+    with pytest.raises(critsample.UserError, match="Radius"):
+        model(torch.zeros(1, LATENT_CHANNELS, 8, 8), torch.tensor([0.5]), _prompt(1), radius=-1)
+
+
+def test_text_encoders_must_be_safetensors(flux_folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "flux"
+    shutil.copytree(flux_folders["schnell"], folder)
+    te = folder / "text_encoder_2"
+    torch.save(load_file(te / "model.safetensors"), te / "pytorch_model.bin")  # an older checkpoint's pickled T5
+    (te / "model.safetensors").unlink()
+    with pytest.raises(critsample.UserError, match="text_encoder_2 holds only pickled weights .*T5EncoderModel"):
+        critsample.load(str(folder))
+
+
+def test_bare_transformer_folder_works_on_embeddings(tmp_path):
+    """A folder with only the transformer: recognised as FLUX, latent size from critsample.json, no text encoders."""
+    folder = tmp_path / "bare"
+    tiny_flux_transformer(guidance_embeds=True).save_pretrained(folder)
+    (folder / "critsample.json").write_text(json.dumps({"sample_size": 12}))
+    model = critsample.load(str(folder))
+    assert isinstance(model, FluxDenoiser) and model.sample_shape == (LATENT_CHANNELS, 12, 12) and model.text is None
+    cond = _prompt(2)
+    with pytest.raises(critsample.UserError, match="null_cond"):
+        model.null(cond)
+    with pytest.raises(critsample.UserError, match="without text encoders"):
+        model.encode_prompt("a cat")
+    model.null_cond = _prompt(1, seed=5)
+    x = critsample.sample(model, Plan.guided(2, 2.0), cond, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, LATENT_CHANNELS, 12, 12) and torch.isfinite(x).all()
