@@ -189,10 +189,12 @@ def write_detect_report(summary: dict, out: Path) -> Path:
                   f"+- {_fmt(cw['uncertainty'])} (log-SNR {_fmt(cw['log_snr_start'], 2)} .. {_fmt(cw['log_snr_end'], 2)}, "
                   f"center {_fmt(cw['log_snr_center'], 2)} +- {_fmt(cw['log_snr_uncertainty'], 2)}); members: {', '.join(cw.get('members', []))}. "
                   f"Suggested local radius outside it: {s.get('suggested_radius')}.", ""]
-    lines += ["| probe | family | t_start | t_end | center +- 1 sigma | log-SNR start .. end | rule |", "|---|---|---|---|---|---|---|"]
+    lines += ["| probe | family | valid | t_start | t_end | center +- 1 sigma | log-SNR center +- 1 sigma | log-SNR start .. end | rule |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, w in s["windows"].items():
-        lines.append(f"| {name} | {w['family']} | {_fmt(w['t_start'])} | {_fmt(w['t_end'])} | {_fmt(w['center'])} +- {_fmt(w['uncertainty'])} | "
-                     f"{_fmt(w['log_snr_start'], 2)} .. {_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
+        valid = "yes" if w.get("valid", True) else f"no: {w.get('reason') or 'invalid'}"
+        lines.append(f"| {name} | {w['family']} | {valid} | {_fmt(w['t_start'])} | {_fmt(w['t_end'])} | {_fmt(w['center'])} +- {_fmt(w['uncertainty'])} | "
+                     f"{_fmt(w['log_snr_center'], 2)} +- {_fmt(w['log_snr_uncertainty'], 2)} | {_fmt(w['log_snr_start'], 2)} .. {_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
     lines.append("")
     if s["concurrence"]:
         lines += ["## Concurrence", ""]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +39,11 @@ def tiny():
 # -- the probe protocol ------------------------------------------------------------------------
 
 
+TOY_TIMES = np.linspace(0.1, 0.9, 9)
+
+
 class MeanPixel(Probe):
-    """A toy probe: the mean pixel of data noised to t, per unit one batch; window = FWHM of |mean| over t."""
+    """A toy probe: a bump over t with per-sample noise, per unit one batch of samples; window = its FWHM."""
 
     name = "mean_pixel"
     family = "symmetry_breaking"
@@ -52,19 +54,16 @@ class MeanPixel(Probe):
         return 4
 
     def key_config(self, det):
-        return {"mean_pixel": {"times": [0.2, 0.4, 0.6, 0.8]}}
+        return {"mean_pixel": {"times": TOY_TIMES.tolist()}}
 
     def units(self, det):
         return [det.store.unit("mean_pixel", {"lo": lo, "hi": lo + 2}, forwards=0) for lo in (0, 2)]
 
     def compute(self, det, unit, g):
         self.computed.append(unit.key)
-        x0, _ = det.data(unit.params["hi"])
-        x0 = x0[unit.params["lo"]:]
-        eps = torch.randn(x0.shape, generator=g)
-        t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-        xt = torch.stack([det.model.schedule.add_noise(x0, ti, eps) for ti in t], 1)  # (B, T, C, H, W)
-        return {"curve": xt.mean(dim=(2, 3, 4)).abs().double().numpy(), "t": t.numpy()}
+        n = unit.params["hi"] - unit.params["lo"]
+        bump = np.exp(-((TOY_TIMES - 0.5) ** 2) / (2 * 0.12**2))
+        return {"curve": bump[None] * (1 + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64).numpy()), "t": TOY_TIMES}
 
     def summarize(self, det, results, out):
         us = results.units("mean_pixel")
@@ -170,11 +169,13 @@ def test_log_snr_axis_is_continuous_monotone_and_matches_the_network_at_its_step
     assert bool((curve[1:] < curve[:-1]).all())  # strictly decreasing: an edge between two steps has its own value
     back = sch.t_from_log_snr(curve)
     assert torch.allclose(back, fine, atol=1e-4)
-    # the estimators' log-SNR fields are read off the same axis
-    w = estimators.Window("w", "symmetry_breaking", 0.2, 0.4, 0.3, 0.2, 0.01)
-    w = estimators._finish(w, sch, np.linspace(0, 1, 11), np.array([]))
-    assert w.log_snr_center == pytest.approx(float(sch.log_snr(0.3)), abs=1e-12)
-    assert w.log_snr_uncertainty == pytest.approx(sch.log_snr_slope(0.3) * 0.1 / math.sqrt(12), rel=1e-9)
+    # the estimators' windows live on the same axis: center = log-SNR midpoint, t fields = its inverse
+    grid = np.linspace(0.05, 0.95, 19)
+    w = estimators.half_max_window("w", "symmetry_breaking", grid, np.exp(-((grid - 0.5) ** 2) / 0.02)[None].repeat(3, 0), sch)
+    assert w.log_snr_center == pytest.approx((w.log_snr_start + w.log_snr_end) / 2, abs=1e-12)
+    assert w.center == pytest.approx(float(sch.t_from_log_snr(w.log_snr_center)), abs=1e-12)
+    assert w.t_start == pytest.approx(float(sch.t_from_log_snr(w.log_snr_start)), abs=1e-12)
+    assert w.uncertainty == pytest.approx(w.log_snr_uncertainty / sch.log_snr_slope(w.center), rel=1e-9)
 
 
 # -- one radius check --------------------------------------------------------------------------

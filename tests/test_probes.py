@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -198,13 +199,20 @@ def test_half_max_window_of_a_gaussian_bump():
     sd = 0.08
     curves = np.exp(-((t - 0.55) ** 2) / (2 * sd**2))[None] * (1 + 0.05 * rng.standard_normal((40, 1)))
     w = estimators.half_max_window("g", "symmetry_breaking", t, curves, sch)
-    assert w.center == pytest.approx(0.55, abs=0.005)
-    assert w.width == pytest.approx(2 * math.sqrt(2 * math.log(2)) * sd, abs=0.01)  # FWHM
+    half = math.sqrt(2 * math.log(2)) * sd
+    assert w.t_start == pytest.approx(0.55 - half, abs=0.005) and w.t_end == pytest.approx(0.55 + half, abs=0.005)  # FWHM
+    assert w.width == pytest.approx(2 * half, abs=0.01)
     assert w.log_snr_start > w.log_snr_center > w.log_snr_end
-    assert w.log_snr_center == pytest.approx(float(sch.log_snr(torch.tensor(0.55))), abs=0.02)
-    # several radii: each normalised by its own maximum, so a 100x smaller radius weighs the same
-    stacked = np.stack([curves, 0.01 * curves], axis=-1)
-    assert estimators.half_max_window("g", "nonlocality", t, stacked, sch).center == pytest.approx(w.center, abs=1e-9)
+    # the center is the log-SNR midpoint of the edges (not the t midpoint: the map t -> log-SNR is not linear)
+    lam = sch.log_snr(torch.tensor([0.55 - half, 0.55 + half], dtype=torch.float64))
+    assert w.log_snr_center == pytest.approx(float(lam.mean()), abs=0.03)
+    assert w.valid and w.reason == ""
+    # one curve per window: radii are estimated one by one (a stack of radii is refused)
+    with pytest.raises(ValueError, match="per-sample curves"):
+        estimators.half_max_window("g", "nonlocality", t, np.stack([curves, 0.01 * curves], axis=-1), sch)
+    # a peak on the grid edge, or a curve above half maximum up to the edge, is no window
+    edge = estimators.half_max_window("g", "symmetry_breaking", t[t < 0.5], curves[:, t < 0.5], sch)
+    assert not edge.valid and "edge of the probed grid" in edge.reason
 
 
 def test_threshold_window_of_a_logistic_error_curve():
@@ -223,24 +231,41 @@ def test_threshold_window_of_a_logistic_error_curve():
 
 def test_scan_minimum_and_concurrence():
     sch = Schedule()
-    centers = np.linspace(0.1, 0.9, 9)
-    p = 0.2 + 2.0 * (centers - 0.43) ** 2
-    exact = estimators.scan_minimum("win", "symmetry_breaking", centers, np.stack([p, p]), 0.2, sch)
-    assert exact.center == pytest.approx(0.43, abs=1e-9) and exact.t_end - exact.t_start == pytest.approx(0.2)
+    t0s = np.linspace(0.0, 0.8, 9)
+    mid = np.array([float(sch.t_from_log_snr(v)) for v in estimators.scan_positions(sch, t0s, 0.2)[2]])  # log-SNR midpoints in t
+    p = 0.2 + 2.0 * (mid - 0.43) ** 2
+    exact = estimators.scan_minimum("win", "symmetry_breaking", t0s, np.stack([p] * 400), 0.2, sch)
+    assert exact.center == pytest.approx(0.43, abs=0.01) and exact.valid
     errors = (np.random.default_rng(2).random((3000, 9)) < p).astype(float)
-    w = estimators.scan_minimum("win", "symmetry_breaking", centers, errors, 0.2, sch)
-    assert abs(w.center - 0.43) < 3 * w.uncertainty and w.uncertainty < 0.1
-    mx = estimators.scan_minimum("win", "symmetry_breaking", centers, 1 - errors, 0.2, sch, maximum=True)
+    w = estimators.scan_minimum("win", "symmetry_breaking", t0s, errors, 0.2, sch)
+    assert abs(w.center - 0.43) < 3 * w.uncertainty + 0.01 and w.uncertainty < 0.1
+    mx = estimators.scan_minimum("win", "symmetry_breaking", t0s, 1 - errors, 0.2, sch, maximum=True)
     assert mx.center == pytest.approx(w.center, abs=1e-9)
-    other = estimators.scan_minimum("loc", "nonlocality", centers + 0.01, errors, 0.2, sch)
-    c = estimators.concurrence(w, other)
-    assert c["concurrent"] and c["overlap_fraction"] > 0.8
-    far = estimators.Window("far", "nonlocality", 0.85, 0.95, 0.9, 0.1, 0.01)
-    far = estimators._finish(far, sch, centers, np.array([]))
-    c2 = estimators.concurrence(w, far)
-    assert not c2["concurrent"] and c2["overlap_fraction"] == 0 and c2["distance_in_sigma"] > 2
+    # the extremum on the scan's edge, or a flat scan, is no window
+    assert "edge of the scan" in estimators.scan_minimum("w", "symmetry_breaking", t0s[4:], errors[:, 4:], 0.2, sch).reason
+    flat = (np.random.default_rng(3).random((50, 9)) < 0.1).astype(float)
+    assert not estimators.scan_minimum("w", "symmetry_breaking", t0s, flat, 0.2, sch).valid
+    # concurrence: a test with three outcomes against a tolerance in log-SNR
+    other = estimators.scan_minimum("loc", "nonlocality", t0s + 0.01, errors, 0.2, sch)
+    c = estimators.concurrence(w, other, tolerance=1.5)  # 95% interval of the difference: about +-1.05 nats here
+    assert c["outcome"] == "concurrent" and c["concurrent"] and c["iou"] > 0.8
+    assert estimators.concurrence(w, other, tolerance=0.5)["outcome"] == "inconclusive"  # too fine a tolerance to decide
+    far = dataclasses.replace(w, probe="far", family="nonlocality", log_snr_center=w.log_snr_center - 4.0,
+                              log_snr_start=w.log_snr_start - 4.0, log_snr_end=w.log_snr_end - 4.0)
+    assert estimators.concurrence(w, far, tolerance=1.5)["outcome"] == "not concurrent"
+    noisy = dataclasses.replace(other, log_snr_uncertainty=3.0)  # more noise can only make it inconclusive
+    assert estimators.concurrence(w, noisy, tolerance=1.0)["outcome"] == "inconclusive"
+    assert estimators.concurrence(w, dataclasses.replace(far, log_snr_uncertainty=3.0), tolerance=1.0)["outcome"] == "inconclusive"
+    invalid = dataclasses.replace(other, valid=False, reason="the argmin is on the edge of the scan")
+    out = estimators.concurrence(w, invalid)
+    assert out["outcome"] == "no window" and not out["concurrent"]
     comb = estimators.combine([w, other], sch)
     assert w.log_snr_center >= comb.log_snr_center >= other.log_snr_center or other.log_snr_center >= comb.log_snr_center >= w.log_snr_center
+    # scans contribute centers, not widths, when a member with a measured width exists
+    t = np.linspace(0.02, 0.98, 49)
+    bump = np.exp(-((t - 0.5) ** 2) / (2 * 0.05**2))[None] * (1 + 0.05 * np.random.default_rng(4).standard_normal((30, 1)))
+    gap = estimators.half_max_window("g", "symmetry_breaking", t, bump, sch)
+    assert estimators.combine([w, gap], sch).log_snr_width == pytest.approx(gap.log_snr_width)
 
 
 # -- store ------------------------------------------------------------------------------------

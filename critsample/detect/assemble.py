@@ -30,37 +30,39 @@ def family_windows(windows: dict[str, Window], family: str) -> list[Window]:
     return [w for w in windows.values() if w.family == family]
 
 
-def concurrence(windows: dict[str, Window], schedule) -> tuple[dict, Window | None, Window | None, Window | None]:
-    """Per-pair and overall verdicts, the two family windows and the combined critical window."""
+def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_run: list[str]) -> tuple[dict, Window | None, Window | None, Window | None]:
+    """Per-pair and overall three-outcome tests (``estimators.concurrence``), the two family windows and the combined
+    critical window. A pair whose probes both ran is always reported ("no window" when a side is invalid)."""
     conc = {}
+    ran = set(probes_run) | {"forward_backward_local"} if "forward_backward" in probes_run else set(probes_run)
     for pair, a, b in PAIRS:
-        if a in windows and b in windows and windows[a].valid and windows[b].valid:
-            conc[pair] = estimators.concurrence(windows[a], windows[b])
+        if a in ran and b in ran:
+            conc[pair] = estimators.concurrence(windows.get(a), windows.get(b), tolerance)
     sb, nl = family_windows(windows, "symmetry_breaking"), family_windows(windows, "nonlocality")
     w_sb, w_nl = estimators.combine(sb, schedule, "symmetry_breaking"), estimators.combine(nl, schedule, "nonlocality")
-    if w_sb is not None and w_nl is not None:
-        conc["overall"] = estimators.concurrence(w_sb, w_nl)
+    if sb and nl:
+        conc["overall"] = estimators.concurrence(w_sb, w_nl, tolerance)
     return conc, w_sb, w_nl, estimators.combine(sb + nl, schedule)
 
 
 def suggested_radius(det: Detection, probes: dict) -> int | None:
     """The smallest radius that is good enough outside the critical window, for ``critsample sample --adaptive``.
 
-    With a windowed-locality scan: the smallest radius whose best position's error is within 2 Bernoulli sigma of the
-    best radius's. Else the median radius probed.
+    From the conditioning-fixed windowed-locality scan over several radii: the smallest radius whose best position's
+    error is within 2 Bernoulli sigma of the best radius's. None (not determined) when fewer than two radii were
+    scanned: a single radius says nothing about which radius is good enough.
     """
     scan = (probes.get("window_locality") or {}).get("scan") or {}
     best = {}
     for name, v in scan.items():
-        if name.startswith("loc_in[r="):
-            r = int(name[len("loc_in[r="):-1])
+        if name.startswith("loccond_in[r="):
+            r = int(name[len("loccond_in[r="):-1])
             k = int(np.argmin(v["error"]))
             best[r] = (v["error"][k], v["error_sigma"][k])
-    if best:
-        e_min = min(e for e, _ in best.values())
-        return min(r for r, (e, s) in best.items() if e <= e_min + 2 * max(s, 1e-9) + 1e-12)
-    radii = det.gap_radii or det.fb_radii or det.win_radii
-    return int(radii[len(radii) // 2]) if radii else None
+    if len(best) < 2:
+        return None
+    e_min = min(e for e, _ in best.values())
+    return min(r for r, (e, s) in best.items() if e <= e_min + 2 * max(s, 1e-9) + 1e-12)
 
 
 def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, counts: tuple[int, int], out: Path, wall: float) -> dict:
@@ -70,7 +72,7 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
     windows = {k: w for o in outputs.values() for k, w in o.windows.items()}
     probes = {name: o.record for name, o in outputs.items() if o.record is not None}
     figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}
-    conc, w_sb, w_nl, combined = concurrence(windows, sch)
+    conc, w_sb, w_nl, combined = concurrence(windows, sch, cfg.concurrence_tolerance, list(cfg.probes))
     cw = None
     if combined is not None:
         cw = combined.to_dict()

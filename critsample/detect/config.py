@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
@@ -150,6 +151,9 @@ class DetectConfig:
     """Integrator: ddim or dpm (DDPM models), euler (flow models); auto = ddim / euler."""
     max_batch: int = 128
     """Rows per network forward."""
+    concurrence_tolerance: float = 1.0
+    """Tolerance Delta of the concurrence test, in nats of log-SNR: concurrent when the 95% interval of the center
+    difference lies inside [-Delta, Delta], not concurrent when outside, inconclusive otherwise."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless WANDB_MODE is set); --no-wandb switches it off."""
     gaps: GapArgs = field(default_factory=GapArgs)
@@ -175,6 +179,8 @@ class DetectConfig:
         _at_least_one(self, "", ("max_batch", "devices"))
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (or omitted); got {self.threads}.")
+        if not (self.concurrence_tolerance > 0 and math.isfinite(self.concurrence_tolerance)):
+            raise UserError(f"--concurrence_tolerance must be a positive number of nats; got {self.concurrence_tolerance}.")
         if self.sampler not in SAMPLERS:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, ddim, dpm or euler.")
         for section in (self.gaps, self.fb, self.windows):

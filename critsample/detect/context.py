@@ -14,7 +14,8 @@ from ..attention import check_radius
 from ..denoisers import Cond, Denoiser, tile_rows
 from ..errors import UserError
 from ..probes.rows import class_rows
-from ..store import Store, model_fingerprint
+from ..sampling import sample_generator
+from ..store import Store, model_fingerprint, stable_hash, unit_generator
 from .data import classifier_name, load_classifier_for, load_data
 
 if TYPE_CHECKING:
@@ -113,6 +114,21 @@ class Detection:
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.classifier.predict_logits(images.to(self.device))
+
+    def generators(self, lo: int, hi: int, stream: str = "") -> list[torch.Generator]:
+        """One generator per sample index in [lo, hi), from (seed, stream, index) alone: the paired design. Sample i
+        starts from the same noise at every scan position, radius and arm (and in the sampled gap trajectories), so
+        the probes' differences are paired; ``stream`` separates independent draws (forward-backward's forward noise,
+        the training trajectory's eps, generated clean images)."""
+        seed = int(self.cfg.seed)
+        return [sample_generator(seed, i) if not stream else unit_generator(stable_hash({"seed": seed, "sample": i, "stream": stream}))
+                for i in range(lo, hi)]
+
+    @property
+    def chance(self) -> float | None:
+        """Classifier error of a random class, 1 - 1/K, the forward-backward plateau (None when K is unknown)."""
+        k = getattr(self.classifier, "num_classes", None) or self.model.num_classes
+        return 1.0 - 1.0 / int(k) if k else None
 
     def memo(self, key: str, make):
         """``make()`` once per run (plans, arrays that several probes read)."""

@@ -1,44 +1,61 @@
-"""Critical windows from probe curves, with uncertainties, and the concurrence verdict.
+"""Critical windows from probe curves, with uncertainties, and the concurrence test.
 
-Every estimator returns a :class:`Window` in critsample time t (0 = clean, 1 = noise) and in log-SNR
-(lambda = log(alpha^2 / sigma^2); decreasing in t, so ``log_snr_start`` = lambda(t_start) > ``log_snr_end``).
-Uncertainties are one-sigma: the standard deviation over ``n_boot`` bootstrap resamples of the samples (rows of the
-per-sample arrays) combined in quadrature with the grid resolution (spacing / sqrt(12) at the estimate).
+Every estimator works on the log-SNR axis (``Schedule.log_snr``: lambda = log(alpha^2 / sigma^2) in nats, decreasing
+in t) and returns a :class:`Window` in log-SNR and in critsample time t (0 = clean, 1 = noise), so ``log_snr_start`` =
+lambda(t_start) > ``log_snr_end``. Centers are log-SNR midpoints; t fields are the t of those log-SNR values.
 
-Rules (one per probe family):
+Uncertainty comes from the whole estimator: the samples (rows of the per-sample arrays) are resampled ``n_boot`` times
+with replacement, the rule is run again on each resample, and the one-sigma uncertainty of the center is the standard
+deviation of the resampled centers, combined in quadrature with the grid resolution (log-SNR spacing / sqrt(12) at
+the center). A window is **invalid** (``valid = False``, ``reason`` says why) when its peak, argmin or an edge touches
+the probed grid's boundary (the true window may lie outside what was probed), when the curve has no contrast against
+its noise, or when fewer than half of the bootstrap resamples find a window.
 
-* **Gap curves** (:func:`half_max_window`; conditioning gap eq. 6, locality gap eq. 7): the mean curve over samples
-  is normalised by its maximum; the window is the contiguous t-range around the maximum where it is >= 1/2 (full
-  width at half maximum, edges linearly interpolated between grid points); center = midpoint of that range.
-  Several curves (the locality gap of each radius, the local-minus-global forward-backward error of each radius) are
-  first normalised each by its own maximum and averaged, so every radius weighs the same.
-* **Forward-backward threshold** (:func:`threshold_window`): the error-vs-t curve is made monotone by isotonic
-  regression (pool adjacent violators); with floor = its minimum and plateau = its maximum, the threshold is where it
-  crosses floor + 1/2 (plateau - floor) (50 % of the rise; = 50 % of the plateau when the floor is 0), by linear
-  interpolation; the window spans the 25 % and 75 % crossings. No window (``valid = False``) if the rise is below
-  ``min_rise``.
-* **Windowed scans** (:func:`scan_minimum`): the position (window center) of the minimum of the mean error over
-  the scan, refined by a parabola through the minimum and its two neighbours; the window is that position +- w / 2.
-  The complement scans use the maximum instead (removing conditioning hurts most inside the critical window).
-* **Concurrence** (:func:`concurrence`): a symmetry-breaking window A and a nonlocality window B concur if they overlap
-  by at least half of the shorter one in log-SNR, or if their centers differ by at most 2 combined sigma
-  (sqrt(sigma_A^2 + sigma_B^2), log-SNR). Both numbers are reported.
-* **Combined critical window** (:func:`combine`): median of the member centers and of the member widths in log-SNR,
-  uncertainty = sqrt((sample variance of the centers + median member variance) / n).
+Rules:
+
+* **Gap curves** (:func:`half_max_window`; conditioning gap eq. 6, locality gap eq. 7 of one radius): the full width
+  at half maximum of the sample-mean curve, edges linearly interpolated in log-SNR between grid points; center = the
+  log-SNR midpoint of the edges. Invalid if the peak is on the first or last grid point or the curve stays above half
+  its maximum up to a grid end. ``min_z``: for curves that are zero in truth when there is no effect (differences of
+  error rates), the peak must also lie ``min_z`` standard errors above zero.
+* **Thresholds** (:func:`threshold_window`; forward-backward error vs t): an isotonic (non-decreasing) fit of the
+  mean error; floor = its minimum, plateau = ``chance`` (1 - 1/K for K classes: a fully noised image is denoised into
+  a random class) or, when K is unknown, the fitted maximum. The center is where the fit crosses floor + 50 % of the
+  rise (interpolated in log-SNR), the window spans the 25 % and 75 % crossings. Invalid if the rise is below
+  ``min_rise``, if the fit starts above the 25 % level (the floor lies outside the grid) or never reaches 75 %.
+* **Windowed scans** (:func:`scan_minimum`): each scan position's window [t0, t0 + w] is placed at its log-SNR
+  midpoint; the argmin (argmax for the complement scans) of the mean error over positions is refined by a parabola
+  through it and its two neighbours in log-SNR; the window is that position's window. Invalid if the extremum is at
+  the first or last position, or if the positions' errors do not differ significantly (Friedman's test on the paired
+  samples, Cochran's Q for 0/1 errors, p >= 0.05).
+* **Combined windows** (:func:`combine`): center = median of the members' log-SNR centers; width = median of the
+  widths of the members whose width is measured (a scan's width is its window width w, a hyperparameter, so scans only
+  contribute their centers); uncertainty = sqrt(variance of the member centers + median member variance): the spread
+  of the probes is a systematic uncertainty and is not divided by sqrt(n).
+* **Concurrence** (:func:`concurrence`): a test with three outcomes on the difference d of the two centers in
+  log-SNR against a tolerance Delta (nats): with sigma = sqrt(sigma_A^2 + sigma_B^2) and the 95 % interval
+  d +- 1.96 sigma, *concurrent* if the interval lies inside [-Delta, Delta], *not concurrent* if it lies outside, and
+  *inconclusive* otherwise; *no window* when either side has no valid window. More noise widens the interval, so it
+  can only make the verdict inconclusive. The overlap (intersection over union, in log-SNR) is reported beside it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
+from scipy import stats
 
 from ..noise import Schedule
 from ..summary import jsonable
 
 N_BOOT = 200
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+MIN_BOOT_FRACTION = 0.5
+ALPHA = 0.05  # significance of a scan's contrast
 
 
 @dataclass
@@ -46,7 +63,7 @@ class Window:
     """A critical-window estimate; all times in critsample t, log-SNR in nats (log alpha^2 / sigma^2)."""
 
     probe: str
-    family: str  # "symmetry_breaking" | "nonlocality"
+    family: str  # "symmetry_breaking" | "nonlocality" | "combined"
     t_start: float
     t_end: float
     center: float
@@ -59,6 +76,7 @@ class Window:
     log_snr_uncertainty: float = math.nan
     rule: str = ""
     valid: bool = True
+    reason: str = ""  # why the window is invalid ("" when valid)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -70,6 +88,10 @@ def _lam(schedule: Schedule, t) -> np.ndarray:
     return schedule.log_snr(torch.as_tensor(np.asarray(t, dtype=np.float64))).numpy()
 
 
+def _t(schedule: Schedule, lam: float) -> float:
+    return float(schedule.t_from_log_snr(torch.tensor(float(lam), dtype=torch.float64))) if math.isfinite(lam) else math.nan
+
+
 def _resolution(grid: np.ndarray, x: float) -> float:
     """Grid spacing near ``x`` / sqrt(12): the error of locating a point on that grid."""
     g = np.sort(np.asarray(grid, dtype=np.float64))
@@ -79,57 +101,74 @@ def _resolution(grid: np.ndarray, x: float) -> float:
     return float(g[i] - g[i - 1]) / math.sqrt(12)
 
 
-def _finish(w: Window, schedule: Schedule, grid: np.ndarray, boot_centers: np.ndarray) -> Window:
-    """Add grid resolution to the t uncertainty and fill the log-SNR fields (bootstrap in log-SNR too)."""
-    res = _resolution(grid, w.center)
-    w.uncertainty = float(math.hypot(w.uncertainty, res))
-    lam = _lam(schedule, [w.t_start, w.t_end, w.center])
-    w.log_snr_start, w.log_snr_end, w.log_snr_center = (float(v) for v in lam)
-    w.log_snr_width = float(w.log_snr_start - w.log_snr_end)
-    bc = boot_centers[np.isfinite(boot_centers)]
-    lam_boot = float(np.std(_lam(schedule, bc))) if bc.size > 1 else 0.0
-    slope = schedule.log_snr_slope(w.center)
-    w.log_snr_uncertainty = float(math.hypot(lam_boot, slope * res))
-    return w
+def _window(
+    probe: str, family: str, schedule: Schedule, lam_start: float, lam_end: float, lam_grid: np.ndarray, boot: np.ndarray,
+    *, rule: str, reason: str = "", center: float | None = None, extra: dict | None = None,
+) -> Window:
+    """A Window from log-SNR edges (and center: default their midpoint), bootstrap centers and the probed grid."""
+    c = (lam_start + lam_end) / 2 if center is None else center
+    boot = boot[np.isfinite(boot)] if boot.size else boot
+    unc = math.hypot(float(np.std(boot)) if boot.size > 1 else 0.0, _resolution(lam_grid, c))
+    t_start, t_end, t_c = _t(schedule, lam_start), _t(schedule, lam_end), _t(schedule, c)
+    slope = schedule.log_snr_slope(t_c) if math.isfinite(t_c) else math.nan
+    return Window(
+        probe, family, t_start, t_end, t_c, t_end - t_start, unc / slope if slope and slope > 0 else math.nan,
+        log_snr_start=lam_start, log_snr_end=lam_end, log_snr_center=c, log_snr_width=lam_start - lam_end,
+        log_snr_uncertainty=unc, rule=rule, valid=not reason and math.isfinite(c), reason=reason or ("" if math.isfinite(c) else "no window found"),
+        extra={**(extra or {}), "bootstrap_resamples": int(boot.size)},
+    )
+
+
+def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, float]:
+    """Centers of ``rule`` on ``n_boot`` resamples of the rows (NaN = no window in that resample) and the fraction valid."""
+    n = rows.shape[0]
+    if n < 2 or n_boot < 1:
+        return np.array([]), 1.0
+    rng = np.random.default_rng(seed)
+    centers = np.array([rule(rows[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
+    return centers, float(np.isfinite(centers).mean())
+
+
+def _unstable(fraction: float) -> str:
+    return f"found in only {100 * fraction:.0f}% of the bootstrap resamples" if fraction < MIN_BOOT_FRACTION else ""
+
+
+def _sorted(t, curves) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(t, dtype=np.float64)
+    curves = np.asarray(curves, dtype=np.float64)
+    order = np.argsort(t)
+    return t[order], curves[:, order]
 
 
 # -- gap curves: full width at half maximum ---------------------------------------------------
 
 
-def _fwhm(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(t_start, t_end, t_peak) of the region >= max / 2 around the maximum, edges interpolated; t ascending."""
+def _fwhm(lam: np.ndarray, y: np.ndarray) -> tuple[float, float, int, str]:
+    """(lambda_start, lambda_end, peak index, reason) of the region >= max / 2 around the maximum of ``y`` on a grid
+    ordered by t (so ``lam`` decreases); edges interpolated in log-SNR. ``reason`` is "" for a valid window."""
     if not np.isfinite(y).any() or np.nanmax(y) <= 0:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, -1, "the curve is nowhere positive"
     y = np.nan_to_num(y, nan=-np.inf)
     k = int(np.argmax(y))
     half = y[k] / 2
-    lo = k
+    lo, hi = k, k
     while lo > 0 and y[lo - 1] >= half:
         lo -= 1
-    hi = k
     while hi < len(y) - 1 and y[hi + 1] >= half:
         hi += 1
-    start = t[lo] if lo == 0 else t[lo - 1] + (half - y[lo - 1]) / (y[lo] - y[lo - 1]) * (t[lo] - t[lo - 1])
-    end = t[hi] if hi == len(y) - 1 else t[hi] + (y[hi] - half) / (y[hi] - y[hi + 1]) * (t[hi + 1] - t[hi])
-    return float(start), float(end), float(t[k])
-
-
-def _normalised_mean(curves: np.ndarray) -> np.ndarray:
-    """curves (n, T) or (n, T, R) per sample -> (T,) mean curve (each radius normalised by its own max, averaged)."""
-    m = curves.mean(axis=0)
-    if m.ndim == 1:
-        return m
-    peak = m.max(axis=0, keepdims=True)
-    ok = (peak > 0).reshape(-1)
-    if not ok.any():
-        return np.zeros(m.shape[0])
-    return (m[:, ok] / peak[:, ok]).mean(axis=1)
+    start = lam[lo] if lo == 0 else lam[lo - 1] + (half - y[lo - 1]) / (y[lo] - y[lo - 1]) * (lam[lo] - lam[lo - 1])
+    end = lam[hi] if hi == len(y) - 1 else lam[hi] + (y[hi] - half) / (y[hi] - y[hi + 1]) * (lam[hi + 1] - lam[hi])
+    reason = ""
+    if k in (0, len(y) - 1):
+        reason = "the peak is on the edge of the probed grid"
+    elif lo == 0 or hi == len(y) - 1:
+        reason = "the curve stays above half its maximum up to the edge of the probed grid"
+    return float(start), float(end), k, reason
 
 
 def _peak_z(curves: np.ndarray, k: int) -> float:
-    """Mean over samples / its standard error, at time index k, of the per-sample normalised (radius-averaged) curve."""
-    m = curves.mean(axis=0)
-    per = curves[:, k] if curves.ndim == 2 else (curves[:, k, :] / np.where(m[k] > 0, m[k], np.inf)[None]).mean(axis=1)
+    """Mean over samples / its standard error at time index k."""
+    per = curves[:, k]
     se = per.std(ddof=1) / math.sqrt(len(per)) if len(per) > 1 else 0.0
     return float(per.mean() / se) if se > 0 else (math.inf if per.mean() > 0 else 0.0)
 
@@ -137,35 +176,29 @@ def _peak_z(curves: np.ndarray, k: int) -> float:
 def half_max_window(
     probe: str, family: str, t, curves, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0, min_z: float | None = None
 ) -> Window:
-    """FWHM window of per-sample curves (n, T) or (n, T, R) over times ``t`` (T,); bootstrap over the n samples.
+    """FWHM window of per-sample curves (n, T) over times ``t`` (T,) (module docstring); bootstrap over the n samples."""
+    t, curves = _sorted(t, curves)
+    if curves.ndim != 2:
+        raise ValueError(f"half_max_window takes per-sample curves (n, T); got shape {curves.shape}.")
+    lam = _lam(schedule, t)
+    start, end, k, reason = _fwhm(lam, curves.mean(0))
+    z = _peak_z(curves, k) if k >= 0 else 0.0
+    if not reason and min_z is not None and z < min_z:
+        reason = f"the peak is {z:.1f} standard errors above zero, below the required {min_z:g}"
 
-    ``min_z``: for curves that can be zero in truth (e.g. a difference of error rates), the window is only ``valid`` if
-    the mean at the peak is at least ``min_z`` standard errors above zero."""
-    t = np.asarray(t, dtype=np.float64)
-    curves = np.asarray(curves, dtype=np.float64)
-    order = np.argsort(t)
-    t, curves = t[order], curves[:, order]
-    start, end, peak = _fwhm(t, _normalised_mean(curves))
-    rng = np.random.default_rng(seed)
-    n = curves.shape[0]
-    boot = np.array([_fwhm(t, _normalised_mean(curves[rng.integers(0, n, n)])) for _ in range(n_boot if n > 1 else 0)]).reshape(-1, 3)
-    boot = boot[np.isfinite(boot[:, 0])]
-    centers = (boot[:, 0] + boot[:, 1]) / 2
-    center = (start + end) / 2
-    z = _peak_z(curves, int(np.argmin(np.abs(t - peak)))) if math.isfinite(peak) else 0.0
-    significant = min_z is None or z >= min_z
-    w = Window(
-        probe, family, start, end, center, end - start, float(np.std(centers)) if centers.size > 1 else 0.0,
-        rule="full width at half maximum of the sample-mean curve (radii normalised and averaged); center = midpoint",
-        valid=bool(math.isfinite(center) and significant),
-        extra={"peak_t": peak, "peak_z": z, "min_z": min_z, "width_std": float(np.std(boot[:, 1] - boot[:, 0])) if centers.size > 1 else 0.0,
-               "at_grid_edge": bool(math.isfinite(start) and (start <= t[0] or end >= t[-1])),
-               "bootstrap_valid_fraction": len(boot) / n_boot if n > 1 else 0.0},
+    def rule(rows: np.ndarray) -> float:
+        s, e, _, why = _fwhm(lam, rows.mean(0))
+        return (s + e) / 2 if not why else math.nan
+
+    boot, fraction = _bootstrap(rule, curves, n_boot, seed)
+    return _window(
+        probe, family, schedule, start, end, lam, boot, reason=reason or _unstable(fraction),
+        rule="full width at half maximum of the sample-mean curve, edges interpolated in log-SNR; center = log-SNR midpoint",
+        extra={"peak_t": float(t[k]) if k >= 0 else None, "peak_z": z, "min_z": min_z, "bootstrap_valid_fraction": fraction},
     )
-    return _finish(w, schedule, t, centers)
 
 
-# -- forward-backward thresholds --------------------------------------------------------------
+# -- thresholds -------------------------------------------------------------------------------
 
 
 def isotonic(y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -182,54 +215,63 @@ def isotonic(y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     return np.repeat(vals, sizes)
 
 
-def _crossing(t: np.ndarray, y: np.ndarray, level: float) -> float:
-    """First t where a non-decreasing y reaches ``level`` (linear interpolation)."""
+def _crossing(lam: np.ndarray, y: np.ndarray, level: float) -> float:
+    """Log-SNR where a non-decreasing y (on a grid ordered by t) first reaches ``level`` (linear interpolation)."""
     above = np.nonzero(y >= level)[0]
     if above.size == 0:
         return math.nan
     k = int(above[0])
     if k == 0 or y[k] == y[k - 1]:
-        return float(t[k])
-    return float(t[k - 1] + (level - y[k - 1]) / (y[k] - y[k - 1]) * (t[k] - t[k - 1]))
+        return float(lam[k])
+    return float(lam[k - 1] + (level - y[k - 1]) / (y[k] - y[k - 1]) * (lam[k] - lam[k - 1]))
 
 
-def _threshold(t: np.ndarray, e: np.ndarray, min_rise: float) -> tuple[float, float, float, float, float]:
+def _threshold(lam: np.ndarray, e: np.ndarray, min_rise: float, chance: float | None) -> tuple[float, float, float, float, float, str]:
     fit = isotonic(e)
-    floor, plateau = float(fit.min()), float(fit.max())
+    floor = float(fit.min())
+    plateau = float(chance) if chance is not None else float(fit.max())
     if plateau - floor < min_rise:
-        return math.nan, math.nan, math.nan, floor, plateau
-    q = lambda f: _crossing(t, fit, floor + f * (plateau - floor))  # noqa: E731
-    return q(0.25), q(0.5), q(0.75), floor, plateau
+        return math.nan, math.nan, math.nan, floor, plateau, f"the error rises by less than {min_rise:g} over the grid"
+    level = lambda f: floor + f * (plateau - floor)  # noqa: E731
+    lo, mid, hi = (_crossing(lam, fit, level(f)) for f in (0.25, 0.5, 0.75))
+    reason = ""
+    if fit[0] >= level(0.25):
+        reason = "the error is already above 25% of its rise at the first noise level (the floor lies outside the grid)"
+    elif not math.isfinite(hi):
+        reason = "the error never reaches 75% of its rise toward chance within the probed grid"
+    return lo, mid, hi, floor, plateau, reason
 
 
 def threshold_window(
-    probe: str, family: str, t, errors, schedule: Schedule, *, min_rise: float = 0.1, n_boot: int = N_BOOT, seed: int = 0
+    probe: str, family: str, t, errors, schedule: Schedule, *, chance: float | None = None, min_rise: float = 0.1,
+    n_boot: int = N_BOOT, seed: int = 0,
 ) -> Window:
-    """Threshold of a rising error curve; ``errors`` (n, T) per-sample 0/1 outcomes at times ``t``."""
-    t = np.asarray(t, dtype=np.float64)
-    errors = np.asarray(errors, dtype=np.float64)
-    order = np.argsort(t)
-    t, errors = t[order], errors[:, order]
-    e = errors.mean(0)
-    lo, mid, hi, floor, plateau = _threshold(t, e, min_rise)
-    rng = np.random.default_rng(seed)
-    n = errors.shape[0]
-    boot = np.array([_threshold(t, errors[rng.integers(0, n, n)].mean(0), min_rise)[:3] for _ in range(n_boot if n > 1 else 0)]).reshape(-1, 3)
-    ok = boot[np.isfinite(boot[:, 1])] if boot.size else boot
-    w = Window(
-        probe, family, lo, hi, mid, hi - lo, float(np.std(ok[:, 1])) if len(ok) > 1 else 0.0,
-        rule="isotonic fit of error vs t; center = crossing of floor + 50% of the rise, window = 25%..75% crossings",
-        valid=bool(math.isfinite(mid)),
-        extra={"floor": floor, "plateau": plateau, "bootstrap_valid_fraction": float(np.isfinite(boot[:, 1]).mean()) if boot.size else 0.0},
+    """Threshold of a rising error curve; ``errors`` (n, T) per-sample 0/1 outcomes at times ``t``; ``chance`` the
+    plateau (1 - 1/K), None = the fitted maximum."""
+    t, errors = _sorted(t, errors)
+    lam = _lam(schedule, t)
+    lo, mid, hi, floor, plateau, reason = _threshold(lam, errors.mean(0), min_rise, chance)
+
+    def rule(rows: np.ndarray) -> float:
+        out = _threshold(lam, rows.mean(0), min_rise, chance)
+        return out[1] if not out[5] else math.nan
+
+    boot, fraction = _bootstrap(rule, errors, n_boot, seed)
+    w = _window(
+        probe, family, schedule, lo, hi, lam, boot, center=mid, reason=reason or _unstable(fraction),
+        rule=("isotonic fit of error vs t; center = crossing of floor + 50% of the rise toward "
+              + ("chance (1 - 1/K)" if chance is not None else "the fitted plateau") + ", window = 25%..75% crossings (log-SNR)"),
+        extra={"floor": floor, "plateau": plateau, "chance": chance, "bootstrap_valid_fraction": fraction},
     )
-    return _finish(w, schedule, t, boot[:, 1] if boot.size else np.array([]))
+    return w
 
 
 # -- windowed scans ----------------------------------------------------------------------------
 
 
-def _extremum(x: np.ndarray, y: np.ndarray, sign: float) -> float:
-    """Position of the minimum (sign = +1) or maximum (-1) of y(x), parabola-refined on the three nearest points."""
+def _extremum(x: np.ndarray, y: np.ndarray, sign: float) -> tuple[float, int]:
+    """Position of the minimum (sign = +1) or maximum (-1) of y(x), parabola-refined on the three nearest points, and
+    the index of the grid extremum."""
     y = sign * np.asarray(y, dtype=np.float64)
     k = int(np.nanargmin(y))
     if 0 < k < len(y) - 1:
@@ -239,105 +281,136 @@ def _extremum(x: np.ndarray, y: np.ndarray, sign: float) -> float:
         a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den if den else 0.0
         b = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / den if den else 0.0
         if a > 0:
-            return float(np.clip(-b / (2 * a), x0, x2))
-    return float(x[k])
+            lo, hi = min(x0, x2), max(x0, x2)
+            return float(np.clip(-b / (2 * a), lo, hi)), k
+    return float(x[k]), k
+
+
+def positions_differ(errors: np.ndarray) -> float:
+    """p-value of "every scan position has the same error" for paired outcomes (n samples x P positions): Friedman's
+    test, which on 0/1 outcomes is Cochran's Q (the samples are paired across positions by their shared noise)."""
+    if errors.shape[0] < 2 or errors.shape[1] < 3 or np.all(errors == errors[:, :1]):
+        return 1.0
+    with np.errstate(all="ignore"):
+        p = float(stats.friedmanchisquare(*errors.T).pvalue)
+    return p if math.isfinite(p) else 1.0
+
+
+def scan_positions(schedule: Schedule, t0s, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-SNR (start, end, midpoint) of the scan windows [t0, min(t0 + w, 1)]."""
+    t0s = np.asarray(t0s, dtype=np.float64)
+    start, end = _lam(schedule, t0s), _lam(schedule, np.minimum(t0s + width, 1.0))
+    return start, end, (start + end) / 2
 
 
 def scan_minimum(
-    probe: str, family: str, centers, errors, width: float, schedule: Schedule, *, maximum: bool = False,
+    probe: str, family: str, t0s, errors, width: float, schedule: Schedule, *, maximum: bool = False,
     n_boot: int = N_BOOT, seed: int = 0,
 ) -> Window:
-    """Argmin (or argmax) over scan positions. ``centers`` (P,) window centers in t; ``errors`` (n, P) per-sample
-    outcomes (or (n, P, R): averaged over R radii first). The window is the argmin position +- width / 2, in [0, 1]."""
-    x = np.asarray(centers, dtype=np.float64)
+    """Argmin (or argmax) over scan positions (module docstring). ``t0s`` (P,) window starts in t; ``errors`` (n, P)
+    per-sample outcomes (or (n, P, R): averaged over R radii first); ``width`` the scan's window width in t."""
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim == 3:
         errors = errors.mean(axis=2)
-    order = np.argsort(x)
-    x, errors = x[order], errors[:, order]
+    t0s, errors = _sorted(t0s, errors)
+    lam_start, lam_end, lam_mid = scan_positions(schedule, t0s, width)
     sign = -1.0 if maximum else 1.0
-    c = _extremum(x, errors.mean(0), sign)
-    rng = np.random.default_rng(seed)
-    n = errors.shape[0]
-    boot = np.array([_extremum(x, errors[rng.integers(0, n, n)].mean(0), sign) for _ in range(n_boot if n > 1 else 0)])
-    w = Window(
-        probe, family, max(0.0, c - width / 2), min(1.0, c + width / 2), c, width, float(np.std(boot)) if boot.size else 0.0,
-        rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window centers, parabola-refined; window = center +- w/2",
-        extra={"scan_width": width},
+    mean = errors.mean(0)
+    c, k = _extremum(lam_mid, mean, sign)
+    p_value = positions_differ(errors)
+    reason = ""
+    if k in (0, len(mean) - 1):
+        reason = f"the arg{'max' if maximum else 'min'} is on the edge of the scan"
+    elif not p_value < ALPHA:
+        reason = f"the scan has no contrast: the positions' errors do not differ (Friedman / Cochran's Q p = {p_value:.2f} >= {ALPHA:g})"
+
+    def rule(rows: np.ndarray) -> float:
+        cb, kb = _extremum(lam_mid, rows.mean(0), sign)
+        return cb if 0 < kb < len(mean) - 1 else math.nan
+
+    boot, fraction = _bootstrap(rule, errors, n_boot, seed)
+    half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))  # half width of the window placed at c
+    return _window(
+        probe, family, schedule, c + half, c - half, lam_mid, boot, center=c, reason=reason or _unstable(fraction),
+        rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window log-SNR midpoints, parabola-refined; "
+             "window = that position's window",
+        extra={"scan_width": width, "contrast_p_value": p_value, "bootstrap_valid_fraction": fraction},
     )
-    w.width = w.t_end - w.t_start
-    return _finish(w, schedule, x, boot)
 
 
-def fid_minimum(probe: str, family: str, centers, fid, sigma, width: float, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0) -> Window:
+def fid_minimum(probe: str, family: str, t0s, fid, sigma, width: float, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0) -> Window:
     """Argmin of FID over scan positions; spread from a parametric bootstrap fid_i + sigma_i z."""
-    x = np.asarray(centers, dtype=np.float64)
-    fid, sigma = np.asarray(fid, dtype=np.float64), np.nan_to_num(np.asarray(sigma, dtype=np.float64))
-    order = np.argsort(x)
-    x, fid, sigma = x[order], fid[order], sigma[order]
-    c = _extremum(x, fid, 1.0)
+    t0s = np.asarray(t0s, dtype=np.float64)
+    order = np.argsort(t0s)
+    t0s, fid, sigma = t0s[order], np.asarray(fid, dtype=np.float64)[order], np.nan_to_num(np.asarray(sigma, dtype=np.float64))[order]
+    lam_start, lam_end, lam_mid = scan_positions(schedule, t0s, width)
+    c, k = _extremum(lam_mid, fid, 1.0)
     rng = np.random.default_rng(seed)
-    boot = np.array([_extremum(x, fid + sigma * rng.standard_normal(len(fid)), 1.0) for _ in range(n_boot)])
-    w = Window(probe, family, max(0.0, c - width / 2), min(1.0, c + width / 2), c, width, float(np.std(boot)),
-               rule="argmin of FID to the always-conditioned baseline, parabola-refined; spread from fid + sigma z")
-    w.width = w.t_end - w.t_start
-    return _finish(w, schedule, x, boot)
+    boot = np.array([_extremum(lam_mid, fid + sigma * rng.standard_normal(len(fid)), 1.0)[0] for _ in range(n_boot)])
+    half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))
+    reason = "the argmin is on the edge of the scan" if k in (0, len(fid) - 1) else ""
+    return _window(probe, family, schedule, c + half, c - half, lam_mid, boot, center=c, reason=reason,
+                   rule="argmin of FID to the always-conditioned baseline over window log-SNR midpoints, parabola-refined; "
+                        "spread from fid + sigma z", extra={"scan_width": width})
 
 
-# -- concurrence and the combined window -------------------------------------------------------
+# -- the combined window and the concurrence test ------------------------------------------------
+
+
+def combine(windows: list[Window], schedule: Schedule, name: str = "critical_window") -> Window | None:
+    """The valid members' combined window (module docstring); None if no member is valid."""
+    ws = [w for w in windows if w.valid and math.isfinite(w.log_snr_center)]
+    if not ws:
+        return None
+    centers = np.array([w.log_snr_center for w in ws])
+    sig = np.array([w.log_snr_uncertainty if math.isfinite(w.log_snr_uncertainty) else 0.0 for w in ws])
+    c = float(np.median(centers))
+    spread = float(np.var(centers, ddof=1)) if len(ws) > 1 else 0.0
+    unc = math.sqrt(spread + float(np.median(sig**2)))
+    measured = [w.log_snr_width for w in ws if "scan_width" not in w.extra and math.isfinite(w.log_snr_width)]
+    widths = measured or [w.log_snr_width for w in ws]  # scans only: their window width is all there is
+    width = float(np.median(widths))
+    lam_hi, lam_lo = c + width / 2, c - width / 2
+    t_start, t_end, t_c = _t(schedule, lam_hi), _t(schedule, lam_lo), _t(schedule, c)
+    slope = schedule.log_snr_slope(t_c)
+    return Window(
+        name, "combined", t_start, t_end, t_c, t_end - t_start, unc / slope if slope > 0 else math.nan,
+        log_snr_start=lam_hi, log_snr_end=lam_lo, log_snr_center=c, log_snr_width=width, log_snr_uncertainty=unc,
+        rule="median of member log-SNR centers; median width of the members with a measured width (scans contribute "
+             "centers only); uncertainty sqrt(var of member centers + median member variance)",
+        extra={"members": [w.probe for w in ws], "member_centers_log_snr": centers.tolist(),
+               "width_from": "measured widths" if measured else "scan widths (no member with a measured width)"},
+    )
 
 
 def _interval(w: Window) -> tuple[float, float]:
     return min(w.log_snr_start, w.log_snr_end), max(w.log_snr_start, w.log_snr_end)
 
 
-def concurrence(a: Window, b: Window) -> dict:
-    """Overlap and center distance of two windows in log-SNR; ``concurrent`` by the rule in the module docstring."""
+def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> dict:
+    """The three-outcome concurrence test of a symmetry-breaking window ``a`` and a nonlocality window ``b`` with
+    tolerance ``tolerance`` nats (module docstring); "no window" when either is missing or invalid."""
+    names = {"symmetry_breaking": a.probe if a else None, "nonlocality": b.probe if b else None, "tolerance_log_snr": tolerance}
+    missing = [w.probe if w else side for w, side in ((a, "symmetry_breaking"), (b, "nonlocality")) if w is None or not w.valid]
+    if missing:
+        return jsonable({**names, "outcome": "no window", "concurrent": False,
+                         "verdict": f"no window: {' and '.join(missing)} gave no valid window, so concurrence cannot be tested"})
     (a0, a1), (b0, b1) = _interval(a), _interval(b)
     inter = max(0.0, min(a1, b1) - max(a0, b0))
     union = max(a1, b1) - min(a0, b0)
-    shorter = min(a1 - a0, b1 - b0)
-    overlap = inter / shorter if shorter > 0 else float(inter > 0 or (a0 <= b0 <= a1) or (b0 <= a0 <= b1))
-    dist = abs(a.log_snr_center - b.log_snr_center)
+    d = a.log_snr_center - b.log_snr_center
     sigma = math.hypot(a.log_snr_uncertainty, b.log_snr_uncertainty)
-    z = dist / sigma if sigma > 0 else (0.0 if dist == 0 else math.inf)
-    ok = bool(overlap >= 0.5 or z <= 2.0)
+    lo, hi = d - Z95 * sigma, d + Z95 * sigma
+    if -tolerance <= lo and hi <= tolerance:
+        outcome = "concurrent"
+    elif lo > tolerance or hi < -tolerance:
+        outcome = "not concurrent"
+    else:
+        outcome = "inconclusive"
     return jsonable({
-        "symmetry_breaking": a.probe, "nonlocality": b.probe,
-        "overlap_fraction": overlap, "iou": inter / union if union > 0 else 0.0,
-        "center_distance_log_snr": dist, "center_distance_t": abs(a.center - b.center),
-        "combined_uncertainty_log_snr": sigma, "distance_in_sigma": z, "concurrent": ok,
-        "verdict": (
-            f"{'concurrent' if ok else 'not concurrent'}: {a.probe} and {b.probe} overlap {100 * overlap:.0f}% (of the shorter, "
-            f"log-SNR); centers {dist:.2f} apart in log-SNR = {z:.1f} combined sigma"
-        ),
+        **names, "outcome": outcome, "concurrent": outcome == "concurrent",
+        "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi], "combined_uncertainty_log_snr": sigma,
+        "center_distance_t": abs(a.center - b.center), "iou": inter / union if union > 0 else 0.0,
+        "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, {hi:+.2f}] "
+                    f"against a tolerance of +-{tolerance:g}; windows overlap {100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),
     })
-
-
-def combine(windows: list[Window], schedule: Schedule, name: str = "critical_window") -> Window | None:
-    """Median of the valid windows' centers and widths in log-SNR; None if there are none.
-
-    The median, not an inverse-variance mean: the members' bootstrap sigmas measure sampling noise only, while the
-    probes differ systematically (the smooth gap curves have tiny bootstrap sigmas and would otherwise decide alone).
-    Uncertainty: sqrt((sample variance of the centers + median member variance) / n) in log-SNR.
-    """
-    ws = [w for w in windows if w.valid and math.isfinite(w.log_snr_center)]
-    if not ws:
-        return None
-    centers = np.array([w.log_snr_center for w in ws])
-    sig = np.array([w.log_snr_uncertainty if math.isfinite(w.log_snr_uncertainty) else 0.0 for w in ws])
-    n = len(ws)
-    c = float(np.median(centers))
-    spread = float(np.var(centers, ddof=1)) if n > 1 else 0.0
-    unc = math.sqrt((spread + float(np.median(sig**2))) / n)
-    width = float(np.median([w.log_snr_width for w in ws]))
-    lam_hi, lam_lo = c + width / 2, c - width / 2
-    t_start, t_end, t_c = (float(schedule.t_from_log_snr(v)) for v in (lam_hi, lam_lo, c))
-    t_start, t_end = max(0.0, min(t_start, t_end)), min(1.0, max(t_start, t_end))
-    slope = schedule.log_snr_slope(t_c)
-    return Window(
-        name, "combined", t_start, t_end, t_c, t_end - t_start, unc / slope if slope > 0 else math.nan,
-        log_snr_start=lam_hi, log_snr_end=lam_lo, log_snr_center=c, log_snr_width=width, log_snr_uncertainty=unc,
-        rule="median of member centers and widths in log-SNR; uncertainty sqrt((var of centers + median member var) / n)",
-        extra={"members": [w.probe for w in ws], "member_centers_log_snr": centers.tolist()},
-    )

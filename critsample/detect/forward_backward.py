@@ -2,8 +2,13 @@
 radius), classify. Unit kinds: ``fb_generate`` (stage 0: the clean images, when ``--fb.source generated``) and
 ``forward_backward`` (one noise level x one batch, every radius; stage 1 when it reads generated images).
 
-Windows: ``forward_backward`` (symmetry breaking; ``estimators.threshold_window`` of the global error) and
-``forward_backward_local`` (nonlocality; FWHM of the local-minus-global error excess).
+Windows: ``forward_backward`` (symmetry breaking; ``estimators.threshold_window`` of the global error, plateau anchored
+at chance 1 - 1/K) and ``forward_backward_local`` (nonlocality: the same threshold rule on the error of the smallest
+probed radius r >= 1, i.e. where denoising with attention to the nearest neighbours only starts to lose the class; an
+independent measurement, not a difference with the global curve, which would end at the global threshold by
+construction; larger radii see the whole image after a few layers and converge to the global threshold). The
+thresholds of every radius are reported with their distance to the global one. Paired design: clean
+image i is noised with the same eps at every t and radius (``Detection.generators``).
 """
 
 from __future__ import annotations
@@ -70,13 +75,14 @@ class ForwardBackward(Probe):
         lo, hi = p["lo"], p["hi"]
         if unit.probe == GENERATE:
             cond = det.cond_rows(hi - lo, lo)
-            x = sample(m, baseline_plan(m, c.fb.steps, guidance=det.guidance, sampler=c.sampler), cond, generator=g)
+            plan = baseline_plan(m, c.fb.steps, guidance=det.guidance, sampler=c.sampler)
+            x = sample(m, plan, cond, generator=det.generators(lo, hi, "fb_clean"))
             labels = cond.cpu().numpy() if not det.text else np.full(hi - lo, NULL)
             return {"x0": x.cpu().numpy(), "labels": labels}
         x0, ref = self.clean(det, lo, hi)
         out = forward_backward(
             m, x0, ref, p["t"], [None, *det.fb_radii], det.classify, det.null_rows(hi - lo),
-            steps=c.fb.steps, generator=g, sampler=c.sampler, max_batch=c.max_batch,
+            steps=c.fb.steps, generator=det.generators(lo, hi, "fb"), sampler=c.sampler, max_batch=c.max_batch,
         )
         return {k: v.cpu().numpy() for k, v in out.items()}
 
@@ -111,16 +117,19 @@ class ForwardBackward(Probe):
                      "denoised image != reference label; flip: != label of the clean image; mse: per-pixel MSE in [0, 1] pixels; "
                      "error_mean / error_sigma (Bernoulli), mse_mean / mse_std: (radius, t)."))
         res = ProbeOutput()
-        w_sb = estimators.threshold_window("forward_backward", "symmetry_breaking", t_used, err[0], sch, seed=seed)
-        per_r = {lab: estimators.threshold_window(f"forward_backward[{lab}]", "symmetry_breaking", t_used, err[i], sch, seed=seed).to_dict()
-                 for i, lab in enumerate(labels)}
+        chance = det.chance
+        per_window = [estimators.threshold_window(f"forward_backward[{lab}]", "symmetry_breaking" if i == 0 else "nonlocality",
+                                                  t_used, err[i], sch, chance=chance, seed=seed) for i, lab in enumerate(labels)]
+        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window)}
+        w_sb = per_window[0]
+        w_sb.probe = "forward_backward"
         res.windows["forward_backward"] = w_sb
         w_loc = None
         if det.fb_radii:
-            excess = np.moveaxis(err[1:] - err[:1], 0, -1)  # (n, T, R)
-            w_loc = estimators.half_max_window("forward_backward_local", "nonlocality", t_used, excess, sch, seed=seed, min_z=2.0)
-            w_loc.rule = ("FWHM of the local-minus-global error (radii normalised and averaged): where local denoising "
-                          "fails but global does not; valid only if the peak excess is >= 2 standard errors")
+            r_loc = next((r for r in det.fb_radii if r >= 1), det.fb_radii[0])
+            w_loc = per_window[1 + det.fb_radii.index(r_loc)]
+            w_loc.probe = "forward_backward_local"
+            w_loc.rule += f"; error of the most local denoiser that sees its neighbours (r = {r_loc})"
             res.windows["forward_backward_local"] = w_loc
         series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
         theory, marks, theory_record = oracle_theory(model, t_used, seed)
@@ -137,7 +146,12 @@ class ForwardBackward(Probe):
         res.record = {
             "window": w_sb.to_dict(),
             "local_window": w_loc.to_dict() if w_loc else None,
-            "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"]} for lab, d in per_r.items()},
+            "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"],
+                                 "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"], "reason": d["reason"],
+                                 "minus_global_log_snr": (d["log_snr_center"] - per_r["global"]["log_snr_center"])
+                                 if d["log_snr_center"] is not None and per_r["global"]["log_snr_center"] is not None else None}
+                           for lab, d in per_r.items()},
+            "chance": chance,
             "per_radius": per_r, "radii": det.fb_radii, "source": det.cfg.fb.source, "arrays": "arrays/forward_backward.npz",
             "theory": theory_record,
         }
@@ -160,7 +174,8 @@ def oracle_theory(model, t_used: np.ndarray, seed: int):
     t_fine = np.linspace(float(t_used.min()), float(t_used.max()), 200)
     exact = 1 - model.forward_backward_agreement(torch.tensor(t_fine), reverse="ode", readout="classifier").numpy()
     exact_on_grid = 1 - model.forward_backward_agreement(torch.tensor(t_used), reverse="ode", readout="classifier").numpy()
-    w = estimators.threshold_window("forward_backward_theory", "symmetry_breaking", t_used, np.stack([exact_on_grid] * 2), sch, seed=seed)
+    w = estimators.threshold_window("forward_backward_theory", "symmetry_breaking", t_used, np.stack([exact_on_grid] * 2), sch,
+                                    chance=0.5, seed=seed)
     spec = model.speciation() if hasattr(model, "speciation") else {"t": float("nan")}
     marks = {"speciation t_S": spec["t"]} if np.isfinite(spec["t"]) else {}
     record = {"curve": "1 - P_FB(t), ODE reverse, Bayes readout (exact)", "t": t_fine.tolist(), "error": exact.tolist(),

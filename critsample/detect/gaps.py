@@ -2,7 +2,10 @@
 ``gaps``: one batch of trajectories of one kind, every time and radius), so their units coincide and run once.
 
 Window rule (``estimators.half_max_window``): full width at half maximum of the mean gap curve of the primary
-trajectory (train, else the first sampled one), in the units of ``--gaps.kind``.
+trajectory (train, else the first sampled one), in the units of ``--gaps.kind``. The locality gap has one window per
+radius; the probe's window is the one of the largest local radius probed (the least local denoiser that is still
+local), a rule that does not mix radii. Paired design: trajectory i starts from the noise of sample i
+(``Detection.generators``), the same as scan sample i.
 """
 
 from __future__ import annotations
@@ -56,11 +59,11 @@ class _Gaps(Probe):
             x0, y = x0[lo:hi], (y[lo:hi] if y is not None else None)
             cond = det.cond_rows(hi - lo, lo, y if not det.text else None)
             times = step_times(m, c.gaps.steps, c.sampler)
-            states = train_states(m, x0, times, g)
+            states = train_states(m, x0, times, det.generators(lo, hi, "train"))
         else:
             cond = det.cond_rows(hi - lo, lo)
             plan = trajectory_plan(m, p["traj"], c.gaps.steps, det.guidance, c.sampler)
-            states, times, _ = sampling_states(m, plan, cond, g)
+            states, times, _ = sampling_states(m, plan, cond, det.generators(lo, hi))
         out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch)
         return {k: v.cpu().numpy() for k, v in out.items()}
 
@@ -154,13 +157,15 @@ class LocalityGap(_Gaps):
         k, seed, sch, model = det.cfg.gaps.kind, int(det.cfg.seed), det.model.schedule, det.model
         arrays = gap_arrays(det, results, out)
         t = arrays["t"]
-        res, per_traj = ProbeOutput(), {}
+        res, per_traj, per_radius = ProbeOutput(), {}, {}
         for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
             variant = "cond" if traj == "sample_cond" else "uncond"
             if f"{traj}__loc_gap_{variant}_{k}" not in arrays:
                 continue
-            lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]
-            per_traj[traj] = estimators.half_max_window(f"locality_gap[{traj},{variant}]", "nonlocality", t, lg, sch, seed=seed)
+            lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]  # (n, T, R)
+            per_radius[traj] = {r: estimators.half_max_window(f"locality_gap[{traj},{variant},r={r}]", "nonlocality", t, lg[:, :, i], sch, seed=seed)
+                                for i, r in enumerate(det.gap_radii)}
+            per_traj[traj] = per_radius[traj][det.gap_radii[-1]]  # the largest local radius probed
             res.figures[f"locality_heatmap_{traj}"] = report.plot_heatmap(
                 t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap_{traj}.png",
                 title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory", label=f"gap ({k})")
@@ -171,7 +176,10 @@ class LocalityGap(_Gaps):
             res.curves[f"locality_gap_{traj}"] = series_json(t, series)
         w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), self.name)
         if w is not None:
+            w.rule += f"; read at the largest local radius probed (r = {det.gap_radii[-1]})"
             res.windows[self.name] = w
-        res.record = {"window": w.to_dict() if w else None, "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+        res.record = {"window": w.to_dict() if w else None, "radius": det.gap_radii[-1] if det.gap_radii else None,
+                      "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+                      "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
                       "arrays": "arrays/gaps.npz", "units": k, "radii": det.gap_radii}
         return res

@@ -3,8 +3,12 @@ attends globally) only inside a window [t0, t0 + w], slide t0, and score the sam
 the always-conditioned baseline. Unit kinds: ``window_baseline`` (shared by both), ``window_cond``,
 ``window_locality`` (one scan position x one batch).
 
-Window rule (``estimators.scan_minimum``): the argmin of the mean error over window centers (argmax for the
-complement scans), parabola-refined; window = that center +- w / 2.
+Window rule (``estimators.scan_minimum``): the argmin of the mean error over the windows' log-SNR midpoints (argmax
+for the complement scans), parabola-refined; the window is that position's window. ``window_locality``'s window comes
+from the conditioning-fixed scan (``loccond_in``: global conditional inside, local conditional outside), so it measures
+attention alone; the paper's scan (``loc_in``, local unconditional outside) is reported beside it, with the locality
+excess ``loc_in`` minus ``cond_in`` at the same position and noise when both were run. Paired design: sample i starts
+from the same noise at every position, radius and arm (``Detection.generators``).
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray, *, seed: int = 0) -> t
 class _Scan(Probe):
     """A windowed scan; subclasses name the scans (inside / complement), the width and the radii."""
 
-    inside: str
-    outside: str
+    scans: tuple[str, ...]  # the "inside" scans; the first gives the probe's window
+    complements: dict[str, str]  # inside scan -> its complement
 
     def width(self, det: Detection) -> float:
         raise NotImplementedError
@@ -70,8 +74,9 @@ class _Scan(Probe):
         c = det.cfg
         scans = [(BASELINE, "baseline", None, None)]
         for r in self.radii(det):
-            for scan in (self.inside, self.outside) if c.windows.complement else (self.inside,):
-                scans += [(self.name, scan, t0, r) for t0 in det.t0s]
+            for inside in self.scans:
+                for scan in (inside, self.complements[inside]) if c.windows.complement else (inside,):
+                    scans += [(self.name, scan, t0, r) for t0 in det.t0s]
         out = []
         for kind, scan, t0, r in scans:
             plan = self.plan(det, scan, t0, r)
@@ -85,7 +90,7 @@ class _Scan(Probe):
         p, m = unit.params, det.model
         lo, hi = p["lo"], p["hi"]
         cond = det.cond_rows(hi - lo, lo)
-        x = sample(m, self.plan(det, p["scan"], p["t0"], p["radius"]), cond, generator=g)
+        x = sample(m, self.plan(det, p["scan"], p["t0"], p["radius"]), cond, generator=det.generators(lo, hi))
         images = m.images(x)
         with torch.no_grad():
             logits = det.classifier.predict_logits(images.to(det.device))
@@ -116,22 +121,33 @@ class _Scan(Probe):
                     f, s = fid_from_features(base["features"], results.cat(g, "features"), seed=seed)
                     fids.append(f), sig.append(s)
                     lo, hi = t0, min(t0 + width, 1.0)
-                    centers.append((lo + hi) / 2)
+                    centers.append(float(sch.t_from_log_snr(estimators.scan_positions(sch, [t0], width)[2][0])))  # log-SNR midpoint
                     strips[f"[{lo:.2f},{hi:.2f}]"] = results[g[0]]["images"]
                 res_by[(scan, r)] = {"t0": np.asarray(t0s), "centers": np.asarray(centers), "errors": np.stack(errs, 1),
                                      "fid": np.asarray(fids), "fid_sigma": np.asarray(sig), "strips": strips}
-        ins = [v for (s, r), v in res_by.items() if s == self.inside]
+        by_scan = {inside: [v for (s, r), v in res_by.items() if s == inside] for inside in self.scans}
+        windows = {}
+        for inside, ins in by_scan.items():
+            if not ins:
+                continue
+            name = self.name if inside == self.scans[0] else f"{self.name}[{inside}]"
+            w = estimators.scan_minimum(name, self.family, ins[0]["t0"], np.stack([v["errors"] for v in ins], axis=-1), width, sch, seed=seed)
+            w.extra["scan"] = inside
+            w.extra["fid_window"] = estimators.fid_minimum(
+                f"{name}[fid]", self.family, ins[0]["t0"], np.mean([v["fid"] for v in ins], 0),
+                np.sqrt(np.mean([v["fid_sigma"] ** 2 for v in ins], 0)), width, sch, seed=seed).to_dict()
+            outs = [v for (s, r), v in res_by.items() if s == self.complements[inside]]
+            if outs:
+                wo = estimators.scan_minimum(f"{name}[{self.complements[inside]}]", self.family, outs[0]["t0"],
+                                             np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True, seed=seed)
+                w.extra["complement_window"] = wo.to_dict()
+            windows[inside] = w
+        w = windows[self.scans[0]]
+        w.extra["other_scans"] = {k: v.to_dict() for k, v in windows.items() if k != self.scans[0]}
+        ins = by_scan[self.scans[0]]
         centers = ins[0]["centers"]
-        w = estimators.scan_minimum(self.name, self.family, centers, np.stack([v["errors"] for v in ins], axis=-1), width, sch, seed=seed)
-        w.extra["fid_window"] = estimators.fid_minimum(
-            f"{self.name}[fid]", self.family, centers, np.mean([v["fid"] for v in ins], 0),
-            np.sqrt(np.mean([v["fid_sigma"] ** 2 for v in ins], 0)), width, sch, seed=seed).to_dict()
         per_radius = self.per_radius(det, res_by, width)
-        outs = [v for (s, r), v in res_by.items() if s == self.outside]
-        if outs:
-            wo = estimators.scan_minimum(f"{self.name}[{self.outside}]", self.family, outs[0]["centers"],
-                                         np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True, seed=seed)
-            w.extra["complement_window"] = wo.to_dict()
+        excess = self.excess(det, results, res_by)
         res = ProbeOutput(windows={self.name: w})
         series, fseries = {}, {}
         for (s, r), v in res_by.items():
@@ -157,7 +173,7 @@ class _Scan(Probe):
                 "t0": v["t0"].tolist(), "window_center": v["centers"].tolist(), "error": v["errors"].mean(0).tolist(),
                 "error_sigma": bernoulli(v["errors"])[1].tolist(), "fid": v["fid"].tolist(), "fid_sigma": v["fid_sigma"].tolist()}
                 for (s, r), v in res_by.items()},
-            "baseline_error": float(be), "baseline_error_sigma": float(bs),
+            "baseline_error": float(be), "baseline_error_sigma": float(bs), "excess": excess,
             "strip_rows": list(strip_rows), "arrays": f"arrays/{self.name}.npz",
         }
         np.savez(out.arrays / f"{self.name}.npz", **{
@@ -169,6 +185,9 @@ class _Scan(Probe):
 
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         return {}
+
+    def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:
+        return None
 
 
 def baseline(det: Detection, results: Results) -> dict:
@@ -193,7 +212,8 @@ class WindowCond(_Scan):
     name = "window_cond"
     family = "symmetry_breaking"
     kinds = (BASELINE, "window_cond")
-    inside, outside = "cond_in", "cond_out"
+    scans = ("cond_in",)
+    complements = {"cond_in": "cond_out"}
 
     def width(self, det: Detection) -> float:
         return det.cfg.windows.width
@@ -206,7 +226,8 @@ class WindowLocality(_Scan):
     name = "window_locality"
     family = "nonlocality"
     kinds = (BASELINE, "window_locality")
-    inside, outside = "loc_in", "loc_out"
+    scans = ("loccond_in", "loc_in")
+    complements = {"loccond_in": "loccond_out", "loc_in": "loc_out"}
 
     def width(self, det: Detection) -> float:
         return det.cfg.windows.locality_width
@@ -216,5 +237,27 @@ class WindowLocality(_Scan):
 
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         sch, seed = det.model.schedule, int(det.cfg.seed)
-        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["centers"], v["errors"], width, sch, seed=seed).to_dict()
-                for (s, r), v in res_by.items() if s == self.inside}
+        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch, seed=seed).to_dict()
+                for (s, r), v in res_by.items() if s == self.scans[0]}
+
+    def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:
+        """Locality excess of the paper's scan: loc_in minus cond_in error at the same position and noise (paired), per
+        radius, with its paired standard error; None unless window_cond ran with the same width."""
+        if det.cfg.windows.width != det.cfg.windows.locality_width or not results.units("window_cond", scan="cond_in"):
+            return None
+        out = {}
+        for (s, r), v in res_by.items():
+            if s != "loc_in":
+                continue
+            diffs = []
+            for t0 in v["t0"]:
+                ref = results.units("window_cond", scan="cond_in", t0=float(t0))
+                loc = results.units(self.name, scan="loc_in", radius=r, t0=float(t0))
+                base = baseline(det, results)["target_of"]
+                e_ref = (results.cat(ref, "pred") != base(results.cat(ref, "target"))).astype(np.float64)
+                e_loc = (results.cat(loc, "pred") != base(results.cat(loc, "target"))).astype(np.float64)
+                diffs.append(e_loc - e_ref)
+            d = np.stack(diffs, 1)  # (n, P) paired differences
+            out[f"r={r}"] = {"t0": v["t0"].tolist(), "excess": d.mean(0).tolist(),
+                             "excess_se": (d.std(0, ddof=1) / np.sqrt(d.shape[0])).tolist() if d.shape[0] > 1 else None}
+        return out

@@ -38,7 +38,7 @@ def denoise_from(
     radii: list[int | None],
     *,
     steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     sampler: str = "auto",
     max_batch: int = 256,
 ) -> tuple[torch.Tensor, float]:
@@ -76,7 +76,7 @@ def forward_backward(
     uncond: Cond,
     *,
     steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     sampler: str = "auto",
     max_batch: int = 256,
 ) -> dict[str, torch.Tensor]:

@@ -29,8 +29,9 @@ from ..sampling import Plan, Step, sample, step_times
 from .rows import GLOBAL, num_tokens, predict_rows
 
 
-def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float], generator: torch.Generator) -> torch.Tensor:
-    """(T, B, ...) states of the forward (training) trajectory of clean ``x0`` (B, ...) at ``times``."""
+def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """(T, B, ...) states of the forward (training) trajectory of clean ``x0`` (B, ...) at ``times``; ``generator``
+    may be one per row."""
     eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
     return torch.stack([denoiser.schedule.add_noise(x0, torch.tensor(float(t)), eps) for t in times])
 

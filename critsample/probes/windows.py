@@ -6,7 +6,10 @@ A window W = [t0, min(t0 + w, 1)] (critsample time: 0 = clean, 1 = noise) is sli
 * windowed conditioning, ``cond_in``:  conditioning (guided(w), or plain cond if w = 1) inside W, unconditional outside;
   ``cond_out``: the complement (conditioning only outside W). Global attention throughout.
 * windowed locality, ``loc_in``:  global conditional inside W, local(r) unconditional outside;
-  ``loc_out``: the reverse (local(r) unconditional inside W, global conditional outside).
+  ``loc_out``: the reverse (local(r) unconditional inside W, global conditional outside). These switch conditioning
+  and attention together (the paper's design), so they also re-measure the conditioning window.
+* conditioning-fixed windowed locality, ``loccond_in``: global conditional inside W, local(r) *conditional* outside;
+  ``loccond_out``: the reverse. Conditioning is on everywhere, so only the attention changes with the window.
 * ``baseline``: always conditioned (guided, global): the reference of the FID and the floor of the error.
 
 Samples are scored by classifier error against the class they were conditioned on and by FID to the
@@ -19,7 +22,7 @@ from ..denoisers import Denoiser
 from ..errors import UserError
 from ..sampling import Plan, Step
 
-SCANS = ("cond_in", "cond_out", "loc_in", "loc_out")
+SCANS = ("cond_in", "cond_out", "loc_in", "loc_out", "loccond_in", "loccond_out")
 
 
 def check_window(t0: float, width: float) -> None:
@@ -50,6 +53,10 @@ def window_plan(
         rule = lambda t: Step.conditional(guidance) if inside_window(t) else Step("uncond", radius)  # noqa: E731
     elif scan == "loc_out":
         rule = lambda t: Step("uncond", radius) if inside_window(t) else Step.conditional(guidance)  # noqa: E731
+    elif scan == "loccond_in":
+        rule = lambda t: Step.conditional(guidance) if inside_window(t) else Step("cond", radius)  # noqa: E731
+    elif scan == "loccond_out":
+        rule = lambda t: Step("cond", radius) if inside_window(t) else Step.conditional(guidance)  # noqa: E731
     else:
         raise ValueError(f"Unknown scan {scan!r}; use one of {SCANS}.")
     return Plan.from_rule(denoiser, steps, rule, sampler, name=f"{scan}[{lo:g},{hi:g}]" + (f"(r={radius})" if radius is not None else ""))
