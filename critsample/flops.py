@@ -62,6 +62,8 @@ def transformer_shape(denoiser) -> dict:
         # FLUX's single-stream blocks cost what a double-stream block does per token (q, k, v + d x d of proj_out;
         # 4 d -> d MLP + its half of proj_out) and attend over the same [text; image] pairs.
         "layers": int(cfg.num_layers) + int(getattr(cfg, "num_single_layers", 0) or 0),
+        # SD3.5's dual-attention blocks add a second, image-only self-attention (attn2) to the joint one
+        "image_only_layers": len(getattr(cfg, "dual_attention_layers", None) or ()),
         "mlp_ratio": ff or 4.0,
         "text_tokens": int(getattr(denoiser, "text_tokens", 0) or 0),  # joint attention (SD3)
         "cross_tokens": int(getattr(denoiser, "cross_tokens", 0) or 0),  # cross-attention keys (PixArt)
@@ -80,13 +82,16 @@ def forward_flops(shape: dict, grid: tuple[int, int], radius: int | None) -> For
         return _cross_attention_flops(shape, n, k_img)
     joint = t > 0
     pairs = n * (k_img + t) + (t * (n + t) if joint else 0)  # image rows (+ text keys) and dense text rows
-    attention = 4.0 * d * pairs * L
+    dual = shape.get("image_only_layers", 0)
+    total_pairs = pairs * L + n * k_img * dual  # + SD3.5's image-only attn2 (windowed like the image rows)
+    attention = 4.0 * d * total_pairs
     rows = n + t
-    projections = 2.0 * 4 * d * d * rows * L
+    projections = 2.0 * 4 * d * d * (rows * L + n * dual)
     mlp = 2.0 * 2 * shape["mlp_ratio"] * d * d * rows * L
     p, c = shape["patch_size"], shape["in_channels"]
-    other = 2.0 * n * (p * p * c * d) * 2 + 2.0 * 6 * d * d * L * (2 if joint else 1)
-    return ForwardFlops(pairs * L, attention, projections, mlp, other)
+    # adaLN: 6 d x d per stream and layer; SD3.5's dual blocks modulate 9 d on the image stream
+    other = 2.0 * n * (p * p * c * d) * 2 + 2.0 * 6 * d * d * L * (2 if joint else 1) + 2.0 * 3 * d * d * dual
+    return ForwardFlops(total_pairs, attention, projections, mlp, other)
 
 
 def _cross_attention_flops(shape: dict, n: int, k_img: float) -> ForwardFlops:

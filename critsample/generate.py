@@ -17,6 +17,7 @@ finished batch, and a killed run loses only its batch in flight (all of it when 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from .report import image_grid, save_png
 from .sampling import SAMPLERS, Plan, sample, sample_generator
 from .store import Store, check_writable, model_fingerprint
 from .tracking import log_sample_run
+
+log = logging.getLogger("critsample")
 
 
 @dataclass
@@ -77,6 +80,9 @@ class SampleConfig:
     """Samples per batch (also the unit of resuming: a killed run keeps its finished batches)."""
     device: str = "auto"
     """cpu, cuda, cuda:1 or auto."""
+    trust_pickled_weights: bool = False
+    """Also load a model folder whose weights are only pickled (.bin): only for files you trust, since unpickling can
+    run code (the default reads safetensors only)."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
 
@@ -112,10 +118,17 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
     if cfg.adaptive:
         window, radius = cfg.window, cfg.radius
-        if cfg.summary:  # explicit --window / --radius take precedence over the summary's (documented in the README)
-            summary = summary_io.read(cfg.summary, model.name)
-            window = window or summary_io.critical_window(summary, cfg.summary)
-            radius = radius if radius is not None else summary_io.suggested_radius(summary)
+        if cfg.summary:  # explicit --window / --radius take precedence over the summary's: documented, and said
+            summary = summary_io.read(cfg.summary, model.name, require_window=window is None)
+            suggested = summary_io.suggested_radius(summary)
+            if window is None:
+                window = summary_io.critical_window(summary, cfg.summary)
+            elif summary.get("critical_window") is not None:  # a summary without a window only lends its radius
+                t0, t1 = summary_io.critical_window(summary, cfg.summary)
+                log.warning(f"--window {window} replaces the critical window {t0:g}:{t1:g} of {cfg.summary}.")
+            if radius is not None and suggested is not None and radius != suggested:
+                log.warning(f"--radius {radius} replaces the suggested radius {suggested} of {cfg.summary}.")
+            radius = radius if radius is not None else suggested
         if window is None:
             raise UserError("--adaptive needs a window: pass --summary DIR/summary.json or --window t0:t1.")
         if radius is None and cfg.outside != "global-uncond":
@@ -157,7 +170,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     ``load(cfg.model)`` on ``device`` (default: CPU); ``progress`` shows a progress bar over batches."""
     cfg.validate()
     check_writable(cfg.out)
-    model = model if model is not None else load(cfg.model, device=device or "cpu")
+    model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     device = next(model.parameters(), torch.empty(0)).device
     if cfg.radius is not None:
         check_radius(cfg.radius, model.token_grid, bound="grid", model=model.name)
@@ -200,6 +213,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
         "cost": {
             "model_evaluations": plan.forwards * cfg.num,
             "model_evaluations_note": "network forwards summed over samples (a guided step counts two)",
+            "model_evaluations_this_run": plan.forwards * computed,
             "flops_per_sample": flops,
             "wall_seconds": sum(float(c["seconds"]) for c in chunks),
             "wall_seconds_this_run": seconds,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,9 @@ from torch import nn
 from .datasets import digits_split
 from .errors import UserError
 from .models.classifiers import load_digits_classifier
+from .models.hub import hub_offline
+
+INCEPTION_WEIGHTS = "inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID weights
 
 # ---------------------------------------------------------------------------------------------------------------
 # Classifier statistics
@@ -164,13 +169,21 @@ def inception_features(device: str | torch.device = "cpu") -> nn.Module:
         ) from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if not list(checkpoints.glob(f"*{INCEPTION_WEIGHTS}")):  # the weights come from a GitHub release on first use
+        if hub_offline():
+            raise UserError(
+                f"The InceptionV3 FID weights (*{INCEPTION_WEIGHTS}) are not in {checkpoints} and HF_HUB_OFFLINE is set, so nothing is "
+                "downloaded; run once with network access, or pass features=<nn.Module returning (N, d) features>."
+            )
+        print(f"critsample: downloading the InceptionV3 FID weights (1 file, about 0.1 GB) from torch-fidelity's GitHub releases "
+              f"to {checkpoints}. Set HF_HUB_OFFLINE=1 to forbid downloads.", file=sys.stderr)
     try:
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-    except Exception as e:  # the weights come from a GitHub release download on first use
+    except Exception as e:
         raise UserError(
             f"The InceptionV3 FID weights could not be fetched ({type(e).__name__}); run once with network access "
-            "(torch-fidelity caches pt_inception-2015-12-05-6726825d.pth in ~/.cache/torch/hub/checkpoints), "
-            "or pass features=<nn.Module returning (N, d) features>."
+            f"(torch-fidelity caches *{INCEPTION_WEIGHTS} in {checkpoints}), or pass features=<nn.Module returning (N, d) features>."
         ) from None
     return _InceptionFeatures(net).to(device)
 

@@ -33,6 +33,10 @@ SD3_LATENT = 8
 SD3_PATCH = 2  # -> 4 x 4 token grid at the default size; pos_embed_max_size 16 allows up to 32 x 32 latents
 CLIP_LENGTH = 8  # tokenizer.model_max_length of the tiny CLIP tokenizers
 T5_LENGTH = 12  # max_sequence_length used with the tiny T5
+PIXART_CAPTION = 32  # tiny T5 d_model = PixArt transformer caption_channels
+VAE_SCALE = 2  # the tiny VAE has two blocks: 2 image pixels per latent pixel
+FLUX_LATENT_CHANNELS = 4  # the tiny FLUX VAE's; the transformer takes 2x2-packed latents: in_channels 16
+FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611  # FLUX.1's VAE factors
 
 
 def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
@@ -105,6 +109,103 @@ def _tiny_text_encoders(clip_vocab: int, t5_vocab: int):
     return te1, te2, te3
 
 
+def tiny_pixart_transformer(sample_size: int = 8, seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    # learned sigma (out = 2 x in), as the PixArt checkpoints; width 24 = cross_attention_dim (the caption projection
+    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions take 2 thirds resolution, 1 third aspect ratio)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, sample_size=sample_size,
+        patch_size=2, cross_attention_dim=24, caption_channels=PIXART_CAPTION, norm_num_groups=1,
+    ).eval()
+
+
+def save_pixart(folder: Path, pipeline_cls: str, sample_size: int) -> Path:
+    """A tiny PixArtAlphaPipeline / PixArtSigmaPipeline folder: T5, tiny VAE, DPM-Solver++ (PixArt's integrator)."""
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    _, t5_tok = _tiny_tokenizers()
+    torch.manual_seed(3)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=PIXART_CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    # PixArt's own integrator: DPM-Solver++ over linear betas 1e-4..0.02, eps-prediction
+    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    pipe = getattr(diffusers, pipeline_cls)(
+        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size), scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_flux_transformer(guidance_embeds: bool, seed: int = 0):
+    """One double-stream and one single-stream block; RoPE axes 4 + 6 + 6 = head dim 16."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def flux_scheduler(dev: bool):
+    """FLUX.1-dev's scheduler config (resolution-dependent shift) or FLUX.1-schnell's (no shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dev:
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+
+def save_flux(folder: Path, dev: bool) -> Path:
+    """A tiny FluxPipeline folder: CLIP + T5, tiny VAE with FLUX.1's factors, dev (guidance embedding) or schnell."""
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _tiny_tokenizers()
+    torch.manual_seed(1)
+    clip = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=1, vocab_size=len(clip_tok), max_position_embeddings=8, hidden_act="gelu",
+    )).eval()  # pooled 16 = pooled_projection_dim
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()  # d_model 32 = joint_attention_dim
+    FluxPipeline(
+        scheduler=flux_scheduler(dev), vae=tiny_vae(FLUX_LATENT_CHANNELS, shift_factor=FLUX_VAE_SHIFT, scaling_factor=FLUX_VAE_SCALE),
+        text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=tiny_flux_transformer(guidance_embeds=dev),
+    ).save_pretrained(folder)
+    return folder
+
+
+def save_sd3(folder: Path, **transformer_kw) -> Path:
+    """A tiny StableDiffusion3Pipeline folder: MMDiT (``transformer_kw``: e.g. SD3.5's dual attention and qk-norm),
+    tiny VAE with shift, FlowMatchEuler, CLIP x2 + T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    clip_tok, t5_tok = _tiny_tokenizers()
+    te1, te2, te3 = _tiny_text_encoders(len(clip_tok), len(t5_tok))
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(**transformer_kw), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=te3, tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def dit_folder(tmp_path_factory) -> Path:
     """A diffusers DiTPipeline folder: tiny learned-sigma DiT (1000 classes), tiny VAE, DDIM."""
@@ -119,19 +220,32 @@ def dit_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd3_folder(tmp_path_factory) -> Path:
     """A diffusers StableDiffusion3Pipeline folder: tiny MMDiT, tiny VAE with shift, FlowMatchEuler, CLIP x2 + T5."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    return save_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
-    folder = tmp_path_factory.mktemp("tiny-sd3")
-    clip_tok, t5_tok = _tiny_tokenizers()
-    te1, te2, te3 = _tiny_text_encoders(len(clip_tok), len(t5_tok))
-    pipe = StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
-        text_encoder_3=te3, tokenizer_3=t5_tok,
-    )
-    pipe.save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="session")
+def sd35_folder(tmp_path_factory) -> Path:
+    """The SD3.5 layout of the same pipeline: qk RMS-norm and an image-only ``attn2`` (dual attention) in block 0."""
+    return save_sd3(tmp_path_factory.mktemp("tiny-sd35"), dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+@pytest.fixture(scope="session")
+def pixart_sigma_folder(tmp_path_factory) -> Path:
+    """Tiny PixArtSigmaPipeline: 8 x 8 latents, no micro-conditions, 300 T5 tokens."""
+    return save_pixart(tmp_path_factory.mktemp("tiny-pixart-sigma"), "PixArtSigmaPipeline", 8)
+
+
+@pytest.fixture(scope="session")
+def pixart_alpha_folder(tmp_path_factory) -> Path:
+    """Tiny PixArtAlphaPipeline whose transformer has ``sample_size = 128``, so it takes PixArt-alpha's resolution /
+    aspect-ratio micro-conditions (it runs on small latents: the position embedding is recomputed per size)."""
+    return save_pixart(tmp_path_factory.mktemp("tiny-pixart-alpha"), "PixArtAlphaPipeline", 128)
+
+
+@pytest.fixture(scope="session")
+def flux_folders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny FluxPipeline folders: "dev" (guidance-distilled, dynamic shift) and "schnell" (no guidance embedding)."""
+    return {k: save_flux(tmp_path_factory.mktemp(f"tiny-flux-{k}"), dev=k == "dev") for k in ("dev", "schnell")}
 
 
 @pytest.fixture(scope="session")

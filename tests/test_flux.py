@@ -4,72 +4,19 @@ kinds, sampling against ``FluxPipeline``, the CLI on a saved folder, the registr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import T5_LENGTH, _tiny_tokenizers, tiny_vae
+from conftest import FLUX_LATENT_CHANNELS, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, T5_LENGTH, tiny_flux_transformer
 
 import critsample
 from critsample import Plan, PromptCond
 from critsample.local_attention import window_mask
 from critsample.models.flux import FluxDenoiser, FluxWindowAttnProcessor, image_ids, pack
 
-LATENT_CHANNELS = 4  # the tiny VAE's; the transformer takes 2x2-packed latents: in_channels 16
-VAE_SHIFT, VAE_SCALE = 0.1159, 0.3611  # FLUX.1's VAE factors
-
-
-def tiny_flux_transformer(guidance_embeds: bool, seed: int = 0):
-    """One double-stream and one single-stream block; RoPE axes 4 + 6 + 6 = head dim 16."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-
-
-def _scheduler(dev: bool):
-    """FLUX.1-dev's scheduler config (resolution-dependent shift) or FLUX.1-schnell's (no shift)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if dev:
-        return FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-        )
-    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-
-
-def _save_flux(folder: Path, dev: bool) -> Path:
-    from diffusers import FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    clip_tok, t5_tok = _tiny_tokenizers()
-    torch.manual_seed(1)
-    clip = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-        num_hidden_layers=1, vocab_size=len(clip_tok), max_position_embeddings=8, hidden_act="gelu",
-    )).eval()  # pooled 16 = pooled_projection_dim
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )).eval()  # d_model 32 = joint_attention_dim
-    FluxPipeline(
-        scheduler=_scheduler(dev), vae=tiny_vae(LATENT_CHANNELS, shift_factor=VAE_SHIFT, scaling_factor=VAE_SCALE),
-        text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-        transformer=tiny_flux_transformer(guidance_embeds=dev),
-    ).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flux_folders(tmp_path_factory) -> dict[str, Path]:
-    """Tiny FluxPipeline folders: "dev" (guidance-distilled, dynamic shift) and "schnell" (no guidance embedding)."""
-    return {k: _save_flux(tmp_path_factory.mktemp(f"tiny-flux-{k}"), dev=k == "dev") for k in ("dev", "schnell")}
+LATENT_CHANNELS = FLUX_LATENT_CHANNELS  # the tiny VAE's; the transformer takes 2x2-packed latents: in_channels 16
+VAE_SHIFT, VAE_SCALE = FLUX_VAE_SHIFT, FLUX_VAE_SCALE  # FLUX.1's VAE factors
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,14 @@ def test_a_folder_of_pickled_weights_is_refused_in_one_sentence(tmp_path, capsys
     safe = tmp_path / "safe-dit"
     tiny_dit_transformer().save_pretrained(safe)
     assert critsample.load(str(safe)).transformer.config.num_layers == 2
+    # the explicit opt-in for files the user trusts, from Python and from the CLI; it does not outlive the call
+    trusted = critsample.load(str(folder), trust_pickled_weights=True)
+    x, t, c = torch.randn(1, *trusted.sample_shape), 0.5, torch.tensor([1])
+    assert torch.equal(trusted.predict(x, t, c), critsample.load(str(safe)).predict(x, t, c))
+    with pytest.raises(UserError, match="only pickled weights"):
+        critsample.load(str(folder))
+    assert main(["sample", "--model", str(folder), "--trust_pickled_weights", "--num", "1", "--steps", "1", "--wandb", "false",
+                 "--out", str(tmp_path / "o2")]) == 0
 
 
 def test_sd3_text_encoders_must_be_safetensors(sd3_folder, tmp_path):

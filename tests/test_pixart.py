@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _tiny_tokenizers, tiny_vae
+from conftest import PIXART_CAPTION, VAE_SCALE
 
 import critsample
 from critsample import PromptCond, UserError, plans
@@ -23,57 +23,21 @@ from critsample.flops import forward_flops, plan_flops, transformer_shape
 from critsample.models import family_of
 from critsample.models.pixart import DenseCrossAttnProcessor, PixArtDenoiser
 
-CAPTION = 32  # tiny T5 d_model = transformer caption_channels
-VAE_SCALE = 2  # the tiny VAE has two blocks: 2 image pixels per latent pixel
+CAPTION = PIXART_CAPTION
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_pixart_transformer(sample_size: int = 8, seed: int = 0):
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    # learned sigma (out = 2 x in), as the PixArt checkpoints; width 24 = cross_attention_dim (the caption projection
-    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions take 2 thirds resolution, 1 third aspect ratio)
-    return PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, sample_size=sample_size,
-        patch_size=2, cross_attention_dim=24, caption_channels=CAPTION, norm_num_groups=1,
-    ).eval()
-
-
-def _save_pipeline(folder, pipeline_cls: str, sample_size: int) -> None:
-    import diffusers
-    from diffusers import DPMSolverMultistepScheduler
-    from transformers import T5Config, T5EncoderModel
-
-    _, t5_tok = _tiny_tokenizers()
-    torch.manual_seed(3)
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )).eval()
-    # PixArt's own integrator: DPM-Solver++ over linear betas 1e-4..0.02, eps-prediction
-    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
-    pipe = getattr(diffusers, pipeline_cls)(
-        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size), scheduler=scheduler,
-    )
-    pipe.save_pretrained(folder)
+@pytest.fixture(scope="module")
+def sigma_folder(pixart_sigma_folder):
+    return pixart_sigma_folder
 
 
 @pytest.fixture(scope="module")
-def sigma_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pixart-sigma")
-    _save_pipeline(folder, "PixArtSigmaPipeline", 8)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def alpha_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pixart-alpha")
-    _save_pipeline(folder, "PixArtAlphaPipeline", 128)
-    return folder
+def alpha_folder(pixart_alpha_folder):
+    return pixart_alpha_folder
 
 
 @pytest.fixture(scope="module")

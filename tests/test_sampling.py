@@ -18,13 +18,19 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 # -- equality with diffusers' pipelines -------------------------------------------------------
+def _dit_pipeline_images(pipe, *args, **kwargs) -> torch.Tensor:
+    """``DiTPipeline(..., output_type="pt").images`` as (B, C, H, W): before diffusers 0.41 it came channels-last."""
+    images = torch.as_tensor(pipe(*args, output_type="pt", **kwargs).images)
+    return images if images.shape[1] == 3 else images.permute(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("guidance", [4.0, 1.0])
 def test_dit_guided_plan_equals_dit_pipeline(dit, dit_folder, guidance):
     from diffusers import DiTPipeline
 
     pipe = DiTPipeline.from_pretrained(dit_folder)  # stock processors, DDIM from the folder
     labels = [3, 817]
-    ref = pipe(labels, guidance_scale=guidance, generator=_gen(7), num_inference_steps=6, output_type="pt").images
+    ref = _dit_pipeline_images(pipe, labels, guidance_scale=guidance, generator=_gen(7), num_inference_steps=6)
     z = critsample.sample(dit, Plan.guided(6, guidance), torch.tensor(labels), generator=_gen(7))
     images = dit.decode(z)
     assert images.shape == ref.shape == (2, 3, 16, 16)
@@ -36,7 +42,7 @@ def test_dit_dpm_solver_equals_dit_pipeline_with_dpm(dit, dit_folder):
 
     pipe = DiTPipeline.from_pretrained(dit_folder)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # diffusers' documented swap
-    ref = pipe([5], guidance_scale=3.0, generator=_gen(1), num_inference_steps=5, output_type="pt").images
+    ref = _dit_pipeline_images(pipe, [5], guidance_scale=3.0, generator=_gen(1), num_inference_steps=5)
     z = critsample.sample(dit, Plan.guided(5, 3.0, sampler="dpm"), torch.tensor([5]), generator=_gen(1))
     assert torch.isfinite(z).all()
     assert (dit.decode(z) - ref).abs().max() <= 1e-4

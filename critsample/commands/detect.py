@@ -63,7 +63,7 @@ def parser(preset: str = "fast") -> ArgumentParser:
 
 def parse_config(argv: list[str]) -> DetectConfig:
     """The config of a ``critsample detect`` command line (presets fill every size not given)."""
-    argv = normalize_argv(list(argv), ("dry_run", "wandb", "windows.complement"), {"--class": "--class_id"})
+    argv = normalize_argv(list(argv), ("dry_run", "wandb", "windows.complement", "trust_pickled_weights"), {"--class": "--class_id"})
     argv = expand_lists(argv, LIST_OPTIONS)
     p = parser(_preset_of(argv))
     cfg = instantiate(p, parse(p, argv))

@@ -137,6 +137,9 @@ class DetectConfig:
     """Processes to shard the units over (Lightning Fabric, DDP); 1 = this process."""
     threads: Optional[int] = None
     """CPU intra-op threads (None: torch's default). On a busy shared CPU, 1 is often several times faster than 2."""
+    trust_pickled_weights: bool = False
+    """Also load a model folder whose weights are only pickled (.bin): only for files you trust, since unpickling can
+    run code (the default reads safetensors only)."""
     classifier: Optional[str] = None
     """digits, resnet-50, or module.path:callable (None: digits for 8x8 digit models, resnet-50 for DiT-XL, the Bayes classifier for oracles)."""
     data: Optional[str] = None

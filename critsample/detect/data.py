@@ -99,7 +99,8 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))[:n]
         if not files:
             raise UserError(f"No images (.png, .jpg, .jpeg, .webp, .bmp) in {path}.")
-        size = model.sample_shape[-1] * (8 if getattr(model, "vae", None) is not None else 1)
+        vae = getattr(model, "vae", None)  # latent models: the VAE's downsampling factor, 2^(levels - 1)
+        size = model.sample_shape[-1] * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
         imgs = []
         for f in files:
             im = Image.open(f).convert("RGB" if model.sample_shape[0] != 1 or getattr(model, "vae", None) is not None else "L")

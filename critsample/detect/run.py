@@ -85,7 +85,7 @@ def run(
     if fabric is not None:
         device = fabric.device
     if model is None:
-        model = load(cfg.model, device=device or "cpu")
+        model = load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     det, units = prepare(cfg, model, device, classifier=classifier)
     probes = selected(cfg)
     owner = _computer(probes)
@@ -138,7 +138,7 @@ def estimate(cfg: DetectConfig, model: Denoiser | None = None, *, device: torch.
     """The dry run: model evaluations per probe, how many are already stored, and a time estimate from a timed
     forward. Writes nothing."""
     if model is None:
-        model = load(cfg.model, device=device or "cpu")
+        model = load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     det, units = prepare(cfg, model, device, classifier=classifier)
     store = det.store
     rows = min(cfg.max_batch, 64)

@@ -1,6 +1,7 @@
 """Model registry: a name (or a local diffusers folder) -> a :class:`~critsample.denoisers.Denoiser`.
 
-Downloads happen only here, through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` apply).
+Downloads happen only through :func:`critsample.models.hub.fetch_snapshot` (the Hugging Face cache, ``HF_HUB_OFFLINE``
+and ``HF_TOKEN`` apply; what is fetched and its size are printed before fetching).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 
 from ..denoisers import Denoiser
 from ..errors import UserError
 from .flux import load_flux
-from .loaders import load_dit
+from .hub import fetch_snapshot
+from .loaders import load_dit, trusting_pickled_weights
 from .oracles import load_oracle
 from .pixart import load_pixart
 from .sd3 import load_sd3
@@ -62,21 +63,18 @@ def bundled_path(name: str) -> Path:
 
 
 def fetch(spec: ModelSpec) -> Path:
-    """Local folder of a registry model: the Hugging Face cache, or a download when the network allows it."""
+    """Local folder of a registry model: the Hugging Face cache (no network), or an announced download (one try)
+    unless ``HF_HUB_OFFLINE`` is set; a UserError sentence when neither works."""
     if spec.source == "package":
         path = bundled_path(spec.name)
         if not (path / "transformer" / "config.json").exists():
             raise UserError(f"The bundled weights of {spec.name} are missing from {path}; reinstall critsample or run `critsample fit --config configs/fit/dit-digits.yaml`.")
         return path
 
-    try:
-        return Path(snapshot_download(spec.source, allow_patterns=_PATTERNS[spec.family]))
-    except Exception as e:  # offline, gated, or not found: one sentence with the fix
-        raise UserError(
-            f"Weights of {spec.name} ({spec.source}) are not available here ({type(e).__name__}); fetch them with "
-            f"`hf download {spec.source}` (older huggingface_hub: `huggingface-cli download {spec.source}`) (accept the licence on the Hub first if it is gated) "
-            f"or pass a local diffusers folder with `--model /path/to/folder`."
-        ) from None
+    return fetch_snapshot(
+        spec.source, _PATTERNS[spec.family], what=f"Weights of {spec.name}", required=("model_index.json",),
+        alternative="pass a local diffusers folder with `--model /path/to/folder`",
+    )
 
 
 def family_of(folder: Path) -> str:
@@ -106,10 +104,17 @@ def family_of(folder: Path) -> str:
     raise UserError(f"{folder} is not a diffusers DiT, SD3, PixArt or FLUX folder (no model_index.json or transformer/config.json naming one).")
 
 
-def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> Denoiser:
-    """Load a denoiser by registry name (``dit-xl``, ``dit-xl-512``, ``sd3-medium``, ``pixart-alpha``, ``pixart-sigma``, ``flux-schnell``, ``flux-dev``, ``dit-digits``, ``gmm-...``) or
-    from a local diffusers folder. ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
-    name = str(name_or_path)
+def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+         trust_pickled_weights: bool = False, **kwargs) -> Denoiser:
+    """Load a denoiser by registry name (``dit-xl``, ``dit-xl-512``, ``sd3-medium``, ``pixart-alpha``, ``pixart-sigma``,
+    ``flux-schnell``, ``flux-dev``, ``dit-digits``, ``gmm-...``) or from a local diffusers folder. Weights are read from
+    safetensors only; ``trust_pickled_weights`` also accepts pickled ``*.bin`` weights (only for files you trust:
+    unpickling can run code). ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
+    with trusting_pickled_weights(trust_pickled_weights):
+        return _load(str(name_or_path), device, dtype, **kwargs)
+
+
+def _load(name: str, device, dtype, **kwargs) -> Denoiser:
     if name.startswith("gmm"):
         return load_oracle(name, **kwargs).to(device)
     if name in REGISTRY:

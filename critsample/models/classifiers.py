@@ -6,7 +6,8 @@ penultimate-layer features (B, d) with ``features``; ``num_features`` = d and ``
 - ``digits``: :class:`DigitsCNN`, shipped in ``critsample/assets/digits-classifier/`` (trained by
   ``python -m critsample.finetune.classifier``; its ``config.json`` records command, seed and test accuracy).
 - ``resnet-50``: ``microsoft/resnet-50`` through transformers, with its image processor's resize, crop and
-  normalisation redone in torch (differentiable, on the input's device). Fetched only through ``huggingface_hub``.
+  normalisation redone in torch (differentiable, on the input's device). Fetched only through
+  :func:`critsample.models.hub.fetch_snapshot` (safetensors weights; announced; ``HF_HUB_OFFLINE`` honoured).
 - ``module.path:callable``: a user callable returning an ``nn.Module`` that maps [0, 1] images to logits.
 """
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import bundled_path
+from .hub import fetch_snapshot
 
 DIGITS_CLASSIFIER = "digits-classifier"  # asset folder
 CLASSIFIERS = {"digits": "package", "resnet-50": "microsoft/resnet-50"}
@@ -150,29 +150,24 @@ class HFImageClassifier(nn.Module):
     predict_logits = forward
 
 
-def _hub_offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, when it is imported.
-    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "0")).lower() in ("1", "true", "yes", "on")
+HF_CLASSIFIER_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]  # no pickled weights
 
 
 def load_hf_classifier(repo_id: str, device: str | torch.device = "cpu") -> HFImageClassifier:
-    """A transformers image classifier from the Hugging Face cache (or the network, unless ``HF_HUB_OFFLINE=1``)."""
+    """A transformers image classifier from the Hugging Face cache, or downloaded (announced, one try) unless
+    ``HF_HUB_OFFLINE`` is set (:func:`critsample.models.hub.fetch_snapshot`)."""
     try:
-        from huggingface_hub import hf_hub_download
         from transformers import AutoModelForImageClassification
-
-        offline = _hub_offline()
-        proc_file = hf_hub_download(repo_id, "preprocessor_config.json", local_files_only=offline)
-        model = AutoModelForImageClassification.from_pretrained(repo_id, local_files_only=offline)
     except ImportError as e:
         raise UserError(f"The {repo_id} classifier needs transformers ({e.name} is missing): `pip install transformers`.") from None
-    except Exception as e:  # offline, not cached, or not found: one sentence with the fix
-        raise UserError(
-            f"Weights of the classifier {repo_id} are not available here ({type(e).__name__}); fetch them with "
-            f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), "
-            f"or use a local classifier as `module.path:callable`."
-        ) from None
-    return HFImageClassifier(model, json.loads(Path(proc_file).read_text()), repo_id).to(device)
+    folder = fetch_snapshot(repo_id, HF_CLASSIFIER_FILES, what="Weights of the image classifier", required=tuple(HF_CLASSIFIER_FILES),
+                            alternative="use a local classifier as `--classifier module.path:callable`")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except Exception as e:
+        raise UserError(f"The classifier {repo_id} in {folder} does not load ({type(e).__name__}); delete that folder and "
+                        f"fetch it again with `hf download {repo_id}`.") from None
+    return HFImageClassifier(model, json.loads((folder / "preprocessor_config.json").read_text()), repo_id).to(device)
 
 
 class ImportedClassifier(nn.Module):

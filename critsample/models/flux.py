@@ -42,7 +42,7 @@ from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
 from ..local_attention import local_attention
 from ..noise import Schedule
-from .loaders import load_parts, require_safetensors
+from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
 
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: the distilled guidance FLUX.1-dev samples with
 DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size (1024 px through the 8x VAE)
@@ -329,7 +329,7 @@ def _load_text(folder: Path, transformer, vae, dtype: torch.dtype):
     for k in ("text_encoder", "text_encoder_2"):
         require_safetensors(folder / k, (index.get(k) or [None, "the part's transformers class"])[-1])
     try:
-        return FluxPipeline.from_pretrained(folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=True)
+        return load_pipeline(FluxPipeline, folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only())
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load FLUX's text encoders from {folder}: {str(e).splitlines()[0]}") from None
 

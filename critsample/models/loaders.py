@@ -5,6 +5,8 @@ Weights are read from ``*.safetensors`` only: a folder that holds only pickled w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from pathlib import Path
 
@@ -18,17 +20,54 @@ from .dit import DiTDenoiser
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
+_TRUST_PICKLES: contextvars.ContextVar[bool] = contextvars.ContextVar("critsample_trust_pickled_weights", default=False)
+
+
+@contextlib.contextmanager
+def trusting_pickled_weights(trust: bool = True):
+    """Within this block, folders with only pickled weights load (the user's explicit opt-in for files they trust:
+    ``critsample.load(..., trust_pickled_weights=True)``, ``--trust_pickled_weights``)."""
+    token = _TRUST_PICKLES.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_PICKLES.reset(token)
+
+
+def safetensors_only() -> bool | None:
+    """``use_safetensors`` for ``from_pretrained``: True, or None (either format) inside :func:`trusting_pickled_weights`."""
+    return None if _TRUST_PICKLES.get() else True
+
+
 def require_safetensors(folder: Path, cls_name: str) -> None:
     """Refuse a weights folder that holds pickled weights and no ``*.safetensors`` (one UserError sentence naming the
-    conversion with ``cls_name``, the diffusers / transformers class of that part)."""
+    conversion with ``cls_name``, the diffusers / transformers class of that part), unless the user opted in."""
+    if _TRUST_PICKLES.get():
+        return
     folder = Path(folder)
     pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
     if pickled and not any(folder.glob("*.safetensors")):
         raise UserError(
             f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded, and critsample "
             f"reads safetensors only: if you trust the folder, convert it once in Python with "
-            f"`{cls_name}.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
+            f"`{cls_name}.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`, or load it as it is "
+            f"with --trust_pickled_weights (critsample.load(..., trust_pickled_weights=True))."
         )
+
+
+def load_pipeline(cls, folder: Path, **kwargs):
+    """``cls.from_pretrained(folder, **kwargs)`` for a diffusers pipeline (the text parts of SD3, PixArt, FLUX) without
+    diffusers' "Loading pipeline components..." bar, which would land on stderr before a command's own output and
+    around its one-sentence errors (the bar's global switch is restored afterwards)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_scheduler: dict | None = None):
@@ -42,11 +81,11 @@ def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_schedu
     if has_vae:
         require_safetensors(folder / "vae", AutoencoderKL.__name__)
     try:
-        transformer = cls.from_pretrained(tdir, torch_dtype=dtype, use_safetensors=True)
+        transformer = cls.from_pretrained(tdir, torch_dtype=dtype, use_safetensors=safetensors_only())
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load {label} transformer from {tdir}: {str(e).splitlines()[0]}") from None
     try:
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=True) if has_vae else None
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=safetensors_only()) if has_vae else None
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: {str(e).splitlines()[0]}") from None
     sched_file = folder / "scheduler" / "scheduler_config.json"

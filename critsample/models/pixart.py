@@ -24,7 +24,7 @@ from ..attention import WindowAttnProcessor, check_radius
 from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
 from ..noise import Kind, Schedule
-from .loaders import load_parts, require_safetensors
+from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
 
 # The pipelines' ``max_sequence_length`` defaults: T5 tokens per prompt (PixArt-alpha paper sec. 3.1; Sigma raised it).
 MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -245,8 +245,9 @@ def _load_text(folder: Path, pipeline: str, transformer, vae, dtype: torch.dtype
 
     require_safetensors(folder / "text_encoder", "T5EncoderModel")
     try:
-        return getattr(diffusers, pipeline).from_pretrained(
-            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=True
+        return load_pipeline(
+            getattr(diffusers, pipeline),
+            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only()
         )
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"Could not load PixArt's T5 text encoder from {folder}: {str(e).splitlines()[0]}") from None

@@ -19,7 +19,7 @@ from ..attention import check_radius, install_window_attention
 from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
 from ..noise import Schedule
-from .loaders import load_parts, require_safetensors
+from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
 
 _TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -58,9 +58,10 @@ class SD3Denoiser(Denoiser):
         self.in_channels = int(cfg.in_channels)
         self.sample_shape = (self.in_channels, int(cfg.sample_size), int(cfg.sample_size))
         self.max_sequence_length = int(max_sequence_length)
-        self.text_tokens = 77 + self.max_sequence_length  # CLIP + T5 tokens of joint attention (FLOPs accounting)
         self.name = name
         self.text = text
+        # CLIP (77 in SD3, the tokenizers' length) + T5 tokens of joint attention (FLOPs accounting)
+        self.text_tokens = (self._clip_length() if text is not None else 77) + self.max_sequence_length
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
         encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text is not None else []
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
@@ -171,8 +172,9 @@ def _load_text(folder: Path, transformer, vae, dtype: torch.dtype, t5: bool):
         if k.startswith("text_encoder") and k not in skip:
             require_safetensors(folder / k, (index.get(k) or [None, "the part's transformers class"])[-1])
     try:
-        return StableDiffusion3Pipeline.from_pretrained(
-            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=True, **skip
+        return load_pipeline(
+            StableDiffusion3Pipeline,
+            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only(), **skip
         )
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load SD3's text encoders from {folder}: {str(e).splitlines()[0]}") from None

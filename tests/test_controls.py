@@ -1,0 +1,150 @@
+"""Controls with known answers for the windows and the concurrence test (issue: windows you can trust).
+
+The theory values are computed here, independently of the probe and estimator code: the symmetry-breaking threshold
+from the closed form of the exact forward-backward error (ODE reverse, Bayes readout: error = 1 - Phi(K), K^2 =
+D^2 a^2 / (a^2 lam0 + 1 - a^2), D^2 = d mu^2, a^2 = alpha_bar), and the nonlocality window from the exact locality gap
+(the oracle's exact global and local scores, tested against autograd in test_oracles.py) averaged over exact samples
+of x_t, with its full width at half maximum written out below.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+
+import critsample
+from critsample import NULL, detect
+
+SB_T_MIN = 0.05
+
+
+def sb_theory(oracle, t_min: float = SB_T_MIN) -> float:
+    """Log-SNR where the exact error crosses floor + 50% of (chance - floor), floor = the exact error at t_min."""
+    a2 = float(oracle.schedule.alpha_bar(torch.tensor(t_min)))
+    d2 = oracle.d * oracle.mu**2
+    floor = 1 - NormalDist().cdf(math.sqrt(d2 * a2 / (a2 * oracle.lam0 + 1 - a2)))
+    k = NormalDist().inv_cdf(1 - (floor + 0.5 * (0.5 - floor)))
+    y = k * k / (d2 + k * k * (1 - oracle.lam0))  # solves K(y)^2 = k^2 for y = alpha_bar
+    return math.log(y / (1 - y))
+
+
+def nl_theory(oracle, radius: int, n: int = 800) -> float:
+    """Log-SNR midpoint of the FWHM of the exact unconditional locality gap (eps units, per token) along the data
+    noised forward (the train trajectory), on a fine grid."""
+    g = torch.Generator().manual_seed(123)
+    x0 = oracle.sample_data(n, None, generator=g).double()
+    z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = np.linspace(0.02, 0.98, 97)
+    null = torch.full((n,), NULL)
+    y = []
+    for ti in t:
+        a, s = oracle.schedule.alpha_sigma(torch.tensor(ti))
+        xt = (a * x0 + s * z).float()
+        gap = oracle.predict(xt, ti, null, radius=radius, kind="eps") - oracle.predict(xt, ti, null, kind="eps")
+        y.append(float((gap.double().reshape(n, -1).norm(dim=1) / oracle.d).mean()))
+    y, lam = np.array(y), oracle.schedule.log_snr(torch.tensor(t)).numpy()
+    k = int(y.argmax())
+    half = y[k] / 2
+    lo = max(i for i in range(k + 1) if y[i] < half)  # last point below half before the peak
+    hi = min(i for i in range(k, len(y)) if y[i] < half)  # first point below half after it
+    start = lam[lo] + (half - y[lo]) / (y[lo + 1] - y[lo]) * (lam[lo + 1] - lam[lo])
+    end = lam[hi - 1] + (y[hi - 1] - half) / (y[hi - 1] - y[hi]) * (lam[hi] - lam[hi - 1])
+    return float((start + end) / 2)
+
+
+def _control(tmp_path, name: str, radius: int, tolerance: float, samples: int = 384) -> dict:
+    cfg = detect.DetectConfig.from_preset(
+        "fast", model=name, out=str(tmp_path), wandb=False, probes=["forward_backward", "locality_gap"], concurrence_tolerance=tolerance,
+        fb={"num_t": 19, "t_min": SB_T_MIN, "t_max": 0.95, "samples": samples, "steps": 40, "batch": samples, "radii": []},
+        gaps={"steps": 40, "samples": 96, "batch": 96, "radii": [radius], "trajectories": ["train"]},
+    )
+    return detect.run(cfg, critsample.load(name))
+
+
+def _near(w: dict, theory: float) -> None:
+    assert w["valid"], w["reason"]
+    assert abs(w["log_snr_center"] - theory) <= 2.5 * w["log_snr_uncertainty"] + 0.15, (w["probe"], w["log_snr_center"], theory, w["log_snr_uncertainty"])
+
+
+def test_negative_control_is_not_concurrent(tmp_path):
+    """A mixture with a long-range GMRF within-class covariance and strong class separation: theory puts the
+    forward-backward threshold 2.4 nats of log-SNR on the noisy side of the r = 2 locality gap, more than the 1-nat
+    tolerance, so the test must say "not concurrent"."""
+    name = "gmm-mixture-field:N=8,mu=1.0,kappa=0.5"
+    oracle = critsample.load(name)
+    sb, nl = sb_theory(oracle), nl_theory(oracle, 2)
+    assert sb - nl < -2.0  # the control's premise, from theory alone
+    s = _control(tmp_path, name, 2, tolerance=1.0)
+    _near(s["windows"]["forward_backward"], sb)
+    _near(s["windows"]["locality_gap"], nl)
+    assert s["concurrence"]["overall"]["outcome"] == "not concurrent", s["concurrence"]["overall"]["verdict"]
+
+
+def test_positive_control_is_concurrent(tmp_path):
+    """The isotropic two-class mixture read at the largest local radius: theory puts the two windows 1.2 nats apart,
+    well inside a 2-nat tolerance, so the test must say "concurrent" (and "inconclusive" at a 0.5-nat tolerance,
+    which the estimators' uncertainty cannot resolve)."""
+    name = "gmm-mixture:N=8,mu=0.5,s2=1"
+    oracle = critsample.load(name)
+    sb, nl = sb_theory(oracle), nl_theory(oracle, 6)
+    assert abs(sb - nl) < 1.5
+    s = _control(tmp_path / "a", name, 6, tolerance=2.0)
+    _near(s["windows"]["forward_backward"], sb)
+    _near(s["windows"]["locality_gap"], nl)
+    assert s["concurrence"]["overall"]["outcome"] == "concurrent", s["concurrence"]["overall"]["verdict"]
+    tight = _control(tmp_path / "a", name, 6, tolerance=0.5)  # same stored units, another tolerance
+    assert tight["concurrence"]["overall"]["outcome"] in ("inconclusive", "not concurrent")
+    assert tight["cost"]["units_computed_this_run"] == 0
+
+
+def test_a_field_without_classes_has_no_symmetry_breaking_window(tmp_path):
+    """The GMRF has one class: no conditioning gap and no forward-backward rise, so no symmetry-breaking window, and
+    concurrence is "no window", never "concurrent"."""
+    name = "gmm-field:N=8"
+    cfg = detect.DetectConfig.from_preset(
+        "fast", model=name, out=str(tmp_path), wandb=False, probes=["cond_gap", "locality_gap", "forward_backward"],
+        fb={"num_t": 7, "samples": 32, "batch": 32, "steps": 20, "radii": []},
+        gaps={"steps": 20, "samples": 8, "batch": 8, "radii": [2], "trajectories": ["train"]},
+    )
+    s = detect.run(cfg, critsample.load(name))
+    assert not s["windows"]["cond_gap"]["valid"] and not s["windows"]["forward_backward"]["valid"]
+    assert s["symmetry_breaking_window"] is None
+    assert s["concurrence"]["overall"]["outcome"] == "no window" and s["concurrence"]["instantaneous"]["outcome"] == "no window"
+
+
+def test_forward_backward_uncertainty_covers_the_truth_about_68_percent(tmp_path):
+    """Coverage: over 24 seeds at reduced size, the exact threshold lies within the reported one-sigma interval in
+    about 68% of the runs (a binomial tolerance: 24 runs at 68% give 16 +- 2.3)."""
+    name = "gmm-mixture:N=8,mu=0.5,s2=1"
+    oracle = critsample.load(name)
+    truth = sb_theory(oracle, 0.1)
+    hits = []
+    for seed in range(24):
+        cfg = detect.DetectConfig.from_preset(
+            "fast", model=name, out=str(tmp_path / str(seed)), wandb=False, seed=seed, probes=["forward_backward"],
+            fb={"num_t": 13, "t_min": 0.1, "t_max": 0.9, "samples": 64, "steps": 40, "batch": 64, "radii": []})
+        w = detect.run(cfg, oracle)["windows"]["forward_backward"]
+        assert w["valid"], w["reason"]
+        hits.append(abs(w["log_snr_center"] - truth) <= w["log_snr_uncertainty"])
+    assert 11 <= sum(hits) <= 22, f"{sum(hits)} of 24 within one sigma"
+
+
+@pytest.mark.slow
+def test_coverage_table_for_the_docs(tmp_path):
+    """The docs' coverage numbers (docs/oracles.md): 100 seeds."""
+    oracle = critsample.load("gmm-mixture:N=8,mu=0.5,s2=1")
+    truth = sb_theory(oracle, 0.1)
+    z = []
+    for seed in range(100):
+        cfg = detect.DetectConfig.from_preset(
+            "fast", model=oracle.name, out=str(tmp_path / str(seed)), wandb=False, seed=seed, probes=["forward_backward"],
+            fb={"num_t": 13, "t_min": 0.1, "t_max": 0.9, "samples": 64, "steps": 40, "batch": 64, "radii": []})
+        w = detect.run(cfg, oracle)["windows"]["forward_backward"]
+        z.append((w["log_snr_center"] - truth) / w["log_snr_uncertainty"])
+    z = np.array(z)
+    print(f"coverage {np.mean(np.abs(z) <= 1):.2f}, mean z {z.mean():+.2f}, sd z {z.std():.2f}")
+    assert 0.55 <= np.mean(np.abs(z) <= 1) <= 0.9
