@@ -10,8 +10,10 @@ noise a sample gets (the network's floating-point rounding may still differ slig
 the same on every device, and different seeds never share a sample. Resuming is per batch: each finished batch is
 stored under ``DIR/.batches`` (``.npz``, :class:`~critsample.store.Store`), keyed by the options, the plan and a
 fingerprint of the model's weights; a run started again with the same options (``--num`` may grow) reuses every
-finished batch, and a killed run loses only its batch in flight (all of it when ``--num <= --batch_size``: lower
-``--batch_size`` for finer resume).
+finished batch. The batch in flight is checkpointed every ``CHECKPOINT_SECONDS`` (its state and next step) when the
+integrator is single-step (DDIM, flow Euler: the default ``auto`` samplers), so a killed run, even one with
+``--num <= --batch_size``, resumes mid-batch and ends bitwise as an uninterrupted one; with DPM-Solver++ (its history of
+predictions is not stored) the batch in flight starts again.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from .errors import UserError
 from .flops import plan_flops
 from .models import load
 from .report import image_grid, save_png
-from .sampling import SAMPLERS, Plan, sample, sample_generator
-from .store import Store, check_writable, model_fingerprint
+from .sampling import SAMPLERS, Plan, make_scheduler, sample, sample_generator
+from .store import CorruptUnit, Store, check_writable, model_fingerprint
 from .tracking import log_sample_run
 
 log = logging.getLogger("critsample")
+CHECKPOINT_SECONDS = 10.0  # how often the state of a batch in progress is stored (single-step integrators)
+SINGLE_STEP = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")  # no history: a checkpointed state resumes exactly
 
 
 @dataclass
@@ -77,7 +81,7 @@ class SampleConfig:
     interval: str | None = None
     """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
     batch_size: int = 100
-    """Samples per batch (also the unit of resuming: a killed run keeps its finished batches)."""
+    """Samples per batch (a killed run keeps its finished batches and, with ddim / euler, the last checkpoint of the one in flight)."""
     device: str = "auto"
     """cpu, cuda, cuda:1 or auto."""
     trust_pickled_weights: bool = False
@@ -178,15 +182,37 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     cond, labels = conditioning(cfg, model, device)
     out = Path(cfg.out)
     store = _batches(cfg, plan, model, out)
-    chunks, seconds, computed = [], 0.0, 0
+    chunks, seconds, computed, skipped = [], 0.0, 0, 0
+    single_step = type(make_scheduler(model, plan.sampler)).__name__ in SINGLE_STEP
 
     def compute(lo: int, hi: int) -> dict:
-        nonlocal seconds, computed
+        """One batch; with a single-step integrator its state is checkpointed every CHECKPOINT_SECONDS, so a batch
+        killed midway resumes from its last checkpoint (bitwise the same as an uninterrupted run)."""
+        nonlocal seconds, computed, skipped
         start = time.perf_counter()
-        x = sample(model, plan, cond[lo:hi], generator=[sample_generator(cfg.seed, i) for i in range(lo, hi)])
+        ckpt = store.unit("sample_state", {"lo": lo, "hi": hi})
+        x, first = None, 0
+        if single_step and store.has(ckpt):
+            try:
+                state = store.load(ckpt)
+                x, first = torch.from_numpy(state["x"]).to(device), int(state["next_step"])
+            except CorruptUnit as e:
+                log.warning(f"{e}; sampling the batch from the start.")
+        last = time.perf_counter()
+
+        def checkpoint(d: dict) -> None:
+            nonlocal last
+            if single_step and d["i"] + 1 < len(plan.steps) and time.perf_counter() - last >= CHECKPOINT_SECONDS:
+                store.save(ckpt, {"x": d["x"].detach().cpu(), "next_step": d["i"] + 1})
+                last = time.perf_counter()
+
+        generators = [sample_generator(cfg.seed, i) for i in range(lo, hi)]
+        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else generators, start=first, callback=checkpoint)
         images = model.images(x).cpu()
+        store.discard(ckpt)
         seconds += time.perf_counter() - start
         computed += hi - lo
+        skipped += (hi - lo) * sum(s.forwards for s in plan.steps[:first])  # done before the checkpoint
         return {"images": images, "seconds": time.perf_counter() - start}
 
     n_batches = -(-cfg.num // cfg.batch_size)
@@ -213,7 +239,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
         "cost": {
             "model_evaluations": plan.forwards * cfg.num,
             "model_evaluations_note": "network forwards summed over samples (a guided step counts two)",
-            "model_evaluations_this_run": plan.forwards * computed,
+            "model_evaluations_this_run": plan.forwards * computed - skipped,
             "flops_per_sample": flops,
             "wall_seconds": sum(float(c["seconds"]) for c in chunks),
             "wall_seconds_this_run": seconds,

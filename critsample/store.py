@@ -159,6 +159,11 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def discard(self, unit: Unit) -> None:
+        """Remove a stored unit (a checkpoint that is no longer needed)."""
+        self.path(unit).unlink(missing_ok=True)
+        self.path(unit).with_suffix(".json").unlink(missing_ok=True)
+
     def get_or_compute(self, unit: Unit, compute: Callable[[torch.Generator], dict], device="cpu") -> dict[str, np.ndarray]:
         """The stored result of ``unit``, or ``compute(unit_generator(key))`` stored and returned. A corrupt stored
         unit is reported (one warning line naming the file) and computed again."""

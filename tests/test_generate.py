@@ -76,8 +76,14 @@ def test_batch_size_does_not_change_samples_and_seeds_do_not_collide(digits, tmp
     first_states = {}
     real_sample = generate.sample
 
-    def recording(model, plan, cond, **kw):  # records each batch's initial state (step 0's input)
-        return real_sample(model, plan, cond, callback=lambda d: first_states[bs].append(d["x_in"]) if d["i"] == 0 else None, **kw)
+    def recording(model, plan, cond, callback=None, **kw):  # records each batch's initial state (step 0's input)
+        def cb(d):
+            if callback is not None:
+                callback(d)
+            if d["i"] == 0:
+                first_states[bs].append(d["x_in"])
+
+        return real_sample(model, plan, cond, callback=cb, **kw)
 
     monkeypatch.setattr(generate, "sample", recording)
     images = {}
@@ -192,3 +198,32 @@ def test_sample_help_documents_every_option(capsys):
     out = "".join(capsys.readouterr().out.split())  # argparse rewraps lines (and breaks at hyphens)
     for name, doc in docs.items():
         assert f"--{name}" in out and "".join(doc.split()) in out, name
+
+
+def test_a_single_batch_killed_midway_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """--num <= --batch_size: the batch in flight is checkpointed, and the rerun continues from the last checkpoint
+    (fewer model evaluations) and ends bitwise equal to an uninterrupted run."""
+    model = critsample.load("dit-digits")
+    monkeypatch.setattr(generate, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every step
+    cfg = lambda out: SampleConfig(classes=[1, 7], num=4, batch_size=8, steps=6, out=str(out), wandb=False)  # noqa: E731
+    whole = generate.run(cfg(tmp_path / "whole"), model)
+    real = generate.sample
+
+    def killed_after_step_3(*args, callback=None, **kwargs):
+        def cb(d):
+            callback(d)
+            if d["i"] == 3:
+                raise KeyboardInterrupt
+        return real(*args, callback=cb, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg(tmp_path / "killed"), model)
+    monkeypatch.setattr(generate, "sample", real)
+    again = generate.run(cfg(tmp_path / "killed"), model)
+    assert again["cost"]["model_evaluations_this_run"] == 4 * sum(s.forwards for s in generate.build_plan(cfg(tmp_path), model).steps[4:])
+    a = np.load(tmp_path / "whole" / "samples.npz")["images"]
+    b = np.load(tmp_path / "killed" / "samples.npz")["images"]
+    assert np.array_equal(a, b)
+    assert not list((tmp_path / "killed" / ".batches").rglob("sample_state/*.npz"))  # the checkpoint is gone
+    assert whole["cost"]["model_evaluations_this_run"] == whole["cost"]["model_evaluations"]
