@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
 from .noise import Kind, Schedule, convert
 
 NULL = -1  # user-facing "no class" label; each model maps it to its own null row
@@ -98,10 +99,12 @@ class Denoiser(nn.Module):
     sample_shape: tuple[int, ...] = ()  # (C, H, W) of the model's input (latent) space
     name: str = "denoiser"
     default_guidance: float = 4.0  # classifier-free guidance scale used when none is given
+    pixel_space: bool = True  # without a VAE the model works on pixels in [-1, 1]; latent-only families set False
 
     def __init__(self, scheduler_config: dict | None = None):
         super().__init__()
         self.scheduler_config: dict = dict(scheduler_config or {})
+        self.vae = None  # the diffusers AutoencoderKL of a latent-space model, set by the family (None: no VAE)
 
     @property
     def is_text(self) -> bool:
@@ -191,11 +194,30 @@ class Denoiser(nn.Module):
             raise RuntimeError(f"{self.name}: {bad} of {img.numel()} decoded image values are not finite; they come from {where}.")
         return img.clamp(0, 1)
 
+    def _vae_factors(self) -> tuple[float, float]:
+        """(shift, scale) of the VAE's latents, z = (latent - shift) * scale (SD3 / FLUX VAEs shift; SD's does not)."""
+        cfg = self.vae.config
+        return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in [0, 1], (B, C, H, W). Pixel-space models map [-1, 1] to [0, 1]. Callers that want
-        pictures use :meth:`images` (no graph, finite, float32)."""
-        return (z.float() / 2 + 0.5).clamp(0, 1)
+        """Model space -> images in [0, 1], (B, C, H, W): through the VAE of a latent model, else [-1, 1] -> [0, 1].
+        Callers that want pictures use :meth:`images` (no graph, finite, float32)."""
+        if self.vae is None:
+            if not self.pixel_space:
+                raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
+            return (z.float() / 2 + 0.5).clamp(0, 1)
+        shift, scale = self._vae_factors()
+        with autocast(z.device):
+            img = self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] -> model space."""
-        return images * 2 - 1
+        """Images in [0, 1] -> model space (a sample of the VAE's latent distribution for latent models)."""
+        if self.vae is None:
+            if not self.pixel_space:
+                raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
+            return images * 2 - 1
+        shift, scale = self._vae_factors()
+        with autocast(images.device):
+            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return ((dist.sample(generator).float() - shift) * scale).float()

@@ -65,21 +65,3 @@ class DiTDenoiser(Denoiser):
         g = self.guide_channels
         guided = pu[:, :g] + guidance * (pc[:, :g] - pu[:, :g])
         return torch.cat([guided, pc[:, g:]], dim=1)
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return super().decode(z)
-        with autocast(z.device):
-            img = self.vae.decode((z / self.latent_scale).to(self.vae.dtype)).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.vae is None:
-            return super().encode(images)
-        with autocast(images.device):
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) * self.latent_scale).float()

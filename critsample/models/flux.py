@@ -154,6 +154,7 @@ class FluxDenoiser(Denoiser):
 
     prediction = "velocity"
     family = "flux"
+    pixel_space = False
     num_classes = None
     patch_size = 2  # the pipeline's 2x2 packing; the transformer itself has patch_size 1
     default_guidance = 1.0  # the distilled model alone, as FluxPipeline samples (true CFG is off by default)
@@ -278,25 +279,6 @@ class FluxDenoiser(Denoiser):
         return unpack(out, *grid).to(x.dtype)
 
     # -- pixel space ---------------------------------------------------------------------------
-    def _vae_factors(self) -> tuple[float, float]:
-        cfg = self.vae.config
-        return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
-        shift, scale = self._vae_factors()
-        with autocast(z.device):
-            img = self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
-        shift, scale = self._vae_factors()
-        with autocast(images.device):
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return ((dist.sample(generator).float() - shift) * scale).float()
 
 
 def _default_latent(folder: Path, vae: AutoencoderKL | None) -> int:

@@ -75,6 +75,7 @@ class PixArtDenoiser(Denoiser):
     """
 
     family = "pixart"
+    pixel_space = False
     num_classes = None
     default_guidance = 4.5  # the PixArt pipelines' default guidance_scale
 
@@ -204,24 +205,6 @@ class PixArtDenoiser(Denoiser):
             ).sample
         return out[:, : self.in_channels].to(x.dtype)  # learned variance channels are not used by DDIM / DPM
 
-    # -- pixel space ---------------------------------------------------------------------------
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
-        with autocast(z.device):
-            img = self.vae.decode((z / self.latent_scale).to(self.vae.dtype)).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
-        with autocast(images.device):
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) * self.latent_scale).float()
 
 
 def _pipeline_class(folder: Path) -> str:

@@ -33,6 +33,7 @@ class SD3Denoiser(Denoiser):
 
     prediction = "velocity"
     family = "sd3"
+    pixel_space = False
     num_classes = None
     default_guidance = 7.0  # StableDiffusion3Pipeline's default guidance_scale
 
@@ -128,25 +129,6 @@ class SD3Denoiser(Denoiser):
         return out.to(x.dtype)
 
     # -- pixel space ---------------------------------------------------------------------------
-    def _vae_factors(self) -> tuple[float, float]:
-        cfg = self.vae.config
-        return float(getattr(cfg, "shift_factor", None) or 0.0), float(cfg.scaling_factor)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to decode with; load it from a folder with vae/.")
-        shift, scale = self._vae_factors()
-        with autocast(z.device):
-            img = self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.vae is None:
-            raise UserError(f"{self.name} has no VAE to encode with; load it from a folder with vae/.")
-        shift, scale = self._vae_factors()
-        with autocast(images.device):
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return ((dist.sample(generator).float() - shift) * scale).float()
 
 
 def _require_transformers() -> None:
