@@ -80,6 +80,10 @@ class SampleConfig:
     """Denoiser outside the window: local-uncond, local-cond or global-uncond."""
     interval: str | None = None
     """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
+    batch_invariant: bool = False
+    """Evaluate the network (and the VAE) one sample at a time, so that every sample is bitwise the same whatever
+    --batch_size, resume or sharding (slower: no batching). Off, samples agree across batch sizes to float rounding
+    (~1e-6: matrix kernels round differently for different batch sizes)."""
     batch_size: int = 100
     """Samples per batch (a killed run keeps its finished batches and, with ddim / euler, the last checkpoint of the one in flight)."""
     device: str = "auto"
@@ -162,6 +166,17 @@ def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.n
     return labels, labels.cpu().numpy()
 
 
+def one_at_a_time(model: Denoiser):
+    """A ``predict`` for :func:`~critsample.sampling.sample` that runs each sample's rows in a forward of its own (a
+    guided step: that sample's [cond; null] pair), so no sample's numbers depend on which others share its batch."""
+
+    def predict(x: torch.Tensor, t: float, step, cond: Cond) -> torch.Tensor:
+        guidance = step.guidance if step.mode == "guided" else None
+        return torch.cat([model.predict(x[i : i + 1], t, cond[i : i + 1], radius=step.radius, guidance=guidance) for i in range(len(x))])
+
+    return predict
+
+
 def _batches(cfg: SampleConfig, plan: Plan, model: Denoiser, out: Path) -> Store:
     """The store of finished batches. Their keys hold every option a sample depends on (not ``--num``: sample i is the
     same in a longer run), the plan, and the model's weights (a retrained model of the same name never reuses them)."""
@@ -207,8 +222,10 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
                 last = time.perf_counter()
 
         generators = [sample_generator(cfg.seed, i) for i in range(lo, hi)]
-        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else generators, start=first, callback=checkpoint)
-        images = model.images(x).cpu()
+        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else generators, start=first, callback=checkpoint,
+                   predict=one_at_a_time(model) if cfg.batch_invariant else None)
+        images = torch.cat([model.images(x[i : i + 1]) for i in range(len(x))]) if cfg.batch_invariant else model.images(x)
+        images = images.cpu()
         store.discard(ckpt)
         seconds += time.perf_counter() - start
         computed += hi - lo

@@ -18,7 +18,7 @@ def parser() -> ArgumentParser:
 
 
 def run_sample(argv: list[str]) -> int:
-    argv = expand_lists(normalize_argv(argv, ("adaptive", "wandb", "trust_pickled_weights"), {"--class": "--classes"}), ("--classes", "--prompt"))
+    argv = expand_lists(normalize_argv(argv, ("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"), {"--class": "--classes"}), ("--classes", "--prompt"))
     for option in ("--classes", "--prompt"):
         if option in argv and argv[argv.index(option) + 1] == "[]":
             raise UserError(f"{'--class' if option == '--classes' else option} needs at least one value (omit it for the default).")
