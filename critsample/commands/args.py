@@ -114,15 +114,20 @@ def read_config_file(path: str) -> dict:
     return data or {}
 
 
-def config_path(argv: list[str]) -> str | None:
-    """The value of the last ``--config`` option (argparse semantics: the last one wins)."""
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of the last ``--name`` option (argparse semantics: the last one wins), read before parsing."""
     found = None
     for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
             found = argv[i + 1]
-        elif a.startswith("--config="):
+        elif a.startswith(f"--{name}="):
             found = a.split("=", 1)[1]
     return found
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The ``--config`` file of a command line, if any."""
+    return option_value(argv, "config")
 
 
 def pick_device(device: str) -> torch.device:

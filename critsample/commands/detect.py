@@ -20,24 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import config_path, expand_lists, instantiate, normalize_argv, parse, pick_device, read_config_file
+from .args import config_path, expand_lists, instantiate, normalize_argv, option_value, parse, pick_device, read_config_file
 
 LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 
 
-def _peek(argv: list[str], name: str) -> str | None:
-    """The last value given to ``--name`` (argparse semantics: the last one wins)."""
-    found = None
-    for i, a in enumerate(argv):
-        if a == f"--{name}" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif a.startswith(f"--{name}="):
-            found = a.split("=", 1)[1]
-    return found
-
-
 def _preset_of(argv: list[str]) -> str:
-    preset = _peek(argv, "preset")
+    preset = option_value(argv, "preset")
     config = config_path(argv)
     if config is not None:
         from_file = read_config_file(config).get("preset")  # also checks the file before jsonargparse reads it
