@@ -7,6 +7,11 @@ In SD3's joint attention only image-to-image attention is windowed; text tokens 
 The processors read two per-call keyword arguments that diffusers forwards from ``cross_attention_kwargs`` (DiT) or
 ``joint_attention_kwargs`` (SD3): ``radius`` (None = global, an int, or one radius per batch row) and ``grid``
 (the (h, w) token grid). With ``radius=None`` they run exactly the stock processor's computation.
+
+A third keyword, ``blocks`` ((B, h w) long or None), selects the strictly local denoiser's masked path
+(``local_attention.block_attention``; built by ``Denoiser.predict(locality="strict")``): in each row an image token
+attends only to the image tokens of its own block (plus the text), and text queries only to block 0; ``radius`` is
+then ignored (the blocks are the windows).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from .errors import UserError
-from .local_attention import local_attention
+from .local_attention import block_attention, local_attention
 
 Radius = int | torch.Tensor | list | None
 
@@ -31,8 +36,10 @@ def _is_global(radius: Radius, grid: tuple[int, int] | None) -> bool:
     return bool((r < 0).logical_not().all() and (r >= max(h, w) - 1).all())
 
 
-def _attend(q, k, v, grid, radius, num_extra: int = 0) -> torch.Tensor:
-    """(B, H, L, d) attention: stock SDPA when global, exact window otherwise."""
+def _attend(q, k, v, grid, radius, num_extra: int = 0, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L, d) attention: the strict blocks when given, else stock SDPA when global, exact window otherwise."""
+    if blocks is not None:
+        return block_attention(q, k, v, blocks, num_extra)
     if _is_global(radius, grid):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     return local_attention(q, k, v, grid=grid, radius=radius, num_extra=num_extra)
@@ -62,13 +69,14 @@ class WindowAttnProcessor:
         temb: torch.Tensor | None = None,
         radius: Radius = None,
         grid: tuple[int, int] | None = None,
+        blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.group_norm is not None:
             raise NotImplementedError("WindowAttnProcessor only handles unmasked self-attention over image tokens.")
         residual = hidden_states
         b = hidden_states.shape[0]
         q, k, v = _qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-        out = _attend(q, k, v, grid, radius)
+        out = _attend(q, k, v, grid, radius, blocks=blocks)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -87,6 +95,7 @@ class JointWindowAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         radius: Radius = None,
         grid: tuple[int, int] | None = None,
+        blocks: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n_img = hidden_states.shape[:2]
@@ -99,7 +108,7 @@ class JointWindowAttnProcessor:
             )
             q, k, v = torch.cat([q, eq], dim=2), torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2)
             n_txt = encoder_hidden_states.shape[1]
-        out = _attend(q, k, v, grid, radius, num_extra=n_txt)
+        out = _attend(q, k, v, grid, radius, num_extra=n_txt, blocks=blocks)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
         if encoder_hidden_states is not None:
             out, txt = out[:, :n_img], out[:, n_img:]

@@ -1,4 +1,4 @@
-"""The one command-line entry point: ``critsample detect | sample | fit``.
+"""The one command-line entry point: ``critsample detect | tune | sample | fit``.
 
 A :class:`~critsample.errors.UserError` (bad input, a missing resource) prints its one sentence and exits with code 2.
 Any other exception is a bug: it keeps its traceback, and the message says where to report it.
@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: critsample {detect,sample,fit} ...
+USAGE = """usage: critsample {detect,tune,sample,fit} ...
 
 Find the critical window of a diffusion transformer and sample or fine-tune with it.
 
 commands:
   detect   run the probes (conditioning / locality gaps, forward-backward, windowed scans) and estimate the critical window
+  tune     certify the cheapest adaptive or interval plan as good as full guidance (paired noise) and write it into the summary
   sample   sample a model, plainly or with an adaptive plan (--adaptive)
   fit      train or fine-tune a DiT with Lightning (LightningCLI: --config, --print_config)
 
 Run `critsample COMMAND --help` for the options of a command.
 """
-COMMANDS = ("detect", "sample", "fit")
+COMMANDS = ("detect", "tune", "sample", "fit")
 
 
 def _fail(message: str) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        return _fail(f"unknown command {command!r}; choose detect, sample or fit.")
+        return _fail(f"unknown command {command!r}; choose detect, tune, sample or fit.")
     from .errors import UserError  # the commands import torch; keep `critsample --help` instant
 
     try:
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.sample import run_sample
 
             return run_sample(rest)
+        if command == "tune":
+            from .commands.tune import run_tune
+
+            return run_tune(rest)
         from .commands.detect import run_detect
 
         return run_detect(rest)

@@ -71,7 +71,10 @@ class SampleConfig:
     adaptive: bool = False
     """Adaptive plan: guided global inside the critical window, cheaper denoiser outside."""
     summary: str | None = None
-    """summary.json of ``critsample detect`` giving the window and radius of the adaptive plan."""
+    """summary.json of ``critsample detect`` giving the adaptive plan: the plan certified by ``critsample tune`` when the
+    summary holds one (used as measured: its steps, sampler and guidance must match --steps, --sampler, --guidance,
+    else a warning and the window below), otherwise guided inside its critical window with its suggested radius outside.
+    An explicit --window, --radius or --outside other than local-uncond builds the plan from the window instead."""
     window: str | None = None
     """Explicit window t0:t1 (0 = clean, 1 = noise) for --adaptive."""
     radius: int | None = None
@@ -126,6 +129,10 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
     if cfg.adaptive:
         window, radius = cfg.window, cfg.radius
+        if cfg.summary and window is None and radius is None and cfg.outside == "local-uncond":
+            certified = _certified(cfg, model, w)
+            if certified is not None:
+                return certified
         if cfg.summary:  # explicit --window / --radius take precedence over the summary's: documented, and said
             summary = summary_io.read(cfg.summary, model.name, require_window=window is None)
             suggested = summary_io.suggested_radius(summary)
@@ -145,6 +152,21 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     if cfg.interval:
         return plans.interval_guidance(model, cfg.steps, w, cfg.interval, cfg.sampler)
     return plans.full_guidance(model, cfg.steps, w, cfg.sampler)
+
+
+def _certified(cfg: SampleConfig, model: Denoiser, guidance: float) -> Plan | None:
+    """The summary's certified plan when it was measured for these options (steps, sampler, guidance), else None."""
+    found = summary_io.certified_plan(summary_io.read(cfg.summary, model.name, require_window=False))
+    if found is None:
+        return None
+    plan = Plan.from_dict(found["plan"])
+    scales = {s.guidance for s in plan.steps if s.mode == "guided"}
+    if len(plan.steps) == cfg.steps and cfg.sampler in ("auto", plan.sampler) and scales <= {guidance}:
+        return plan
+    log.warning(f"The certified plan of {cfg.summary} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, guidance "
+                f"{', '.join(f'{g:g}' for g in sorted(scales)) or '-'}; these options differ, so the plan is built from the window "
+                "(not certified). Run `critsample tune` with these options to certify one.")
+    return None
 
 
 def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.ndarray]:

@@ -354,3 +354,64 @@ def _check_qkv(q, k, v) -> None:
         raise UserError(
             f"q, k, v must share (B, H, L) and q, k their d; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
+
+
+# -- strict locality: block-diagonal attention over disjoint windows ---------------------------------------------
+
+
+def window_blocks(height: int, width: int, radius: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copies of the strictly local denoiser of radius ``radius`` on an h x w grid.
+
+    Windows of radius r whose centers lie 2r + 1 apart on both axes are disjoint and, truncated at the borders, tile
+    the grid. So (2r + 1)^2 copies (fewer when the grid is narrower) hold every window once: copy (a, b) has centers
+    (a + s m, b + s n), s = 2r + 1, and every token belongs to the window of exactly one of its centers.
+
+    Returns ``blocks`` (K, h w) long, the block (window) id of each token in each copy, and ``copy`` (h w,) long,
+    the copy in which token n is a center; K = min(h, s) min(w, s).
+    """
+    s = 2 * int(radius) + 1
+    ar = functools.partial(torch.arange, device=device)
+    a, b = ar(min(height, s)), ar(min(width, s))
+    # token row i is in the window of center a + s m with m = floor((i - a + r) / s)
+    bi = torch.div(ar(height)[None, :] - a[:, None] + radius, s, rounding_mode="floor")  # (A, h)
+    bj = torch.div(ar(width)[None, :] - b[:, None] + radius, s, rounding_mode="floor")  # (Bc, w)
+    nj = int(bj.max()) + 2
+    blocks = (bi[:, None, :, None] * nj + bj[None, :, None, :]).reshape(a.numel() * b.numel(), height * width)
+    t = ar(height * width)
+    copy = (t // width % s) * b.numel() + (t % width % s)
+    return blocks, copy
+
+
+def center_blocks(height: int, width: int, radius: int, device=None) -> torch.Tensor:
+    """(h w, h w) long: one copy per center token n, block 0 = the window of n, block 1 = every other token. Joint
+    text models read their window this way: the text tokens attend to block 0 only (see :func:`block_attention`)."""
+    t = torch.arange(height * width, device=device)
+    i, j = t // width, t % width
+    inside = ((i[:, None] - i[None]).abs() <= radius) & ((j[:, None] - j[None]).abs() <= radius)
+    return (~inside).long()
+
+
+def block_mask(blocks: torch.Tensor, num_extra: int = 0, extra_first: bool = False) -> torch.Tensor:
+    """(B, 1, L, L) boolean attention mask of per-row token blocks ``blocks`` (B, n): an image token attends to the
+    image tokens of its own block and to every extra (text) token; an extra token attends to the extra tokens and to
+    the image tokens of block 0. ``extra_first``: the extra tokens come before the image tokens (FLUX)."""
+    img = blocks[:, :, None] == blocks[:, None, :]  # (B, n, n)
+    if not num_extra:
+        return img[:, None]
+    B, n = blocks.shape
+    to_text = img.new_ones(B, n, num_extra)
+    text_row = torch.cat([blocks[:, None, :] == 0, img.new_ones(B, 1, num_extra)], dim=2).expand(B, num_extra, n + num_extra)
+    mask = torch.cat([torch.cat([img, to_text], dim=2), text_row], dim=1)  # [image; text] order
+    if extra_first:
+        mask = torch.roll(mask, (num_extra, num_extra), dims=(1, 2))
+    return mask[:, None]
+
+
+def block_attention(q, k, v, blocks: torch.Tensor, num_extra: int = 0, extra_first: bool = False) -> torch.Tensor:
+    """Attention of (B, H, L, d) q, k, v restricted by per-row token blocks (:func:`block_mask`); masked keys get
+    weight exactly 0, so a block's outputs do not depend on the values of the tokens outside it (nor of its text
+    tokens on image tokens outside block 0)."""
+    _check_qkv(q, k, v)
+    if blocks.dim() != 2 or blocks.shape[0] != q.shape[0] or blocks.shape[1] + num_extra != q.shape[2]:
+        raise UserError(f"blocks must be (B, n image tokens) = ({q.shape[0]}, {q.shape[2] - num_extra}); got {tuple(blocks.shape)}.")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask(blocks.to(q.device), num_extra, extra_first))

@@ -4,7 +4,8 @@
 * limited-interval guidance (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample and
   distribution quality"): guided global inside an interval, conditional global (one forward) outside.
 * adaptive (this paper, sec. 5): guided global inside the critical window; outside it, by choice, local
-  unconditional (default: one forward with window attention), local conditional, or global unconditional.
+  unconditional (default: one forward with window attention), local conditional, or global unconditional; with an
+  attention window, the outside steps inside it keep global attention. ``critsample.certify`` chooses among these.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def adaptive(
     radius: int,
     outside: str = "local-uncond",
     sampler: str = "auto",
+    attention=None,
 ) -> Plan:
-    """Guided global inside ``window``; ``outside`` elsewhere (local-uncond, local-cond or global-uncond)."""
+    """Guided global inside ``window``; ``outside`` elsewhere (local-uncond, local-cond or global-uncond).
+
+    ``attention`` (optional t0:t1, the attention window): steps outside the guidance window but inside it keep global
+    attention with the outside conditioning (one forward); local attention is used only outside both windows."""
     t0, t1 = parse_window(window)
+    a0, a1 = parse_window(attention) if attention is not None else (t0, t1)
     if outside not in OUTSIDE:
         raise UserError(f"--outside must be one of {', '.join(OUTSIDE)}; got {outside!r}.")
     r = None if outside == "global-uncond" else radius
@@ -59,9 +65,13 @@ def adaptive(
         raise UserError(f"An adaptive plan with outside={outside} needs a local radius (the summary suggested none); give one.")
     check_radius(r, denoiser.token_grid, bound="grid", model=denoiser.name)
     out_step = Step("cond" if outside == "local-cond" else "uncond", r, 1.0)
+    out_global = Step(out_step.mode, None, 1.0)
 
     def rule(t: float) -> Step:
-        return Step.conditional(guidance) if t0 <= t <= t1 else out_step
+        if t0 <= t <= t1:
+            return Step.conditional(guidance)
+        return out_global if a0 <= t <= a1 else out_step
 
-    name = f"adaptive[{t0:g},{t1:g}](w={guidance:g}, outside={outside}" + (f", r={r})" if r is not None else ")")
+    att = f", attention[{a0:g},{a1:g}]" if attention is not None and r is not None else ""
+    name = f"adaptive[{t0:g},{t1:g}](w={guidance:g}, outside={outside}" + (f", r={r}{att})" if r is not None else ")")
     return Plan.from_rule(denoiser, steps, rule, sampler, name=name)

@@ -138,6 +138,46 @@ def plot_heatmap(t, radii, values, path, *, title: str, label: str = "locality g
     return _finish(fig, ax, path, title)
 
 
+def plot_frontier(certification: dict, path):
+    """Cost vs accuracy and cost vs FD of a certification (:meth:`critsample.certify.Certification.to_dict`): every
+    plan with its one-sigma bar, the Pareto front of each panel as a step line, the tolerance bound dashed, the
+    baseline as a square and the chosen plan as a star. Cost = analytic GFLOPs per sample (forwards when unknown)."""
+    plt = _plt()
+    entries = [certification["baseline"], *certification["candidates"]]
+    flops = np.array([e["cost"]["flops"] if e["cost"]["flops"] is not None else np.nan for e in entries], dtype=float)
+    use_flops = bool(np.isfinite(flops).all())
+    cost = flops / 1e9 if use_flops else np.array([e["cost"]["forwards"] for e in entries], dtype=float)
+    base, tol = certification["baseline"]["quality"], certification["tolerance"]
+    colors = {"full": "k", "interval": "tab:blue", "adaptive": "tab:orange"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = (("accuracy", "class accuracy", "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
+              ("fd", "FD to the reference data", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
+    for ax, (key, label, front, bound) in zip(axes, panels):
+        for kind, color in colors.items():
+            idx = [i for i, e in enumerate(entries) if e["name"].startswith(kind)]
+            if idx:
+                ax.errorbar(cost[idx], [entries[i]["quality"][key] for i in idx], yerr=[entries[i]["quality"][f"{key}_sigma"] for i in idx],
+                            fmt="o", ms=4, capsize=2, color=color, alpha=0.7, label=kind)
+        on = sorted((cost[i], e["quality"][key]) for i, e in enumerate(entries) if e.get(front))
+        if on:
+            ax.step(*zip(*on), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none", label="Pareto front")
+        ax.axhline(bound, color="tab:red", ls="--", lw=1, label="tolerance bound")
+        ax.plot(cost[0], base[key], "s", ms=9, mfc="none", color="k", label="baseline")
+        chosen = next(i for i, e in enumerate(entries) if e.get("chosen"))
+        ax.plot(cost[chosen], entries[chosen]["quality"][key], "*", ms=16, color="gold", mec="k", label="chosen")
+        ax.set_xlabel("GFLOPs per sample" if use_flops else "forwards per sample")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"cost-quality frontier ({certification['setup'].get('num_samples')} paired samples): chosen {certification['name']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_strips(rows: dict, path, scale: int = 4):
     """One row of sample images per label (e.g. per window position), labels on the left:
     ``rows`` = {label: uint8 (N, C, H, W)}."""

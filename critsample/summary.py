@@ -1,7 +1,8 @@
 """``summary.json``: the one record of a detection that other commands read (schema, write, read, validate, version).
 
-``critsample detect`` writes it (``detect.assemble``); ``critsample sample --adaptive --summary`` and the radius /
-loss schedules of ``critsample fit`` read it through :func:`read`. Every number carries its convention: times are
+``critsample detect`` writes it (``detect.assemble``); ``critsample tune`` adds the certified ``plan``
+(:func:`write_plan`); ``critsample sample --adaptive --summary`` (:func:`certified_plan`, else the window) and the
+radius / loss schedules of ``critsample fit`` read it through :func:`read`. Every number carries its convention: times are
 critsample t (:data:`T_CONVENTION`), noise levels log-SNR in nats (:data:`LOG_SNR_CONVENTION`). The full field list
 is in ``docs/summary-schema.md``.
 
@@ -99,3 +100,23 @@ def suggested_radius(summary: dict) -> int | None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise UserError(f"The summary's suggested_radius must be an integer >= 0 or null; got {r!r}.")
     return r
+
+
+def certified_plan(summary: dict) -> dict | None:
+    """The plan ``critsample tune`` certified and wrote as the summary's top-level ``plan`` object (``plan`` = a
+    :meth:`~critsample.sampling.Plan.to_dict`, with ``quality``, ``cost``, ``tolerance``, ``baseline``), or None."""
+    p = summary.get("plan")
+    if p is None:
+        return None
+    if not isinstance(p, dict) or not isinstance(p.get("plan"), dict) or not isinstance(p["plan"].get("steps"), list) or not p["plan"]["steps"]:
+        raise UserError("The summary's 'plan' is not a certified plan (an object whose 'plan' has 'steps'); run `critsample tune` again "
+                        "or remove it.")
+    return p
+
+
+def write_plan(path: str | Path, plan: dict) -> Path:
+    """Set the summary's top-level ``plan`` object (read and written back whole; every other key kept)."""
+    path = Path(path)
+    path = path / "summary.json" if path.is_dir() else path
+    summary = read(path, require_window=False)
+    return write({**summary, "plan": plan}, path)

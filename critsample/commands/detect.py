@@ -90,6 +90,9 @@ def print_estimate(est: dict, cfg: DetectConfig, name: str, file=None) -> None:
     for probe, d in est["probes"].items():
         print(f"  {probe:18s} {d['units']:5d} units  {d['evaluations']:9d} model evaluations "
               f"({d['local_evaluations']} local)  {d['stored_units']} units stored  ~{_fmt_s(d['estimated_seconds'])}", file=file)
+    if "strict_forwards_per_local_row" in est:
+        per = ", ".join(f"r={r}: {n}" for r, n in est["strict_forwards_per_local_row"].items())
+        print(f"  --locality {cfg.locality}: a strictly local row costs one forward per copy ({per}); counted above", file=file)
     spe = est["seconds_per_evaluation"]
     print(f"  total: {est['evaluations']} model evaluations, {est['remaining_evaluations']} still to run; "
           f"{1 / spe['global']:.0f} global / {1 / spe['local']:.0f} local evaluations per second "

@@ -24,10 +24,36 @@ from .protocol import ProbeOutput
 # Pairs of one symmetry-breaking and one nonlocality window that measure the same thing two ways (concurrence).
 PAIRS = (("instantaneous", "cond_gap", "locality_gap"), ("forward_backward", "forward_backward", "forward_backward_local"),
          ("windowed", "window_cond", "window_locality"))
+# With --locality both: the strictly local denoiser's nonlocality windows, tested beside the window ones (never combined
+# into the critical window, which stays the paper's truncated-attention one).
+STRICT_PAIRS = (("instantaneous_strict", "cond_gap", "locality_gap_strict"),
+                ("forward_backward_strict", "forward_backward", "forward_backward_local_strict"))
+
+
+def _is_strict_extra(name: str) -> bool:
+    return name.endswith("_strict")
 
 
 def family_windows(windows: dict[str, Window], family: str) -> list[Window]:
-    return [w for w in windows.values() if w.family == family]
+    """The windows of ``family``, without the ``*_strict`` ones that sit beside a window one (``--locality both``)."""
+    return [w for name, w in windows.items() if w.family == family and not _is_strict_extra(name)]
+
+
+def strict_concurrence(windows: dict[str, Window], schedule, tolerance: float, conc: dict, w_sb: Window | None) -> Window | None:
+    """With ``--locality both``: the strict pairs' tests and ``overall_strict`` into ``conc``; returns the strict
+    nonlocality window (the strict windows, and the windowed scan's, which has no strict version)."""
+    strict = {name: w for name, w in windows.items() if _is_strict_extra(name)}
+    if not strict:
+        return None
+    for pair, a, b in STRICT_PAIRS:
+        if a in windows and b in windows:
+            conc[pair] = estimators.concurrence(windows[a], windows[b], tolerance)
+    replaced = {name[: -len("_strict")] for name in strict}
+    nl = [w for name, w in windows.items() if w.family == "nonlocality" and not _is_strict_extra(name) and name not in replaced]
+    w_nl = estimators.combine(list(strict.values()) + nl, schedule, "nonlocality")
+    if w_sb is not None and w_nl is not None:
+        conc["overall_strict"] = estimators.concurrence(w_sb, w_nl, tolerance)
+    return w_nl
 
 
 def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_run: list[str]) -> tuple[dict, Window | None, Window | None, Window | None]:
@@ -73,6 +99,7 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
     probes = {name: o.record for name, o in outputs.items() if o.record is not None}
     figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}
     conc, w_sb, w_nl, combined = concurrence(windows, sch, cfg.concurrence_tolerance, list(cfg.probes))
+    w_nl_strict = strict_concurrence(windows, sch, cfg.concurrence_tolerance, conc, w_sb)
     cw = None
     if combined is not None:
         cw = combined.to_dict()
@@ -96,6 +123,8 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
         "windows": {k: w.to_dict() for k, w in windows.items()},
         "symmetry_breaking_window": w_sb.to_dict() if w_sb else None,
         "nonlocality_window": w_nl.to_dict() if w_nl else None,
+        "locality": cfg.locality,
+        **({"nonlocality_window_strict": w_nl_strict.to_dict()} if w_nl_strict else {}),
         "concurrence": conc,
         "critical_window": cw,
         "suggested_radius": suggested_radius(det, probes),

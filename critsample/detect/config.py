@@ -16,6 +16,7 @@ from .registry import PROBES
 
 TRAJECTORIES = ("train", "sample_cond", "sample_uncond")
 SAMPLERS = ("auto", "ddim", "dpm", "euler")
+LOCALITY = ("window", "strict", "both")
 
 
 def _at_least_one(obj, prefix: str, names: tuple[str, ...]) -> None:
@@ -154,6 +155,13 @@ class DetectConfig:
     """Integrator: ddim or dpm (DDPM models), euler (flow models); auto = ddim / euler."""
     max_batch: int = 128
     """Rows per network forward."""
+    locality: str = "window"
+    """Local denoiser of the locality gap and of local forward-backward: window (every attention layer truncated to
+    radius r, the paper's; an L-layer network still reads L r tokens), strict (the prediction at a token reads only
+    its radius-r window: the network runs on masked copies of each row, min(h, 2r + 1) x min(w, 2r + 1) forwards per
+    local row for DiT / PixArt, h x w for SD3 / FLUX; --dry-run counts them; the oracles' local score is strict
+    already) or both (the window windows as today plus ``locality_gap_strict`` and ``forward_backward_local_strict``,
+    with their own concurrence tests). The windowed scans always use window."""
     concurrence_tolerance: float = 1.0
     """Tolerance Delta of the concurrence test, in nats of log-SNR: concurrent when the 95% interval of the center
     difference lies inside [-Delta, Delta], not concurrent when outside, inconclusive otherwise."""
@@ -184,6 +192,8 @@ class DetectConfig:
             raise UserError(f"--threads must be >= 1 (or omitted); got {self.threads}.")
         if not (self.concurrence_tolerance > 0 and math.isfinite(self.concurrence_tolerance)):
             raise UserError(f"--concurrence_tolerance must be a positive number of nats; got {self.concurrence_tolerance}.")
+        if self.locality not in LOCALITY:
+            raise UserError(f"Unknown --locality {self.locality!r}; choose window, strict or both.")
         if self.sampler not in SAMPLERS:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, ddim, dpm or euler.")
         for section in (self.gaps, self.fb, self.windows):

@@ -7,7 +7,9 @@ at chance 1 - 1/K) and ``forward_backward_local`` (nonlocality: the same thresho
 probed radius r >= 1, i.e. where denoising with attention to the nearest neighbours only starts to lose the class; an
 independent measurement, not a difference with the global curve, which would end at the global threshold by
 construction; larger radii see the whole image after a few layers and converge to the global threshold). The
-thresholds of every radius are reported with their distance to the global one. Paired design: clean
+thresholds of every radius are reported with their distance to the global one. ``--locality strict|both``: units keyed
+``locality: strict`` denoise with the strictly local denoiser (``Denoiser.predict``); with both, the window
+``forward_backward_local_strict`` and the record's ``strict`` part sit beside the window ones. Paired design: clean
 image i is noised with the same eps at every t and radius (``Detection.generators``).
 """
 
@@ -27,7 +29,7 @@ from ..sampling import sample
 from ..store import Unit
 from ..summary import T_CONVENTION
 from . import estimators
-from .gaps import common_config, data_config
+from .gaps import common_config, data_config, localities, locality_match, strict_copies, window_name
 from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
 
 if TYPE_CHECKING:
@@ -61,13 +63,15 @@ class ForwardBackward(Probe):
         if generated:
             for lo, hi in batches(c.fb.samples, c.fb.batch):
                 out.append(store.unit(GENERATE, {"lo": lo, "hi": hi}, forwards=(hi - lo) * c.fb.steps * (2 if det.guidance != 1.0 else 1)))
-        R = 1 + len(det.fb_radii)
-        for t in det.fb_times:
-            i0, _ = start_index(m, t, c.fb.steps, c.sampler)
-            n_steps = c.fb.steps - i0
-            for lo, hi in batches(c.fb.samples, c.fb.batch):
-                out.append(store.unit(KIND, {"t": round(float(t), 10), "lo": lo, "hi": hi}, forwards=(hi - lo) * R * n_steps,
-                                      local_forwards=(hi - lo) * (R - 1) * n_steps, stage=1 if generated else 0))
+        for loc in localities(det):
+            copies = sum(strict_copies(det, det.fb_radii)) if loc == "strict" else len(det.fb_radii)  # local forwards per step
+            for t in det.fb_times:
+                i0, _ = start_index(m, t, c.fb.steps, c.sampler)
+                n_steps = c.fb.steps - i0
+                for lo, hi in batches(c.fb.samples, c.fb.batch):
+                    params = {"t": round(float(t), 10), "lo": lo, "hi": hi, **({"locality": loc} if loc == "strict" else {})}
+                    out.append(store.unit(KIND, params, forwards=(hi - lo) * (1 + copies) * n_steps,
+                                          local_forwards=(hi - lo) * copies * n_steps, stage=1 if generated else 0))
         return out
 
     def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
@@ -83,6 +87,7 @@ class ForwardBackward(Probe):
         out = forward_backward(
             m, x0, ref, p["t"], [None, *det.fb_radii], det.classify, det.null_rows(hi - lo),
             steps=c.fb.steps, generator=det.generators(lo, hi, "fb"), sampler=c.sampler, max_batch=c.max_batch,
+            locality=p.get("locality", "window"),
         )
         return {k: v.cpu().numpy() for k, v in out.items()}
 
@@ -100,22 +105,42 @@ class ForwardBackward(Probe):
             y = det.classify(det.model.images(x0)).argmax(-1).cpu()
         return x0, y
 
-    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
-        model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
-        us = results.units(KIND)
+    def arrays(self, det: Detection, results: Results, out: Outputs, loc: str):
+        """(error, flip, mse) (radius, sample, t), the snapped and requested times of one local denoiser's units,
+        written to ``arrays/forward_backward.npz`` (``forward_backward_strict.npz``)."""
+        us = results.units(KIND, **locality_match(loc))
         ts = sorted({u.params["t"] for u in us})
-        per_t = {tv: results.units(KIND, t=tv) for tv in ts}
+        per_t = {tv: results.units(KIND, t=tv, **locality_match(loc)) for tv in ts}
         err = np.stack([results.cat(per_t[tv], "error", axis=1) for tv in ts], axis=-1)  # (R+1, n, T)
         mse = np.stack([results.cat(per_t[tv], "mse", axis=1) for tv in ts], axis=-1)
         flip = np.stack([results.cat(per_t[tv], "flip", axis=1) for tv in ts], axis=-1)
         t_used = np.array([float(results[per_t[tv][0]]["t"]) for tv in ts])
-        labels = ["global"] + [f"r={r}" for r in det.fb_radii]
-        np.savez(out.arrays / "forward_backward.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
+        sfx = "" if loc == "window" else f"_{loc}"
+        np.savez(out.arrays / f"forward_backward{sfx}.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
                  error=err, flip=flip, mse=mse, error_mean=err.mean(1), error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
                  mse_mean=mse.mean(1), mse_std=mse.std(1), note=np.asarray(
                      f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier label of the "
                      "denoised image != reference label; flip: != label of the clean image; mse: per-pixel MSE in [0, 1] pixels; "
-                     "error_mean / error_sigma (Bernoulli), mse_mean / mse_std: (radius, t)."))
+                     "error_mean / error_sigma (Bernoulli), mse_mean / mse_std: (radius, t). "
+                     f"Local denoiser: {loc} (window = truncated attention, strict = strictly local)."))
+        return err, flip, mse, t_used, ts
+
+    def local_window(self, det: Detection, per_window: list, loc: str) -> estimators.Window | None:
+        """The nonlocality window: the threshold of the smallest probed radius r >= 1 (module docstring)."""
+        if not det.fb_radii:
+            return None
+        r_loc = next((r for r in det.fb_radii if r >= 1), det.fb_radii[0])
+        w_loc = per_window[1 + det.fb_radii.index(r_loc)]
+        w_loc.probe = window_name("forward_backward_local", det, loc)
+        w_loc.rule += f"; error of the most local denoiser that sees its neighbours (r = {r_loc}); {loc} local denoiser"
+        w_loc.extra["locality"] = loc
+        return w_loc
+
+    def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
+        loc = localities(det)[0]
+        err, flip, mse, t_used, ts = self.arrays(det, results, out, loc)
+        labels = ["global"] + [f"r={r}" for r in det.fb_radii]
         res = ProbeOutput()
         chance = det.chance
         per_window = [estimators.threshold_window(f"forward_backward[{lab}]", "symmetry_breaking" if i == 0 else "nonlocality",
@@ -124,13 +149,9 @@ class ForwardBackward(Probe):
         w_sb = per_window[0]
         w_sb.probe = "forward_backward"
         res.windows["forward_backward"] = w_sb
-        w_loc = None
-        if det.fb_radii:
-            r_loc = next((r for r in det.fb_radii if r >= 1), det.fb_radii[0])
-            w_loc = per_window[1 + det.fb_radii.index(r_loc)]
-            w_loc.probe = "forward_backward_local"
-            w_loc.rule += f"; error of the most local denoiser that sees its neighbours (r = {r_loc})"
-            res.windows["forward_backward_local"] = w_loc
+        w_loc = self.local_window(det, per_window, loc)
+        if w_loc is not None:
+            res.windows[w_loc.probe] = w_loc
         series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
         theory, marks, theory_record = oracle_theory(model, t_used, seed)
         res.figures["forward_backward"] = report.plot_errorbars(
@@ -152,10 +173,37 @@ class ForwardBackward(Probe):
                                  if d["log_snr_center"] is not None and per_r["global"]["log_snr_center"] is not None else None}
                            for lab, d in per_r.items()},
             "chance": chance,
-            "per_radius": per_r, "radii": det.fb_radii, "source": det.cfg.fb.source, "arrays": "arrays/forward_backward.npz",
-            "theory": theory_record,
+            "per_radius": per_r, "radii": det.fb_radii, "source": det.cfg.fb.source,
+            "arrays": f"arrays/forward_backward{'' if loc == 'window' else '_' + loc}.npz",
+            "theory": theory_record, "locality": det.cfg.locality, "local_denoiser": loc,
         }
+        if len(localities(det)) > 1 and det.fb_radii:
+            res.record["strict"] = self.strict_part(det, results, out, res, per_r["global"])
         return res
+
+    def strict_part(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput, global_window: dict) -> dict:
+        """With ``--locality both``: the strictly local radii's thresholds, window and figure beside the window ones
+        (the global curve of the strict units is the same computation and is not read again)."""
+        model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
+        err, _, _, t_used, _ = self.arrays(det, results, out, "strict")
+        labels = [f"r={r}" for r in det.fb_radii]
+        per_window = [None] + [estimators.threshold_window(f"forward_backward_strict[{lab}]", "nonlocality", t_used, err[1 + i], sch,
+                                                           chance=det.chance, seed=seed) for i, lab in enumerate(labels)]
+        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window[1:])}
+        w_loc = self.local_window(det, per_window, "strict")
+        res.windows[w_loc.probe] = w_loc
+        series = {"global": bernoulli(err[0]), **{f"strict {lab}": bernoulli(err[1 + i]) for i, lab in enumerate(labels)}}
+        res.figures["forward_backward_strict"] = report.plot_errorbars(
+            t_used, series, out.figures / "forward_backward_strict.png",
+            title=f"{model.name}: forward-backward error, strictly local denoisers (Bernoulli 1-sigma)", ylabel="classifier error",
+            schedule=sch, windows={"strict local": w_loc.to_dict()})
+        res.curves["forward_backward_error_strict"] = series_json(t_used, series)
+        g = global_window["log_snr_center"]
+        return {"local_window": w_loc.to_dict(), "per_radius": per_r, "arrays": "arrays/forward_backward_strict.npz",
+                "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"],
+                                     "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"], "reason": d["reason"],
+                                     "minus_global_log_snr": d["log_snr_center"] - g if d["log_snr_center"] is not None and g is not None else None}
+                               for lab, d in per_r.items()}}
 
 
 def _read_generated(det: Detection) -> dict[str, np.ndarray]:

@@ -41,14 +41,18 @@ class _Gaps(Probe):
 
     def units(self, det: Detection) -> list[Unit]:
         c = det.cfg
-        per_state = rows_per_state(det.gap_radii)
         out = []
-        for traj in c.gaps.trajectories:
-            gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0 else 1)
-            for lo, hi in batches(c.gaps.samples, c.gaps.batch):
-                n = hi - lo
-                out.append(det.store.unit(KIND, {"traj": traj, "lo": lo, "hi": hi}, forwards=n * (c.gaps.steps * per_state + gen),
-                                          local_forwards=n * c.gaps.steps * 2 * len(det.gap_radii)))
+        # window units always run: they carry the conditioning gap; strict units recompute the global rows (cheap)
+        for loc in ("window", *(["strict"] if c.locality != "window" and det.gap_radii else [])):
+            copies = strict_copies(det, det.gap_radii) if loc == "strict" else [1] * len(det.gap_radii)
+            per_state = rows_per_state(det.gap_radii, copies=copies)
+            for traj in c.gaps.trajectories:
+                gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0 else 1)
+                for lo, hi in batches(c.gaps.samples, c.gaps.batch):
+                    n = hi - lo
+                    params = {"traj": traj, "lo": lo, "hi": hi, **({"locality": loc} if loc == "strict" else {})}
+                    out.append(det.store.unit(KIND, params, forwards=n * (c.gaps.steps * per_state + gen),
+                                              local_forwards=n * c.gaps.steps * 2 * sum(copies)))
         return out
 
     def compute(self, det: Detection, unit: Unit, g: torch.Generator) -> dict:
@@ -64,8 +68,28 @@ class _Gaps(Probe):
             cond = det.cond_rows(hi - lo, lo)
             plan = trajectory_plan(m, p["traj"], c.gaps.steps, det.guidance, c.sampler)
             states, times, _ = sampling_states(m, plan, cond, det.generators(lo, hi))
-        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch)
+        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch, locality=p.get("locality", "window"))
         return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def strict_copies(det: Detection, radii: list) -> list[int]:
+    """Forwards per local row of the strictly local denoiser at each radius (``Denoiser.strict_copies``)."""
+    return [det.model.strict_copies(det.model.token_grid, r) for r in radii]
+
+
+def localities(det: Detection) -> list[str]:
+    """The local denoisers a run measures, in summary order (``--locality``)."""
+    return {"window": ["window"], "strict": ["strict"], "both": ["window", "strict"]}[det.cfg.locality]
+
+
+def locality_match(locality: str) -> dict:
+    """``Results.units`` filter of the units of one local denoiser (window units carry no ``locality`` param)."""
+    return {"locality": None if locality == "window" else locality}
+
+
+def window_name(name: str, det: Detection, locality: str) -> str:
+    """The summary name of a nonlocality window: ``name``, or ``name_strict`` for the strict one beside a window one."""
+    return f"{name}_strict" if locality == "strict" and det.cfg.locality == "both" else name
 
 
 def common_config(det: Detection) -> dict:
@@ -77,13 +101,15 @@ def data_config(det: Detection) -> dict:
     return {"data": det.cfg.data, "data_id": det.data_id}
 
 
-def gap_arrays(det: Detection, results: Results, out: Outputs) -> dict:
-    """Per trajectory, the concatenated gap arrays (samples first), written once to ``arrays/gaps.npz``."""
+def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "window") -> dict:
+    """Per trajectory, the concatenated gap arrays (samples first), written once to ``arrays/gaps.npz``
+    (``arrays/gaps_strict.npz`` for the strict units)."""
+    suffix = "" if locality == "window" else f"_{locality}"
 
     def make():
         arrays = {}
         for traj in det.cfg.gaps.trajectories:
-            us = results.units(KIND, traj=traj)
+            us = results.units(KIND, traj=traj, **locality_match(locality))
             if not us:
                 continue
             for name in results[us[0]]:
@@ -92,13 +118,14 @@ def gap_arrays(det: Detection, results: Results, out: Outputs) -> dict:
                     arrays[f"{traj}__{name}"] = v
                     arrays[f"{traj}__{name}__mean"], arrays[f"{traj}__{name}__std"] = v.mean(0), v.std(0)
             arrays["t"] = results[us[0]]["t"]
-        np.savez(out.arrays / "gaps.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
+        np.savez(out.arrays / f"gaps{suffix}.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
             f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, radii) eq. 7; "
             "*_score = score units, *_eps = eps units (= sigma x score); norms per image token, model (latent) space; "
-            "NAME__mean / NAME__std: mean and standard deviation over samples."))
+            "NAME__mean / NAME__std: mean and standard deviation over samples. "
+            f"Local denoiser: {locality} (window = truncated attention, strict = strictly local)."))
         return arrays
 
-    return det.memo("gap_arrays", make)
+    return det.memo(f"gap_arrays{suffix}", make)
 
 
 def _primary(windows: dict, order: tuple[str, ...], name: str) -> estimators.Window | None:
@@ -154,32 +181,46 @@ class LocalityGap(_Gaps):
     family = "nonlocality"
 
     def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
+        res = ProbeOutput()
+        records = {}
+        for loc in localities(det):
+            records[loc] = self._summarize(det, results, out, loc, res)
+        res.record = records[localities(det)[0]]
+        res.record["locality"] = det.cfg.locality
+        if len(records) > 1:
+            res.record["strict"] = records["strict"]
+        return res
+
+    def _summarize(self, det: Detection, results: Results, out: Outputs, loc: str, res: ProbeOutput) -> dict:
+        """Windows, figures and curves of one local denoiser into ``res``; returns its record."""
         k, seed, sch, model = det.cfg.gaps.kind, int(det.cfg.seed), det.model.schedule, det.model
-        arrays = gap_arrays(det, results, out)
+        arrays = gap_arrays(det, results, out, loc)
         t = arrays["t"]
-        res, per_traj, per_radius = ProbeOutput(), {}, {}
+        name = window_name(self.name, det, loc)
+        sfx, label = ("_strict", "strictly local, ") if loc == "strict" else ("", "")
+        per_traj, per_radius = {}, {}
         for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
             variant = "cond" if traj == "sample_cond" else "uncond"
             if f"{traj}__loc_gap_{variant}_{k}" not in arrays:
                 continue
             lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]  # (n, T, R)
-            per_radius[traj] = {r: estimators.half_max_window(f"locality_gap[{traj},{variant},r={r}]", "nonlocality", t, lg[:, :, i], sch, seed=seed)
+            per_radius[traj] = {r: estimators.half_max_window(f"{name}[{traj},{variant},r={r}]", "nonlocality", t, lg[:, :, i], sch, seed=seed)
                                 for i, r in enumerate(det.gap_radii)}
             per_traj[traj] = per_radius[traj][det.gap_radii[-1]]  # the largest local radius probed
-            res.figures[f"locality_heatmap_{traj}"] = report.plot_heatmap(
-                t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap_{traj}.png",
-                title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory", label=f"gap ({k})")
+            res.figures[f"locality_heatmap{sfx}_{traj}"] = report.plot_heatmap(
+                t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap{sfx}_{traj}.png",
+                title=f"{model.name}: {label}{variant} locality gap (eq. 7, {k}) per token, {traj} trajectory", label=f"gap ({k})")
             series = {f"r={r}": (lg[:, :, i].mean(0), lg[:, :, i].std(0)) for i, r in enumerate(det.gap_radii)}
-            res.figures[f"locality_curves_{traj}"] = report.plot_curves(
-                t, series, out.figures / f"locality_curves_{traj}.png", title=f"{variant} locality gap (eq. 7), {traj}",
+            res.figures[f"locality_curves{sfx}_{traj}"] = report.plot_curves(
+                t, series, out.figures / f"locality_curves{sfx}_{traj}.png", title=f"{label}{variant} locality gap (eq. 7), {traj}",
                 ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"locality": per_traj[traj].to_dict()}, logy=True)
-            res.curves[f"locality_gap_{traj}"] = series_json(t, series)
-        w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), self.name)
+            res.curves[f"locality_gap{sfx}_{traj}"] = series_json(t, series)
+        w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), name)
         if w is not None:
-            w.rule += f"; read at the largest local radius probed (r = {det.gap_radii[-1]})"
-            res.windows[self.name] = w
-        res.record = {"window": w.to_dict() if w else None, "radius": det.gap_radii[-1] if det.gap_radii else None,
-                      "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
-                      "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
-                      "arrays": "arrays/gaps.npz", "units": k, "radii": det.gap_radii}
-        return res
+            w.rule += f"; read at the largest local radius probed (r = {det.gap_radii[-1]}); {loc} local denoiser"
+            w.extra["locality"] = loc
+            res.windows[name] = w
+        return {"window": w.to_dict() if w else None, "local_denoiser": loc, "radius": det.gap_radii[-1] if det.gap_radii else None,
+                "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+                "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
+                "arrays": f"arrays/gaps{sfx}.npz", "units": k, "radii": det.gap_radii}

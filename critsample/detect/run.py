@@ -157,7 +157,12 @@ def estimate(cfg: DetectConfig, model: Denoiser | None = None, *, device: torch.
         if not done:
             d["remaining_evaluations"] += u.forwards
             d["estimated_seconds"] += (u.forwards - u.local_forwards) * per_global + u.local_forwards * per_local
+    strict = {}
+    if cfg.locality != "window":
+        radii = sorted(set(det.gap_radii) | set(det.fb_radii))
+        strict = {"strict_forwards_per_local_row": {int(r): model.strict_copies(model.token_grid, r) for r in radii}}
     return {
+        **strict,
         "probes": by_probe,
         "evaluations": sum(d["evaluations"] for d in by_probe.values()),
         "remaining_evaluations": sum(d["remaining_evaluations"] for d in by_probe.values()),

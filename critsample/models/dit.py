@@ -16,6 +16,7 @@ class DiTDenoiser(Denoiser):
 
     prediction = "eps"
     family = "dit"
+    strict_layout = "blocks"  # text-free: disjoint windows share a copy (denoisers module docstring)
 
     def __init__(
         self,
@@ -45,7 +46,7 @@ class DiTDenoiser(Denoiser):
         self.name = name
         install_window_attention(transformer)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, radius=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, radius=None, blocks=None) -> torch.Tensor:
         grid = self.grid(x)
         check_radius(radius, grid)
         labels = torch.where(cond == NULL, torch.full_like(cond, self.null_id), cond)
@@ -55,7 +56,7 @@ class DiTDenoiser(Denoiser):
                 x.to(self.transformer.dtype),
                 timestep=timestep,
                 class_labels=labels,
-                cross_attention_kwargs={"radius": radius, "grid": grid},
+                cross_attention_kwargs={"radius": radius, "grid": grid, "blocks": blocks},
             ).sample
         return out[:, : self.in_channels].to(x.dtype)  # learned variance channels are not used by DDIM / DPM
 

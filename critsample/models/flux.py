@@ -21,6 +21,8 @@ FLUX.1-schnell has no guidance embedding (``distilled_guidance`` is None); there
 
 Window attention: in both block kinds attention runs over [text; image] tokens (text FIRST, unlike SD3); only
 image-to-image attention is windowed, text rows and columns stay dense, RoPE is applied as the stock processor does.
+Strict locality (``Denoiser.predict(locality="strict")``): one copy per center token, the text reading only the
+center's window (``strict_layout = "center"``), with the tokens' original RoPE coordinates.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 from ..attention import Radius, _is_global, check_radius
 from ..denoisers import Denoiser, PromptCond, autocast
 from ..errors import UserError
-from ..local_attention import local_attention
+from ..local_attention import block_attention, local_attention
 from ..noise import Schedule
 from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
 
@@ -50,12 +52,15 @@ MAX_T5 = 512  # FluxPipeline's default and largest max_sequence_length
 
 
 # -- attention ---------------------------------------------------------------------------------------------------
-def _attend_text_first(q, k, v, grid, radius: Radius, num_text: int) -> torch.Tensor:
-    """(B, H, L, d) attention over [text; image] tokens: stock SDPA when global, else the window on image pairs.
+def _attend_text_first(q, k, v, grid, radius: Radius, num_text: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L, d) attention over [text; image] tokens: the strict blocks when given (``attention`` module
+    docstring), else stock SDPA when global, else the window on image pairs.
 
     ``local_attention`` takes the dense tokens after the image tokens; attention is equivariant under a permutation
     of its tokens, so the text block is rolled to the end and the output rolled back.
     """
+    if blocks is not None:
+        return block_attention(q, k, v, blocks, num_text, extra_first=True)
     if _is_global(radius, grid):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     q, k, v = (torch.roll(a, -num_text, dims=2) for a in (q, k, v))  # [image; text]
@@ -81,6 +86,7 @@ class FluxWindowAttnProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         radius: Radius = None,
         grid: tuple[int, int] | None = None,
+        blocks: torch.Tensor | None = None,
     ):
         if attention_mask is not None or getattr(attn, "fused_projections", False):
             raise NotImplementedError("FluxWindowAttnProcessor handles unmasked attention with unfused projections only.")
@@ -101,7 +107,7 @@ class FluxWindowAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = _attend_text_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid, radius, num_text)
+        out = _attend_text_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid, radius, num_text, blocks)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, T + N, H * d)
         if not joint:
             return out
@@ -157,6 +163,7 @@ class FluxDenoiser(Denoiser):
     pixel_space = False
     num_classes = None
     patch_size = 2  # the pipeline's 2x2 packing; the transformer itself has patch_size 1
+    strict_layout = "center"  # joint attention: text tokens would carry one window's content to another
     default_guidance = 1.0  # the distilled model alone, as FluxPipeline samples (true CFG is off by default)
 
     def __init__(
@@ -253,7 +260,7 @@ class FluxDenoiser(Denoiser):
         return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
 
     # -- network -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:
         if x.shape[-2] % 2 or x.shape[-1] % 2:
             raise UserError(f"FLUX packs latents into 2x2 patches: height and width must be even; got {x.shape[-2]}x{x.shape[-1]}.")
         grid = self.grid(x)
@@ -274,7 +281,7 @@ class FluxDenoiser(Denoiser):
                 guidance=guidance,
                 txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),  # FluxPipeline.encode_prompt's
                 img_ids=image_ids(*grid, device=x.device, dtype=dtype),
-                joint_attention_kwargs={"radius": radius, "grid": grid},
+                joint_attention_kwargs={"radius": radius, "grid": grid, "blocks": blocks},
             ).sample
         return unpack(out, *grid).to(x.dtype)
 

@@ -195,6 +195,7 @@ class GaussianOracle(Denoiser):
     dataset = "oracle"  # exact samples of p_0 (sample_data)
     num_classes = 2
     patch_size = 1
+    strict_layout = "exact"  # the local score of radius r reads the window W(A) only: strict = window
 
     def __init__(self, N: int, mu: float, s2: float, name: str):
         # DDIM clips x0 to [-1, 1] by default; the oracles are not in it.

@@ -33,7 +33,7 @@ _PREDICTIONS: dict[str, Kind] = {"epsilon": "eps", "sample": "x0"}
 
 class DenseCrossAttnProcessor(AttnProcessor2_0):
     """PixArt's cross-attention (image queries, T5 keys with the padding mask): diffusers' stock computation at every
-    radius. It names ``radius`` and ``grid`` only so that diffusers' ``Attention`` does not warn on every call that it
+    radius. It names ``radius``, ``grid`` and ``blocks`` only so that diffusers' ``Attention`` does not warn on every call that it
     drops them (it filters keyword arguments by the processor's signature)."""
 
     def __call__(
@@ -45,6 +45,7 @@ class DenseCrossAttnProcessor(AttnProcessor2_0):
         temb: torch.Tensor | None = None,
         radius=None,
         grid: tuple[int, int] | None = None,
+        blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
@@ -75,6 +76,7 @@ class PixArtDenoiser(Denoiser):
     """
 
     family = "pixart"
+    strict_layout = "blocks"  # text enters by cross-attention only: disjoint windows share a copy
     pixel_space = False
     num_classes = None
     default_guidance = 4.5  # the PixArt pipelines' default guidance_scale
@@ -188,7 +190,7 @@ class PixArtDenoiser(Denoiser):
         return {"resolution": resolution, "aspect_ratio": aspect_ratio}
 
     # -- network -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:
         grid = self.grid(x)
         check_radius(radius, grid)
         dtype = self.transformer.dtype
@@ -201,7 +203,7 @@ class PixArtDenoiser(Denoiser):
                 encoder_attention_mask=mask,
                 timestep=timestep,
                 added_cond_kwargs=self._micro_conditions(x, dtype),
-                cross_attention_kwargs={"radius": radius, "grid": grid},
+                cross_attention_kwargs={"radius": radius, "grid": grid, "blocks": blocks},
             ).sample
         return out[:, : self.in_channels].to(x.dtype)  # learned variance channels are not used by DDIM / DPM
 

@@ -36,6 +36,7 @@ class SD3Denoiser(Denoiser):
     pixel_space = False
     num_classes = None
     default_guidance = 7.0  # StableDiffusion3Pipeline's default guidance_scale
+    strict_layout = "center"  # joint attention: text tokens would carry one window's content to another
 
     def __init__(
         self,
@@ -113,7 +114,7 @@ class SD3Denoiser(Denoiser):
         return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
 
     # -- network -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:
         grid = self.grid(x)
         check_radius(radius, grid)
         dtype = self.transformer.dtype
@@ -124,7 +125,7 @@ class SD3Denoiser(Denoiser):
                 encoder_hidden_states=cond.embeds.to(x.device, dtype),
                 pooled_projections=cond.pooled.to(x.device, dtype),
                 timestep=timestep,
-                joint_attention_kwargs={"radius": radius, "grid": grid},
+                joint_attention_kwargs={"radius": radius, "grid": grid, "blocks": blocks},
             ).sample
         return out.to(x.dtype)
 

@@ -41,6 +41,7 @@ def denoise_from(
     generator: torch.Generator | list[torch.Generator],
     sampler: str = "auto",
     max_batch: int = 256,
+    locality: str = "window",
 ) -> tuple[torch.Tensor, float]:
     """Noise ``x0`` (B, ...) to ``t`` and integrate back to 0 with the denoiser on ``cond`` (NULL rows = unconditional),
     once per radius (None = global), on the one sampling loop started at the step nearest ``t``.
@@ -52,7 +53,7 @@ def denoise_from(
     rows_r = radius_codes(radii).repeat_interleave(B)
 
     def predict(x: torch.Tensor, t: float, step: Step, c: Cond) -> torch.Tensor:  # every radius in one stream of rows
-        return predict_rows(denoiser, x, torch.tensor(t), c, rows_r, kind=denoiser.prediction, max_batch=max_batch)
+        return predict_rows(denoiser, x, torch.tensor(t), c, rows_r, kind=denoiser.prediction, max_batch=max_batch, locality=locality)
 
     plan = Plan.from_rule(denoiser, steps, lambda t: Step("cond"), sampler, name="forward-backward")
     x = sample(denoiser, plan, tile_rows(cond, R), x=x, start=i0, predict=predict)
@@ -79,14 +80,17 @@ def forward_backward(
     generator: torch.Generator | list[torch.Generator],
     sampler: str = "auto",
     max_batch: int = 256,
+    locality: str = "window",
 ) -> dict[str, torch.Tensor]:
     """One (t, batch) point of the forward-backward curves; the reverse pass is conditioned on ``uncond`` (the null
-    rows: NULL class ids, or the empty prompt of a text model). ``labels`` are the classifier's reference labels.
+    rows: NULL class ids, or the empty prompt of a text model). ``labels`` are the classifier's reference labels;
+    ``locality``: the local denoiser (window = truncated attention, strict = strictly local; ``Denoiser.predict``).
 
     Returns float64 ``error`` (R, B) in {0, 1} (label of x_hat != ``labels``), ``flip`` (R, B) (label of x_hat != label
     of the clean x_0), ``mse`` (R, B) per-pixel MSE of the decoded images in [0, 1], ``pred`` (R, B) labels, and ``t``.
     """
-    x_hat, t_used = denoise_from(denoiser, x0, t, uncond, radii, steps=steps, generator=generator, sampler=sampler, max_batch=max_batch)
+    x_hat, t_used = denoise_from(denoiser, x0, t, uncond, radii, steps=steps, generator=generator, sampler=sampler, max_batch=max_batch,
+                                 locality=locality)
     R, B = x_hat.shape[:2]
     clean = denoiser.images(x0).double()
     images = denoiser.images(x_hat.reshape(R * B, *x0.shape[1:])).double()

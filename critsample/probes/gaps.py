@@ -53,9 +53,10 @@ def sampling_states(
     return torch.stack(states), list(times), final
 
 
-def rows_per_state(radii: list[int], conditional: bool = True) -> int:
-    """Network evaluations per (x_t, t): cond and null, global and each radius."""
-    return (2 if conditional else 1) * (1 + len(radii))
+def rows_per_state(radii: list[int], conditional: bool = True, copies: list[int] | None = None) -> int:
+    """Network evaluations per (x_t, t): cond and null, global and each radius (``copies``: forwards per local row of
+    each radius, ``Denoiser.strict_copies``; None = 1, the window denoiser)."""
+    return (2 if conditional else 1) * (1 + (sum(copies) if copies is not None else len(radii)))
 
 
 @torch.no_grad()
@@ -67,8 +68,10 @@ def score_gaps(
     radii: list[int],
     *,
     max_batch: int = 256,
+    locality: str = "window",
 ) -> dict[str, torch.Tensor]:
-    """Conditioning and locality gaps of every state.
+    """Conditioning and locality gaps of every state; ``locality`` picks the local denoiser (``Denoiser.predict``:
+    window = truncated attention, the paper's; strict = strictly local).
 
     states (T, B, C, H, W), times (T,), cond B rows, radii R local radii. Returns float64 tensors:
     ``cond_gap_score`` / ``cond_gap_eps`` (B, T) — eq. 6; ``loc_gap_{cond,uncond}_{score,eps}`` (B, T, R) — eq. 7;
@@ -101,7 +104,7 @@ def score_gaps(
         cr = tile_rows(cat_rows([c, null]), R)
         rr = torch.tensor(radii, dtype=torch.long).repeat_interleave(2 * n)
         assert not bool((rr == GLOBAL).any())
-        loc = predict_rows(denoiser, xr, tr, cr, rr, kind="eps", max_batch=max_batch).double().reshape(R, 2, n, *x.shape[1:])
+        loc = predict_rows(denoiser, xr, tr, cr, rr, kind="eps", max_batch=max_batch, locality=locality).double().reshape(R, 2, n, *x.shape[1:])
         for name, ref, k in (("cond", g_cond, 0), ("uncond", g_null, 1)):
             gap = torch.stack([per_sample(loc[i, k] - ref) for i in range(R)], dim=-1)  # (B, T, R)
             out[f"loc_gap_{name}_eps"], out[f"loc_gap_{name}_score"] = gap, gap / sigma[None, :, None]

@@ -42,11 +42,13 @@ def predict_rows(
     *,
     kind: str = "eps",
     max_batch: int = 256,
+    locality: str = "window",
 ) -> torch.Tensor:
     """Predictions of every row: x (N, ...), t (N,) float64, cond N rows, radius (N,) long codes (GLOBAL = -1) or None.
 
     Global rows and local rows are evaluated in separate chunks of at most ``max_batch`` rows; a chunk of local rows
-    passes its per-row radii to the model, so rows of several radii share one forward.
+    passes its per-row radii to the model, so rows of several radii share one forward. ``locality="strict"``: local
+    rows are strictly local (``Denoiser.predict``), whose copies again run in forwards of at most ``max_batch`` rows.
     """
     n = x.shape[0]
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
@@ -68,5 +70,6 @@ def predict_rows(
                 rj = rad[j]
                 r = int(rj[0]) if bool((rj == rj[0]).all()) else rj.to(x.device)
             jd = j.to(x.device)
-            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), cond[j], radius=r, kind=kind).to(x.dtype)
+            loc = locality if rad is not None else "window"
+            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), cond[j], radius=r, kind=kind, locality=loc, max_batch=max_batch).to(x.dtype)
     return out

@@ -1,0 +1,309 @@
+"""Certified plans: the cheapest plan whose samples are as good as full guidance's, measured with the sampler itself.
+
+Every plan (the baseline and each candidate) samples the same ``num`` rows: sample i has class ``i % K`` and starts
+from the noise of :func:`~critsample.sampling.sample_generator` ``(seed, i)``, so the plans are compared on *paired*
+noise and their differences carry no noise-to-noise variance.
+
+Quality (the bundled digits classifier and digits-FD, :mod:`critsample.evaluate`):
+
+* accuracy ``a``: fraction of samples classified as their class; FD ``F``: Frechet distance of the classifier's
+  penultimate features to the digits test split (:func:`~critsample.metrics.frechet_distance`);
+* drop ``d = a_B - a_P`` (baseline B minus plan P, in fractions) and ratio ``rho = F_P / F_B``, each with a
+  **paired bootstrap** one-sigma bar: one index set resamples the rows of B and P together
+  (:func:`~critsample.metrics.bootstrap`), so the bar is that of the difference on shared noise.
+
+Certification rule (tolerance ``tau_a`` in accuracy points, default 1; ``tau_F`` relative, default 0.10): a plan is
+**certified** when, on the point estimates measured on the paired samples,
+
+    d <= tau_a / 100    and    rho <= 1 + tau_F
+
+(the bars are reported beside each estimate, not folded into the decision). The **chosen** plan is the certified plan
+with the fewest analytic FLOPs per sample (:func:`~critsample.flops.plan_flops`; forwards per sample when the model
+has no FLOPs model), ties broken by fewer forwards, then by the order of the candidates. The baseline has d = 0 and
+rho = 1, so it always certifies itself, and a search in which no candidate passes falls back to it.
+
+Candidates (:func:`search`): the guidance window G is the windowed-conditioning scan's (``windows.window_cond``),
+else the combined symmetry-breaking window, else the critical window; the attention window A is the windowed-
+locality scan's (``windows.window_locality``), else local forward-backward's (``forward_backward_local``), else the
+combined nonlocality window (invalid windows are skipped). Around G the grid (:class:`Grid`) moves the center by
+``shifts`` x its width and scales the width by ``scales`` (clipped to [0, 1]); at each window it proposes
+limited-interval guidance and the adaptive plans for each outside mode and radius, the local modes once with A
+(global attention kept on A outside G) and once without it. Plans with the same steps are measured once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import plans
+from . import summary as summary_io
+from .denoisers import Denoiser
+from .errors import UserError
+from .flops import plan_flops
+from .metrics import _fid_metric, bootstrap, digits_features, digits_real, extract_features
+from .models.classifiers import load_classifier
+from .sampling import Plan, sample, sample_generator
+from .store import Store
+
+
+@dataclass
+class Tolerance:
+    accuracy_points: float = 1.0  # largest accepted accuracy drop vs the baseline, in percentage points
+    fd_relative: float = 0.10  # largest accepted relative FD excess over the baseline's
+
+    def __post_init__(self):
+        if not (math.isfinite(self.accuracy_points) and self.accuracy_points >= 0):
+            raise UserError(f"The accuracy tolerance is in points >= 0 (1 = one point); got {self.accuracy_points}.")
+        if not (math.isfinite(self.fd_relative) and self.fd_relative >= 0):
+            raise UserError(f"The FD tolerance is a fraction >= 0 (0.1 = 10 %); got {self.fd_relative}.")
+
+    def passes(self, drop: float, ratio: float) -> bool:
+        return drop <= self.accuracy_points / 100 + 1e-12 and ratio <= 1 + self.fd_relative + 1e-12
+
+
+@dataclass
+class Grid:
+    """The search around the guidance window: centers moved by ``shifts`` x width, widths scaled by ``scales``."""
+
+    shifts: tuple[float, ...] = (-0.25, 0.0, 0.25)
+    scales: tuple[float, ...] = (0.75, 1.0, 1.5)
+    radii: tuple[int, ...] = ()  # empty: the summary's suggested radius (1 when it suggests none)
+    outside: tuple[str, ...] = plans.OUTSIDE
+    interval: bool = True  # also limited-interval guidance at every window
+
+
+# -- candidate windows --------------------------------------------------------------------------------------------
+
+
+def _window(summary: dict, *names: str) -> tuple[tuple[float, float], str] | None:
+    """The first valid window among ``names`` (keys of ``summary["windows"]`` or top-level windows) and its name."""
+    for name in names:
+        w = (summary.get("windows") or {}).get(name) or summary.get(name)
+        if isinstance(w, dict) and w.get("valid", True) and w.get("t_start") is not None and w.get("t_end") is not None:
+            t0, t1 = float(w["t_start"]), float(w["t_end"])
+            if 0.0 <= t0 < t1 <= 1.0:
+                return (t0, t1), name
+    return None
+
+
+def summary_windows(summary: dict) -> dict:
+    """``{"guidance": ((t0, t1), source), "attention": ((t0, t1), source) or None}`` by the rule of the module docstring."""
+    guidance = _window(summary, "window_cond", "symmetry_breaking_window", "critical_window")
+    if guidance is None:
+        raise UserError("The summary has no valid guidance window (window_cond, symmetry-breaking or critical window); "
+                        "run `critsample detect` with the window_cond probe, or at a larger preset.")
+    attention = _window(summary, "window_locality", "forward_backward_local", "nonlocality_window")
+    return {"guidance": guidance, "attention": attention}
+
+
+def grid_windows(window: tuple[float, float], grid: Grid) -> list[tuple[float, float]]:
+    """The guidance windows of the search, in grid order, clipped to [0, 1], duplicates dropped."""
+    t0, t1 = window
+    c, w = (t0 + t1) / 2, t1 - t0
+    out = []
+    for scale in grid.scales:
+        for shift in grid.shifts:
+            a, b = max(0.0, c + shift * w - scale * w / 2), min(1.0, c + shift * w + scale * w / 2)
+            a, b = round(a, 4), round(b, 4)
+            if a < b and (a, b) not in out:
+                out.append((a, b))
+    return out
+
+
+def search(model: Denoiser, summary: dict, steps: int, guidance: float, grid: Grid = Grid(), sampler: str = "auto") -> list[Plan]:
+    """Candidate plans around the summary's windows (module docstring), distinct by their steps."""
+    wins = summary_windows(summary)
+    attention = wins["attention"][0] if wins["attention"] else None
+    radii = grid.radii or (summary_io.suggested_radius(summary) or 1,)
+    out = []
+    for window in grid_windows(wins["guidance"][0], grid):
+        if grid.interval:
+            out.append(plans.interval_guidance(model, steps, guidance, window, sampler))
+        for mode in grid.outside:
+            if mode == "global-uncond":
+                out.append(plans.adaptive(model, steps, guidance, window, None, mode, sampler))
+                continue
+            for r in radii:
+                out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler))
+                if attention is not None:
+                    out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler, attention=attention))
+    return distinct(out)
+
+
+def distinct(candidates: list[Plan]) -> list[Plan]:
+    """The plans with distinct steps (and sampler), first name kept."""
+    seen, out = set(), []
+    for p in candidates:
+        key = (p.sampler, tuple(p.steps))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+# -- measurement --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256) -> dict:
+    """``num`` images of ``plan`` (sample i: class i % K, noise ``sample_generator(seed, i)``) and the seconds taken."""
+    device = next(model.parameters(), torch.empty(0)).device
+    labels = torch.arange(num) % model.num_classes
+    chunks, start = [], time.perf_counter()
+    for lo in range(0, num, batch_size):
+        hi = min(num, lo + batch_size)
+        x = sample(model, plan, labels[lo:hi].to(device), generator=[sample_generator(seed, i) for i in range(lo, hi)])
+        chunks.append(model.images(x).cpu())
+    return {"images": torch.cat(chunks), "labels": labels, "seconds": time.perf_counter() - start}
+
+
+class Judge:
+    """Per-sample correctness and features of a set of digits, and the FD of a feature set to the test split."""
+
+    def __init__(self):
+        self.classifier = load_classifier("digits")
+        self.features = digits_features()
+        self.metric = _fid_metric(self.features.num_features)
+        self.metric.update(extract_features(digits_real("test"), self.features), real=True)  # kept across reset()
+
+    @torch.no_grad()
+    def rows(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        correct = (self.classifier.predict_logits(images).argmax(1).cpu() == labels).numpy().astype(np.float64)
+        return correct, extract_features(images, self.features)
+
+    def fd(self, features: torch.Tensor) -> float:
+        self.metric.reset()
+        self.metric.update(features, real=False)
+        return self.metric.compute().item()
+
+
+def _paired(judge: Judge, base, plan, n_boot: int, seed: int) -> dict:
+    """Accuracy drop and FD ratio vs the baseline with paired-bootstrap bars (one index set for both plans' rows)."""
+    (cb, fb), (cp, fp) = base, plan
+    idx = torch.arange(len(cb))
+    cache: dict = {}
+
+    def stats(i: torch.Tensor):
+        key = i.numpy().tobytes()
+        if key not in cache:
+            j = i.numpy()
+            cache[key] = (cb[j].mean() - cp[j].mean(), judge.fd(fp[i]) / judge.fd(fb[i]))
+        return cache[key]
+
+    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    return {"accuracy_drop": drop, "accuracy_drop_sigma": drop_sigma, "fd_ratio": ratio, "fd_ratio_sigma": ratio_sigma}
+
+
+def _absolute(judge: Judge, correct: np.ndarray, features: torch.Tensor, n_boot: int, seed: int) -> dict:
+    n = len(correct)
+    acc = float(correct.mean())
+    fd, fd_sigma = bootstrap(judge.fd, features, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    return {"accuracy": acc, "accuracy_sigma": math.sqrt(acc * (1 - acc) / n), "fd": fd, "fd_sigma": fd_sigma}
+
+
+@dataclass
+class Certification:
+    """The chosen plan, the baseline and every candidate, each with quality (one-sigma bars) and cost."""
+
+    chosen: dict  # the entry of the chosen plan (a candidate's or the baseline's)
+    baseline: dict
+    candidates: list[dict]
+    tolerance: Tolerance
+    setup: dict = field(default_factory=dict)  # model id, samples, seed, steps, bootstrap resamples
+
+    @property
+    def plan(self) -> Plan:
+        return Plan.from_dict(self.chosen["plan"])
+
+    def to_dict(self) -> dict:
+        tol = {**asdict(self.tolerance), "rule": "accuracy drop <= accuracy_points / 100 and FD / FD_baseline <= 1 + fd_relative, "
+               "on the paired point estimates; cheapest certified plan by analytic FLOPs (forwards when none)"}
+        return {"plan": self.chosen["plan"], "name": self.chosen["name"], "quality": self.chosen["quality"], "cost": self.chosen["cost"],
+                "tolerance": tol, "baseline": self.baseline, "candidates": self.candidates, "setup": self.setup}
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Points (cost, goodness) not dominated: no other point as cheap and as good, and better in one."""
+    return [not any(c2 <= c and g2 >= g and (c2 < c or g2 > g) for c2, g2 in points) for c, g in points]
+
+
+def certify(
+    model: Denoiser,
+    baseline: Plan,
+    candidates: list[Plan],
+    *,
+    num: int = 1000,
+    seed: int = 0,
+    tolerance: Tolerance = Tolerance(),
+    n_boot: int = 200,
+    store: Store | None = None,
+    batch_size: int = 256,
+    on_plan=None,
+) -> Certification:
+    """Measure the baseline and every candidate on paired noise and choose by the rule of the module docstring.
+
+    ``store``: each plan's samples are a unit (``certify`` / {plan, num, batch_size}; the store's key adds the model
+    and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan (progress)."""
+    if model.num_classes is None or model.dataset != "digits":
+        raise UserError(f"Certification measures class accuracy and FD with the bundled digits classifier; {model.name} is not a "
+                        "digits model (dit-digits or a model trained on digits).")
+    if num < 2:
+        raise UserError(f"Certification needs at least 2 samples per plan; got {num}.")
+    judge = Judge()
+    grid = model.grid(torch.empty(1, *model.sample_shape))
+    everything = [baseline] + [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler, tuple(baseline.steps))]
+
+    def measured(plan: Plan) -> dict:
+        if store is None:
+            out = paired_samples(model, plan, num, seed, batch_size)
+            computed = True
+        else:
+            unit = store.unit("certify", {"plan": plan.to_dict(), "num": num, "batch_size": batch_size}, forwards=num * plan.forwards)
+            before = store.computed
+            out = store.get_or_compute(unit, lambda _g: paired_samples(model, plan, num, seed, batch_size))
+            out = {k: torch.as_tensor(v) for k, v in out.items()}
+            computed = store.computed > before
+        if on_plan is not None:
+            on_plan(plan, computed)
+        return out
+
+    rows = []
+    for plan in everything:
+        out = measured(plan)
+        correct, features = judge.rows(out["images"], out["labels"])
+        flops = plan_flops(model, plan, grid)
+        rows.append({"plan": plan, "correct": correct, "features": features,
+                     "cost": {"forwards": plan.forwards, "flops": flops["total"], "flops_detail": flops,
+                              "seconds_per_sample": float(out["seconds"]) / num}})
+    base = rows[0]
+    entries = []
+    for r in rows:
+        quality = {**_absolute(judge, r["correct"], r["features"], n_boot, seed),
+                   **_paired(judge, (base["correct"], base["features"]), (r["correct"], r["features"]), n_boot, seed)}
+        cost = {**r["cost"]}
+        cost["flops_ratio"] = cost["flops"] / base["cost"]["flops"] if math.isfinite(base["cost"]["flops"]) else float("nan")
+        cost["forwards_ratio"] = cost["forwards"] / base["cost"]["forwards"]
+        cost["speedup_seconds"] = base["cost"]["seconds_per_sample"] / cost["seconds_per_sample"]
+        entries.append({"name": r["plan"].name, "plan": r["plan"].to_dict(), "description": r["plan"].describe(), "quality": quality,
+                        "cost": cost, "certified": tolerance.passes(quality["accuracy_drop"], quality["fd_ratio"])})
+
+    def price(e: dict) -> float:
+        return e["cost"]["flops"] if math.isfinite(e["cost"]["flops"]) else float(e["cost"]["forwards"])
+
+    for key, good in (("pareto_accuracy", lambda e: e["quality"]["accuracy"]), ("pareto_fd", lambda e: -e["quality"]["fd"])):
+        for e, on in zip(entries, _pareto([(price(e), good(e)) for e in entries])):
+            e[key] = on
+    order = sorted(range(len(entries)), key=lambda i: (price(entries[i]), entries[i]["cost"]["forwards"], i))
+    chosen = next(entries[i] for i in order if entries[i]["certified"])  # the baseline always passes
+    for e in entries:
+        e["chosen"] = e is chosen
+    setup = {"num_samples": num, "seed": seed, "steps": len(baseline.steps), "n_boot": n_boot,
+             "model": model.name, "model_id": store.model_id if store is not None else None,
+             "noise": "sample i: class i % K, noise from critsample.sampling.sample_generator(seed, i), the same for every plan"}
+    return Certification(chosen, entries[0], entries[1:], tolerance, setup)

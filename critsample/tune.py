@@ -1,0 +1,114 @@
+"""Certifying a plan to disk: the library behind ``critsample tune`` (``commands/tune.py`` parses argv and prints).
+
+Reads a ``summary.json`` of ``critsample detect``, searches plans around its windows (:func:`critsample.certify.search`),
+measures them against full guidance on paired noise (:func:`critsample.certify.certify`) and writes to ``--out``:
+``frontier.json`` (every plan with its cost and quality, the chosen one and the rule), ``frontier.png`` (cost vs accuracy
+and cost vs FD, :func:`critsample.report.plot_frontier`), and the chosen plan into the summary as its top-level ``plan``
+object (:func:`critsample.summary.write_plan`), which ``critsample sample --adaptive --summary`` then uses.
+
+Resuming: each plan's samples are one unit of a :class:`~critsample.store.Store` under ``out/.units``, keyed by the plan,
+the number of samples, the seed and a fingerprint of the model's weights; a rerun with the same options samples nothing
+(the metrics, seconds of CPU, are computed again from the stored samples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import plans
+from . import summary as summary_io
+from .certify import Certification, Grid, Tolerance, certify, search, summary_windows
+from .errors import UserError
+from .models import load
+from .report import plot_frontier
+from .sampling import SAMPLERS
+from .store import Store, check_writable, model_fingerprint
+
+
+@dataclass
+class TuneConfig:
+    """Options of ``critsample tune``."""
+
+    summary: str
+    """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is written into it."""
+    model: str = "dit-digits"
+    """Registry name or local folder of a digits model (quality is judged with the bundled digits classifier)."""
+    num: int = 1000
+    """Samples per plan (the same classes and noise for every plan); the bars shrink as 1 / sqrt(num)."""
+    steps: int = 50
+    """Integrator steps of every plan (``critsample sample --steps`` must match to use the certified plan)."""
+    seed: int = 0
+    """Seed of the paired noise: sample i of every plan starts from a hash of (seed, i)."""
+    guidance: float | None = None
+    """Classifier-free guidance scale w of the guided steps (None: the model's default)."""
+    sampler: str = "auto"
+    """ddim or dpm (DDPM models), euler (flow models); auto picks ddim / euler."""
+    accuracy_tolerance: float = 1.0
+    """Largest accepted drop of class accuracy vs full guidance, in percentage points."""
+    fd_tolerance: float = 0.10
+    """Largest accepted relative excess of FD over full guidance's (0.1 = 10 %)."""
+    shifts: list[float] = field(default_factory=lambda: [-0.25, 0.0, 0.25])
+    """Moves of the guidance window's center, in units of its width."""
+    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5])
+    """Factors on the guidance window's width."""
+    radii: list[int] = field(default_factory=list)
+    """Local radii outside the window (empty: the summary's suggested radius, 1 when it suggests none)."""
+    outside: list[str] = field(default_factory=lambda: list(plans.OUTSIDE))
+    """Outside modes searched: local-uncond, local-cond, global-uncond."""
+    interval: bool = True
+    """Also measure limited-interval guidance at every window of the search."""
+    n_boot: int = 200
+    """Bootstrap resamples of the error bars."""
+    batch_size: int = 256
+    """Samples per network batch."""
+    out: str = "out/tune"
+    """Output folder (frontier.json, frontier.png, .units/ of stored samples)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 or auto."""
+    trust_pickled_weights: bool = False
+    """Also load a model folder whose weights are only pickled (.bin): only for files you trust."""
+
+    def __post_init__(self):
+        for name in ("num", "steps", "n_boot", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name in ("num", "n_boot") else 1):
+                raise UserError(f"--{name} must be an integer >= {2 if name in ('num', 'n_boot') else 1}; got {v!r}.")
+        if self.sampler not in ("auto", *SAMPLERS):
+            raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UserError(f"--guidance must be a finite number >= 0; got {self.guidance}.")
+        bad = [m for m in self.outside if m not in plans.OUTSIDE]
+        if bad or not (self.outside or self.interval):
+            raise UserError(f"--outside takes modes among {', '.join(plans.OUTSIDE)} (or none with --interval); got {self.outside!r}.")
+        if not self.shifts or not self.scales or any(s <= 0 for s in self.scales):
+            raise UserError(f"--shifts needs at least one value and --scales positive values; got {self.shifts!r}, {self.scales!r}.")
+        Tolerance(self.accuracy_tolerance, self.fd_tolerance)
+
+
+def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None) -> dict:
+    """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
+    out = check_writable(cfg.out)
+    model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
+    summary = summary_io.read(cfg.summary, model.name, require_window=False)
+    w = cfg.guidance if cfg.guidance is not None else model.default_guidance
+    grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval)
+    candidates = search(model, summary, cfg.steps, w, grid, cfg.sampler)
+    baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
+    store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
+    result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot, store=store,
+                                    tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, on_plan=on_plan)
+    record = result.to_dict()
+    windows = {k: v and {"t": list(v[0]), "source": v[1]} for k, v in summary_windows(summary).items()}
+    record["setup"].update(guidance=w, sampler=cfg.sampler, windows=windows,
+                           grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside, "interval": cfg.interval},
+                           units_computed_this_run=store.computed, units_loaded=store.loaded)
+    (out / "frontier.json").write_text(json.dumps(summary_io.jsonable(record), indent=1))
+    plot_frontier(summary_io.jsonable(record), out / "frontier.png")
+    summary_path = Path(cfg.summary)
+    summary_io.write_plan(summary_path, {**{k: v for k, v in record.items() if k != "candidates"}, "frontier": str(out / "frontier.json")})
+    return record
