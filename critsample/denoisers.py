@@ -300,3 +300,43 @@ class Denoiser(nn.Module):
         with autocast(images.device):
             dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         return ((dist.sample(generator).float() - shift) * scale).float()
+
+
+class TextDenoiser(Denoiser):
+    """Base of the text-conditional families (SD3, PixArt, FLUX): the unconditional rows are the empty prompt's
+    embeddings, encoded once per token length with the family's own ``encode_prompt``, or ``null_cond`` when set (a model
+    loaded without its text encoders). ``text`` is the family's diffusers pipeline (None without text encoders)."""
+
+    def __init__(self, scheduler_config: dict | None = None):
+        super().__init__(scheduler_config)
+        self.text = None
+        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
+        self._null_cache: dict[int, PromptCond] = {}
+
+    def _empty_prompt(self, seq: int) -> PromptCond:
+        """The empty prompt encoded with ``seq`` tokens, the layout of the prompts it stands beside."""
+        return self.encode_prompt([""], max_sequence_length=seq)
+
+    def null(self, cond: Cond) -> PromptCond:
+        """The empty-prompt embeddings (the pipelines' default negative prompt ``""``; with its mask where the model
+        masks text), repeated to the batch of ``cond``."""
+        if not isinstance(cond, PromptCond):
+            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
+        seq = cond.embeds.shape[1]
+        if self.null_cond is not None:
+            one = self.null_cond
+            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
+                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}.")
+        elif seq in self._null_cache:
+            one = self._null_cache[seq]
+        elif self.text is not None:
+            one = self._null_cache[seq] = self._empty_prompt(seq)
+        else:
+            raise UserError(
+                f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
+                f"PromptCond embeddings (with the mask where the model masks text), or load the model from a folder with its text encoders."
+            )
+        n, dev = len(cond), cond.embeds.device
+        mask = None if one.mask is None else one.mask[:1].to(dev).expand(n, -1)
+        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1), mask)
+

@@ -76,6 +76,11 @@ def _finish(fig, ax, path, title, xlabel="t (0 = clean, 1 = noise)"):
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +175,7 @@ def plot_frontier(certification: dict, path):
         ax.legend(fontsize=7)
     fig.suptitle(f"cost-quality frontier ({certification['setup'].get('num_samples')} paired samples): chosen {certification['name']}",
                  fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_strips(rows: dict, path, scale: int = 4):
@@ -202,12 +202,7 @@ def plot_strips(rows: dict, path, scale: int = 4):
     ax.tick_params(axis="y", labelsize=7, length=0)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # -- the detection report -------------------------------------------------------------------------

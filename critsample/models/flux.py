@@ -40,7 +40,7 @@ from einops import rearrange
 from torch import nn
 
 from ..attention import Radius, _is_global, check_radius
-from ..denoisers import Denoiser, PromptCond, autocast
+from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..local_attention import block_attention, local_attention
 from ..noise import Schedule
@@ -151,7 +151,7 @@ def calculate_shift(image_seq_len: int, config: dict) -> float:
     return image_seq_len * m + (base_shift - m * base_len)
 
 
-class FluxDenoiser(Denoiser):
+class FluxDenoiser(TextDenoiser):
     """Velocity-prediction FLUX.1 transformer with window attention, optional VAE and optional text encoders.
 
     ``text`` is a ``FluxPipeline`` used only for :meth:`encode_prompt`; without it the denoiser works on prompt
@@ -209,8 +209,6 @@ class FluxDenoiser(Denoiser):
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
         encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2")] if text is not None else []
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
-        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
-        self._null_cache: dict[int, PromptCond] = {}
         install_flux_window_attention(transformer)
 
     # -- integrator ----------------------------------------------------------------------------
@@ -237,27 +235,6 @@ class FluxDenoiser(Denoiser):
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length or self.max_sequence_length,
         )
         return PromptCond(embeds, pooled)
-
-    def null(self, cond: PromptCond) -> PromptCond:
-        """The empty-prompt embeddings (FluxPipeline's negative prompt ``""``), repeated to the batch of ``cond``."""
-        if not isinstance(cond, PromptCond):
-            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
-        seq = cond.embeds.shape[1]
-        if self.null_cond is not None:
-            one = self.null_cond
-            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
-                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}.")
-        elif seq in self._null_cache:
-            one = self._null_cache[seq]
-        elif self.text is not None:
-            one = self._null_cache[seq] = self.encode_prompt([""], max_sequence_length=seq)  # same T5 length as `cond`
-        else:
-            raise UserError(
-                f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
-                f"PromptCond embeddings, or load the model from a folder with its text encoders."
-            )
-        n, dev = len(cond), cond.embeds.device
-        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
 
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from ..attention import WindowAttnProcessor, check_radius
-from ..denoisers import Denoiser, PromptCond, autocast
+from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Kind, Schedule
 from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
@@ -67,7 +67,7 @@ def install_pixart_window_attention(transformer: PixArtTransformer2DModel) -> in
     return count
 
 
-class PixArtDenoiser(Denoiser):
+class PixArtDenoiser(TextDenoiser):
     """eps-prediction PixArt transformer with window self-attention, optional VAE and optional T5 text encoder.
 
     ``text`` is a ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` used only for :meth:`encode_prompt`; without it
@@ -120,8 +120,6 @@ class PixArtDenoiser(Denoiser):
         # Registered so that .to(device) / .eval() reach it; the pipeline `text` holds the same object.
         encoder = getattr(text, "text_encoder", None) if text is not None else None
         self.text_encoders = nn.ModuleList([encoder] if encoder is not None else [])
-        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
-        self._null_cache: dict[int, PromptCond] = {}
         install_pixart_window_attention(transformer)
 
     # -- conditioning --------------------------------------------------------------------------
@@ -145,30 +143,6 @@ class PixArtDenoiser(Denoiser):
         )
         return PromptCond(embeds, embeds.new_zeros(embeds.shape[0], 0), mask)
 
-    def null(self, cond: PromptCond) -> PromptCond:
-        """The empty-prompt embeddings and mask (the pipelines' default negative prompt ``""``, padded to the prompt's
-        length as they pad it), repeated to the batch of ``cond``."""
-        if not isinstance(cond, PromptCond):
-            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
-        seq = cond.embeds.shape[1]
-        if self.null_cond is not None:
-            one = self.null_cond
-            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
-                raise ValueError(
-                    f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}."
-                )
-        elif seq in self._null_cache:
-            one = self._null_cache[seq]
-        elif self.text is not None:
-            one = self._null_cache[seq] = self.encode_prompt([""], max_sequence_length=seq)
-        else:
-            raise UserError(
-                f"{self.name} has no text encoder to embed the empty prompt: set `denoiser.null_cond` to its "
-                f"PromptCond embeddings (with mask), or load the model from a folder with its text encoder."
-            )
-        n, dev = len(cond), cond.embeds.device
-        mask = None if one.mask is None else one.mask[:1].to(dev).expand(n, -1)
-        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1), mask)
 
     def check_cond(self, cond, batch: int) -> None:
         super().check_cond(cond, batch)

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
 
 from ..attention import check_radius, install_window_attention
-from ..denoisers import Denoiser, PromptCond, autocast
+from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Schedule
 from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
@@ -24,7 +24,7 @@ from .loaders import load_parts, load_pipeline, require_safetensors, safetensors
 _TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
-class SD3Denoiser(Denoiser):
+class SD3Denoiser(TextDenoiser):
     """Velocity-prediction SD3 / SD3.5 transformer with window attention, optional VAE and optional text encoders.
 
     ``text`` is a ``StableDiffusion3Pipeline`` used only for :meth:`encode_prompt`; without it the denoiser works on
@@ -67,8 +67,6 @@ class SD3Denoiser(Denoiser):
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
         encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text is not None else []
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
-        self.null_cond: PromptCond | None = None  # set to override the empty-prompt embeddings (1 row)
-        self._null_cache: dict[int, PromptCond] = {}
         install_window_attention(transformer)
 
     # -- conditioning --------------------------------------------------------------------------
@@ -91,27 +89,9 @@ class SD3Denoiser(Denoiser):
     def _clip_length(self) -> int:
         return int(self.text.tokenizer_max_length)
 
-    def null(self, cond: PromptCond) -> PromptCond:
-        """The empty-prompt embeddings (SD3's default negative prompt ``""``), repeated to the batch of ``cond``."""
-        if not isinstance(cond, PromptCond):
-            raise ValueError(f"{self.name} is text-conditional: give a PromptCond, not class ids.")
-        seq = cond.embeds.shape[1]
-        if self.null_cond is not None:
-            one = self.null_cond
-            if one.embeds.shape[1:] != cond.embeds.shape[1:]:
-                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}.")
-        elif seq in self._null_cache:
-            one = self._null_cache[seq]
-        elif self.text is not None:
-            # Same token layout as `cond`: the CLIP tokens (77 in SD3) followed by the T5 tokens.
-            one = self._null_cache[seq] = self.encode_prompt([""], max_sequence_length=seq - self._clip_length())
-        else:
-            raise UserError(
-                f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
-                f"PromptCond embeddings, or load the model from a folder with its text encoders."
-            )
-        n, dev = len(cond), cond.embeds.device
-        return PromptCond(one.embeds[:1].to(dev).expand(n, -1, -1), one.pooled[:1].to(dev).expand(n, -1))
+    def _empty_prompt(self, seq: int) -> PromptCond:
+        # Same token layout as the prompts: the CLIP tokens (77 in SD3) followed by the T5 tokens.
+        return self.encode_prompt([""], max_sequence_length=seq - self._clip_length())
 
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:
