@@ -44,7 +44,7 @@ from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..local_attention import block_attention, local_attention
 from ..noise import Schedule
-from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
+from .loaders import load_parts, load_text_pipeline
 
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: the distilled guidance FLUX.1-dev samples with
 DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size (1024 px through the 8x VAE)
@@ -280,24 +280,8 @@ def _default_latent(folder: Path, vae: AutoencoderKL | None) -> int:
 
 
 def _load_text(folder: Path, transformer, vae, dtype: torch.dtype):
-    """diffusers' own FluxPipeline around the already loaded transformer / VAE, for its ``encode_prompt``; the text
-    encoders are read from safetensors only, as every part (``loaders.require_safetensors``)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "FLUX's text encoders need the `transformers` package: `pip install critsample[sd3]` "
-            "(or load with text_encoders=False and pass prompt embeddings)."
-        ) from None
-    from diffusers import FluxPipeline
-
-    index = json.loads((folder / "model_index.json").read_text())
-    for k in ("text_encoder", "text_encoder_2"):
-        require_safetensors(folder / k, (index.get(k) or [None, "the part's transformers class"])[-1])
-    try:
-        return load_pipeline(FluxPipeline, folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only())
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load FLUX's text encoders from {folder}: {str(e).splitlines()[0]}") from None
+    """diffusers' own FluxPipeline around the already loaded transformer / VAE, for its ``encode_prompt``."""
+    return load_text_pipeline("FluxPipeline", folder, "FLUX", transformer, vae, dtype)
 
 
 def load_flux(

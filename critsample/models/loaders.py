@@ -111,3 +111,29 @@ def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32, guide_
     model.meta = meta
     model.default_guidance = float(meta.get("default_guidance", model.default_guidance))
     return model
+
+
+def load_text_pipeline(cls_name: str, folder: Path, label: str, transformer, vae, dtype: torch.dtype, **parts):
+    """diffusers' own pipeline ``cls_name`` of a text family around its already loaded transformer / VAE, for its
+    ``encode_prompt``. Every text encoder the folder's ``model_index.json`` names (and ``parts`` does not set to None)
+    is read from safetensors only, as every part (:func:`require_safetensors`); ``label`` names the family in errors."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"{label}'s text encoders need the `transformers`, `sentencepiece` and `protobuf` packages: `pip install "
+            f"critsample[text]` or `pip install critsample[sd3]`, the same extra (or load with text_encoders=False and pass prompt embeddings)."
+        ) from None
+    import diffusers
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for k, spec in index.items():
+        if k.startswith("text_encoder") and parts.get(k, True) is not None and (folder / k).exists():
+            require_safetensors(folder / k, (spec or [None, "the part's transformers class"])[-1])
+    try:
+        return load_pipeline(getattr(diffusers, cls_name), folder, transformer=transformer, vae=vae, torch_dtype=dtype,
+                             use_safetensors=safetensors_only(), **parts)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"Could not load {label}'s text encoders from {folder}: {str(e).splitlines()[0]}") from None
+

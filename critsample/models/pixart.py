@@ -24,7 +24,7 @@ from ..attention import WindowAttnProcessor, check_radius
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Kind, Schedule
-from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
+from .loaders import load_parts, load_text_pipeline
 
 # The pipelines' ``max_sequence_length`` defaults: T5 tokens per prompt (PixArt-alpha paper sec. 3.1; Sigma raised it).
 MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -191,25 +191,8 @@ def _pipeline_class(folder: Path) -> str:
 
 
 def _load_text(folder: Path, pipeline: str, transformer, vae, dtype: torch.dtype):
-    """diffusers' own PixArt pipeline around the already loaded transformer / VAE, for its ``encode_prompt``; T5 is
-    read from safetensors only, as every part (``loaders.require_safetensors``)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "PixArt's T5 text encoder needs the `transformers` and `sentencepiece` packages: `pip install transformers "
-            "sentencepiece protobuf` (or load with text_encoders=False and pass prompt embeddings)."
-        ) from None
-    import diffusers
-
-    require_safetensors(folder / "text_encoder", "T5EncoderModel")
-    try:
-        return load_pipeline(
-            getattr(diffusers, pipeline),
-            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only()
-        )
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"Could not load PixArt's T5 text encoder from {folder}: {str(e).splitlines()[0]}") from None
+    """diffusers' own PixArt pipeline around the already loaded transformer / VAE, for its ``encode_prompt``."""
+    return load_text_pipeline(pipeline, folder, "PixArt", transformer, vae, dtype)
 
 
 def load_pixart(

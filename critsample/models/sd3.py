@@ -8,7 +8,6 @@ Flow matching: ``x_t = (1 - sigma) x_0 + sigma eps`` with ``t = sigma``; the net
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from ..attention import check_radius, install_window_attention
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Schedule
-from .loaders import load_parts, load_pipeline, require_safetensors, safetensors_only
+from .loaders import load_parts, load_text_pipeline
 
 _TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -112,35 +111,11 @@ class SD3Denoiser(TextDenoiser):
     # -- pixel space ---------------------------------------------------------------------------
 
 
-def _require_transformers() -> None:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "SD3's text encoders need the `transformers` package: `pip install critsample[sd3]` "
-            "(or load with text_encoders=False and pass prompt embeddings)."
-        ) from None
-
-
 def _load_text(folder: Path, transformer, vae, dtype: torch.dtype, t5: bool):
-    """diffusers' own SD3 pipeline around the already loaded transformer / VAE, for its ``encode_prompt``; the text
-    encoders are read from safetensors only, as every part (``loaders.require_safetensors``)."""
-    _require_transformers()
-    from diffusers import StableDiffusion3Pipeline
-
+    """diffusers' own SD3 pipeline around the already loaded transformer / VAE, for its ``encode_prompt``."""
     # Parts a folder lacks (or T5 when dropped) are None; the pipeline then embeds T5 as zeros, as diffusers does.
     skip = {k: None for k in _TEXT_PARTS if not (folder / k).exists() or (not t5 and k.endswith("_3"))}
-    index = json.loads((folder / "model_index.json").read_text())
-    for k in _TEXT_PARTS:
-        if k.startswith("text_encoder") and k not in skip:
-            require_safetensors(folder / k, (index.get(k) or [None, "the part's transformers class"])[-1])
-    try:
-        return load_pipeline(
-            StableDiffusion3Pipeline,
-            folder, transformer=transformer, vae=vae, torch_dtype=dtype, use_safetensors=safetensors_only(), **skip
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load SD3's text encoders from {folder}: {str(e).splitlines()[0]}") from None
+    return load_text_pipeline("StableDiffusion3Pipeline", folder, "SD3", transformer, vae, dtype, **skip)
 
 
 def load_sd3(
