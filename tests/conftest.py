@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from pathlib import Path  # noqa: E402
 
 import huggingface_hub.constants  # noqa: E402
+import lightning.pytorch  # noqa: E402,F401  (its loggers' StreamHandlers bind sys.stderr at import: before any test captures it)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
