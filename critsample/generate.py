@@ -74,13 +74,14 @@ class SampleConfig:
     """summary.json of ``critsample detect`` giving the adaptive plan: the plan certified by ``critsample tune`` when the
     summary holds one (used as measured: its steps, sampler and guidance must match --steps, --sampler, --guidance,
     else a warning and the window below), otherwise guided inside its critical window with its suggested radius outside.
-    An explicit --window, --radius or --outside other than local-uncond builds the plan from the window instead."""
+    An explicit --window, --radius or --outside builds the plan from the window instead."""
     window: str | None = None
     """Explicit window t0:t1 (0 = clean, 1 = noise) for --adaptive."""
     radius: int | None = None
     """Attention radius of the local denoiser outside the window (token grid units)."""
-    outside: str = "local-uncond"
-    """Denoiser outside the window: local-uncond, local-cond or global-uncond."""
+    outside: str | None = None
+    """Denoiser outside the window: local-cond (the default when no certified plan is used: measured, see
+    ``critsample.plans``), local-uncond (the paper's) or global-uncond."""
     interval: str | None = None
     """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
     batch_invariant: bool = False
@@ -112,11 +113,10 @@ class SampleConfig:
             raise UserError(f"--guidance must be a finite number >= 0 (1 = plain conditional); got {self.guidance}.")
         if not str(self.out).strip():
             raise UserError("--out is empty; give an output folder.")
-        if self.outside not in plans.OUTSIDE:
+        if self.outside is not None and self.outside not in plans.OUTSIDE:
             raise UserError(f"--outside must be one of {', '.join(plans.OUTSIDE)}; got {self.outside!r}.")
         if not self.adaptive:
-            given = [f"--{n}" for n in ("summary", "window", "radius") if getattr(self, n) is not None]
-            given += ["--outside"] if self.outside != "local-uncond" else []
+            given = [f"--{n}" for n in ("summary", "window", "radius", "outside") if getattr(self, n) is not None]
             if given:
                 raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --adaptive plans; add --adaptive or drop {'it' if len(given) == 1 else 'them'}.")
         elif self.interval is not None:
@@ -129,7 +129,8 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
     if cfg.adaptive:
         window, radius = cfg.window, cfg.radius
-        if cfg.summary and window is None and radius is None and cfg.outside == "local-uncond":
+        outside = cfg.outside or plans.DEFAULT_OUTSIDE
+        if cfg.summary and window is None and radius is None and cfg.outside is None:
             certified = _certified(cfg, model, w)
             if certified is not None:
                 return certified
@@ -146,9 +147,9 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
             radius = radius if radius is not None else suggested
         if window is None:
             raise UserError("--adaptive needs a window: pass --summary DIR/summary.json or --window t0:t1.")
-        if radius is None and cfg.outside != "global-uncond":
+        if radius is None and outside != "global-uncond":
             raise UserError("--adaptive with a local outside denoiser needs --radius R (or a summary that suggests one).")
-        return plans.adaptive(model, cfg.steps, w, window, radius, cfg.outside, cfg.sampler)
+        return plans.adaptive(model, cfg.steps, w, window, radius, outside, cfg.sampler)
     if cfg.interval:
         return plans.interval_guidance(model, cfg.steps, w, cfg.interval, cfg.sampler)
     return plans.full_guidance(model, cfg.steps, w, cfg.sampler)

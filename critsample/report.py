@@ -125,22 +125,43 @@ def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: st
 
 def plot_heatmap(t, radii, values, path, *, title: str, label: str = "locality gap"):
     """Heatmap of values (T, R) over t (x) and radius (y), log colour scale."""
+    return plot_heatmaps(t, radii, {title: values}, path, label=label)
+
+
+def shared_log_range(panels) -> tuple[float, float] | None:
+    """(vmin, vmax) of one log colour scale over every panel: the smallest positive and the largest value; None when
+    no two positive values differ."""
+    pos = np.concatenate([np.asarray(v, dtype=float).ravel() for v in panels])
+    pos = pos[pos > 0]
+    return (float(pos.min()), float(pos.max())) if pos.size and pos.max() > pos.min() else None
+
+
+def plot_heatmaps(t, radii, panels: dict, path, *, title: str | None = None, label: str = "locality gap"):
+    """Heatmaps of ``panels`` = {panel title: values (T, R)} side by side over t (x) and radius (y), under one log
+    colour scale (:func:`shared_log_range`) and one colour bar; ``title`` above them all."""
     from matplotlib.colors import LogNorm
 
     plt = _plt()
-    v = np.asarray(values, dtype=float).T  # (R, T)
-    fig, ax = plt.subplots(figsize=(6, 2.2 + 0.25 * len(radii)))
-    pos = v[v > 0]
-    norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size and pos.max() > pos.min() else None
+    lim = shared_log_range(panels.values())
+    norm = LogNorm(*lim) if lim else None
+    n = len(panels)
+    fig, axes = plt.subplots(1, n + 1, figsize=(0.3 + 5.7 * n, 2.2 + 0.25 * len(radii) + (0.3 if title else 0)),
+                             gridspec_kw={"width_ratios": [1] * n + [0.04 / n]})
     order = np.argsort(t)
     tt = np.asarray(t)[order]
     edges = np.concatenate([[tt[0] - (tt[1] - tt[0]) / 2 if len(tt) > 1 else tt[0] - 0.01], (tt[1:] + tt[:-1]) / 2,
                             [tt[-1] + (tt[-1] - tt[-2]) / 2 if len(tt) > 1 else tt[0] + 0.01]])
-    mesh = ax.pcolormesh(edges, np.arange(len(radii) + 1) - 0.5, np.where(v[:, order] > 0, v[:, order], np.nan), norm=norm, cmap="viridis")
-    ax.set_yticks(range(len(radii)), [str(r) for r in radii])
-    ax.set_ylabel("radius r")
-    fig.colorbar(mesh, ax=ax, label=label)
-    return _finish(fig, ax, path, title)
+    for ax, (name, values) in zip(axes, panels.items()):
+        v = np.asarray(values, dtype=float).T[:, order]  # (R, T)
+        mesh = ax.pcolormesh(edges, np.arange(len(radii) + 1) - 0.5, np.where(v > 0, v, np.nan), norm=norm, cmap="viridis")
+        ax.set_yticks(range(len(radii)), [str(r) for r in radii])
+        ax.set_xlabel("t (0 = clean, 1 = noise)")
+        ax.set_title(name, fontsize=10)
+    axes[0].set_ylabel("radius r")
+    fig.colorbar(mesh, cax=axes[-1], label=label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 def plot_frontier(certification: dict, path):

@@ -20,12 +20,13 @@ def digits():
     return critsample.load("dit-digits")
 
 
-def test_adaptive_plan_follows_the_window(digits):
-    p = plans.adaptive(digits, 20, 1.5, (0.3, 0.6), 2)
+@pytest.mark.parametrize("outside, mode", [(None, "cond"), ("local-cond", "cond"), ("local-uncond", "uncond")])
+def test_adaptive_plan_follows_the_window(digits, outside, mode):
+    p = plans.adaptive(digits, 20, 1.5, (0.3, 0.6), 2, *([outside] if outside else []))  # default: local-cond (measured)
     assert len(p.steps) == len(p.times) == 20
     for t, s in zip(p.times, p.steps):
         inside = 0.3 <= t <= 0.6
-        assert s == (Step("guided", None, 1.5) if inside else Step("uncond", 2, 1.0))
+        assert s == (Step("guided", None, 1.5) if inside else Step(mode, 2, 1.0))
     assert p.forwards == sum(2 if 0.3 <= t <= 0.6 else 1 for t in p.times)
     q = Plan.from_dict(json.loads(json.dumps(p.to_dict())))
     assert q.steps == p.steps and q.times == p.times and q.sampler == p.sampler
@@ -86,7 +87,7 @@ def test_adaptive_cli_end_to_end_on_dit_digits(tmp_path):
     assert code == 0
     run_record = json.loads((out / "run.json").read_text())
     assert run_record["plan"]["name"].startswith("adaptive[0.2,0.5]")
-    assert {s["radius"] for s in run_record["plan"]["steps"] if s["mode"] == "uncond"} == {2}
+    assert {s["radius"] for s in run_record["plan"]["steps"] if s["mode"] == "cond"} == {2}  # local-cond: the default
     assert run_record["cost"]["flops_per_sample"]["attention"] > 0
     assert np.load(out / "samples.npz")["images"].shape == (4, 8, 8)
 

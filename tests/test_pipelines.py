@@ -22,7 +22,7 @@ def test_sd3_pipeline_runs_an_adaptive_plan_like_critsample(sd3_folder):
     cond = critsample.PromptCond(torch.randn(2, 9, 32, generator=g), torch.randn(2, 16, generator=g))
     model.null_cond = critsample.PromptCond(torch.randn(1, 9, 32, generator=g), torch.randn(1, 16, generator=g))
     null = model.null(cond)
-    plan = plans.adaptive(model, 6, 4.0, (0.3, 0.7), 1)
+    plan = plans.adaptive(model, 6, 4.0, (0.3, 0.7), 1, "local-uncond")  # the paper's mode: the prompt switches per step
     assert {s.mode for s in plan.steps} == {"guided", "uncond"} and plan.steps[0].mode == "uncond"
     z = critsample.sample(model, plan, cond, generator=torch.Generator().manual_seed(3))
 
@@ -109,7 +109,7 @@ def test_what_pipelines_cannot_express_is_refused(flux_folders, pixart_sigma_fol
     from diffusers import PixArtSigmaPipeline
 
     model, cond, pipe = _flux(flux_folders, "dev")
-    mixed = plans.adaptive(model, 6, 3.0, (0.4, 0.8), 1)  # guided inside, unconditional outside
+    mixed = plans.adaptive(model, 6, 3.0, (0.4, 0.8), 1, "local-uncond")  # guided inside, unconditional outside
     with pytest.raises(UserError, match="mixes uncond, guided\\(w=3\\)"):
         plan_callback(pipe, mixed, cond, model.null(cond), grid=model.token_grid)
     with pytest.raises(UserError, match="above 1"):

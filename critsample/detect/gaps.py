@@ -189,7 +189,22 @@ class LocalityGap(_Gaps):
         res.record["locality"] = det.cfg.locality
         if len(records) > 1:
             res.record["strict"] = records["strict"]
+            self._heatmaps_both(det, results, out, res)
         return res
+
+    def _heatmaps_both(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput) -> None:
+        """Per trajectory, the window and strict heatmaps side by side under one log colour scale (``--locality both``)."""
+        k, model = det.cfg.gaps.kind, det.model
+        window, strict = gap_arrays(det, results, out, "window"), gap_arrays(det, results, out, "strict")
+        for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
+            variant = "cond" if traj == "sample_cond" else "uncond"
+            key = f"{traj}__loc_gap_{variant}_{k}__mean"
+            if key not in window or key not in strict:
+                continue
+            panels = {"window (truncated attention, L x r tokens)": window[key], "strict (radius-r receptive field)": strict[key]}
+            res.figures[f"locality_heatmap_both_{traj}"] = report.plot_heatmaps(
+                window["t"], det.gap_radii, panels, out.figures / f"locality_heatmap_both_{traj}.png",
+                title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory, one colour scale", label=f"gap ({k})")
 
     def _summarize(self, det: Detection, results: Results, out: Outputs, loc: str, res: ProbeOutput) -> dict:
         """Windows, figures and curves of one local denoiser into ``res``; returns its record."""

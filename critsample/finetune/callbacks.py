@@ -4,7 +4,7 @@
 
 * the conditioning gap (paper eq. 6) and the locality gap (eq. 7) at a few times t, on a fixed batch of validation
   images noised forward (``probes.gaps``), and
-* samples of the adaptive plan (guided global inside the window, local unconditional outside) next to full guidance,
+* samples of the adaptive plan (guided global inside the window, local conditional outside by default) next to full guidance,
   with the class accuracy of a classifier (the bundled digits classifier by default), their cost in network
   evaluations, and image grids.
 
@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..evaluate import generate
 from ..metrics import digits_fid
 from ..models.classifiers import load_classifier
-from ..plans import adaptive, full_guidance
+from ..plans import DEFAULT_OUTSIDE, adaptive, full_guidance
 from ..probes.gaps import score_gaps, train_states
 from ..report import image_grid
 
@@ -44,7 +44,7 @@ class TrainingEvaluation(Callback):
         steps: int = 25,
         guidance: float | None = None,
         window: tuple[float, float] | None = None,
-        outside: str = "local-uncond",
+        outside: str = DEFAULT_OUTSIDE,
         classifier: str | None = "digits",
         fid: bool = False,
         seed: int = 0,
@@ -60,7 +60,7 @@ class TrainingEvaluation(Callback):
             steps: sampler steps of both plans (DDIM for DiTs).
             guidance: guidance scale (None = the module's ``val_guidance``).
             window: critical window of the adaptive plan (None = the radius schedule's window).
-            outside: the adaptive plan's denoiser outside the window (local-uncond, local-cond, global-uncond).
+            outside: the adaptive plan's denoiser outside the window (local-cond, local-uncond, global-uncond).
             classifier: classifier of the samples' class accuracy (``digits``, ``resnet-50``, an import path) or None.
             fid: also log digits-FID of the samples against the test split (digits models only; noisy below ~500).
             seed: seed of the noise of the gaps and of the samples (the same at every evaluation).
