@@ -22,6 +22,11 @@ with the fewest analytic FLOPs per sample (:func:`~critsample.flops.plan_flops`;
 has no FLOPs model), ties broken by fewer forwards, then by the order of the candidates. The baseline has d = 0 and
 rho = 1, so it always certifies itself, and a search in which no candidate passes falls back to it.
 
+Two ways to search, the same choice: ``measure="all"`` samples every candidate (the whole cost-quality frontier);
+``measure="cheapest"`` samples them in ascending cost and stops at the first certified one, which is the plan "all"
+would choose (cost is known before sampling), for a fraction of the work. Either way the chosen plan won a selection
+on these samples: quote its quality from fresh noise (``bench/adaptive.py`` races it on another seed).
+
 Candidates (:func:`search`): the guidance window G is the windowed-conditioning scan's (``windows.window_cond``),
 else the combined symmetry-breaking window, else the critical window; the attention window A is the windowed-
 locality scan's (``windows.window_locality``), else local forward-backward's (``forward_backward_local``), else the
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from . import plans
 from . import summary as summary_io
@@ -146,12 +152,24 @@ def distinct(candidates: list[Plan]) -> list[Plan]:
     return out
 
 
+def kind(plan: Plan) -> str:
+    """``full`` (guided global every step), ``interval`` (guided or conditional, global attention: limited-interval
+    guidance), or ``adaptive`` (anything with unconditional or local outside steps), read from the steps."""
+    if all(s.mode == "guided" and s.radius is None for s in plan.steps):
+        return "full"
+    if all(s.mode in ("guided", "cond") and s.radius is None for s in plan.steps):
+        return "interval"
+    return "adaptive"
+
+
 # -- measurement --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256) -> dict:
-    """``num`` images of ``plan`` (sample i: class i % K, noise ``sample_generator(seed, i)``) and the seconds taken."""
+def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256, on_batch=None) -> dict:
+    """``num`` images of ``plan`` (sample i: class i % K, noise ``sample_generator(seed, i)``) and the seconds taken.
+
+    ``on_batch(n)`` runs after each batch of n samples (progress)."""
     device = next(model.parameters(), torch.empty(0)).device
     labels = torch.arange(num) % model.num_classes
     chunks, start = [], time.perf_counter()
@@ -159,6 +177,8 @@ def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_s
         hi = min(num, lo + batch_size)
         x = sample(model, plan, labels[lo:hi].to(device), generator=[sample_generator(seed, i) for i in range(lo, hi)])
         chunks.append(model.images(x).cpu())
+        if on_batch is not None:
+            on_batch(hi - lo)
     return {"images": torch.cat(chunks), "labels": labels, "seconds": time.perf_counter() - start}
 
 
@@ -207,6 +227,12 @@ def _absolute(judge: Judge, correct: np.ndarray, features: torch.Tensor, n_boot:
     return {"accuracy": acc, "accuracy_sigma": math.sqrt(acc * (1 - acc) / n), "fd": fd, "fd_sigma": fd_sigma}
 
 
+def quality(judge: Judge, rows: tuple[np.ndarray, torch.Tensor], baseline: tuple[np.ndarray, torch.Tensor], n_boot: int, seed: int) -> dict:
+    """Accuracy and FD of ``rows`` (per-sample correctness, features: :meth:`Judge.rows`) with one-sigma bars, and
+    their drop / ratio vs ``baseline`` (the same samples' noise) with paired-bootstrap bars."""
+    return {**_absolute(judge, *rows, n_boot, seed), **_paired(judge, baseline, rows, n_boot, seed)}
+
+
 @dataclass
 class Certification:
     """The chosen plan, the baseline and every candidate, each with quality (one-sigma bars) and cost."""
@@ -244,66 +270,90 @@ def certify(
     n_boot: int = 200,
     store: Store | None = None,
     batch_size: int = 256,
+    measure: str = "all",
     on_plan=None,
+    progress: bool = False,
 ) -> Certification:
-    """Measure the baseline and every candidate on paired noise and choose by the rule of the module docstring.
+    """Measure the baseline and the candidates on paired noise and choose by the rule of the module docstring.
 
+    ``measure``: ``all`` samples every candidate; ``cheapest`` samples them in ascending cost and stops at the first
+    certified one (the same choice; ``Certification.candidates`` then holds only the measured ones).
     ``store``: each plan's samples are a unit (``certify`` / {plan, num, batch_size}; the store's key adds the model
-    and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan (progress)."""
+    and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan; ``progress`` draws a bar."""
     if model.num_classes is None or model.dataset != "digits":
         raise UserError(f"Certification measures class accuracy and FD with the bundled digits classifier; {model.name} is not a "
                         "digits model (dit-digits or a model trained on digits).")
     if num < 2:
         raise UserError(f"Certification needs at least 2 samples per plan; got {num}.")
+    if measure not in ("all", "cheapest"):
+        raise UserError(f"measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first certified); got {measure!r}.")
     judge = Judge()
     grid = model.grid(torch.empty(1, *model.sample_shape))
-    everything = [baseline] + [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler, tuple(baseline.steps))]
+    others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler, tuple(baseline.steps))]
+    costs = [_cost(model, p, grid) for p in [baseline] + others]
+    order = sorted(range(1, len(costs)), key=lambda i: (_price(costs[i]), costs[i]["forwards"], i))  # candidates, cheapest first
 
-    def measured(plan: Plan) -> dict:
-        if store is None:
-            out = paired_samples(model, plan, num, seed, batch_size)
-            computed = True
-        else:
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"certifying {len(others)} plans + full guidance, {num} samples each", total=num * (1 + len(others)))
+
+        def measured(plan: Plan) -> tuple[dict, bool]:
+            def compute(_g=None):
+                return paired_samples(model, plan, num, seed, batch_size, on_batch=lambda n: bar.advance(task, n))
+
+            if store is None:
+                return compute(), True
             unit = store.unit("certify", {"plan": plan.to_dict(), "num": num, "batch_size": batch_size}, forwards=num * plan.forwards)
             before = store.computed
-            out = store.get_or_compute(unit, lambda _g: paired_samples(model, plan, num, seed, batch_size))
-            out = {k: torch.as_tensor(v) for k, v in out.items()}
-            computed = store.computed > before
-        if on_plan is not None:
-            on_plan(plan, computed)
-        return out
+            out = {k: torch.as_tensor(v) for k, v in store.get_or_compute(unit, compute).items()}
+            if store.computed == before:
+                bar.advance(task, num)
+            return out, store.computed > before
 
-    rows = []
-    for plan in everything:
-        out = measured(plan)
-        correct, features = judge.rows(out["images"], out["labels"])
-        flops = plan_flops(model, plan, grid)
-        rows.append({"plan": plan, "correct": correct, "features": features,
-                     "cost": {"forwards": plan.forwards, "flops": flops["total"], "flops_detail": flops,
-                              "seconds_per_sample": float(out["seconds"]) / num}})
-    base = rows[0]
-    entries = []
-    for r in rows:
-        quality = {**_absolute(judge, r["correct"], r["features"], n_boot, seed),
-                   **_paired(judge, (base["correct"], base["features"]), (r["correct"], r["features"]), n_boot, seed)}
-        cost = {**r["cost"]}
-        cost["flops_ratio"] = cost["flops"] / base["cost"]["flops"] if math.isfinite(base["cost"]["flops"]) else float("nan")
-        cost["forwards_ratio"] = cost["forwards"] / base["cost"]["forwards"]
-        cost["speedup_seconds"] = base["cost"]["seconds_per_sample"] / cost["seconds_per_sample"]
-        entries.append({"name": r["plan"].name, "plan": r["plan"].to_dict(), "description": r["plan"].describe(), "quality": quality,
-                        "cost": cost, "certified": tolerance.passes(quality["accuracy_drop"], quality["fd_ratio"])})
+        def entry(plan: Plan, cost: dict, base: dict | None) -> dict:
+            out, computed = measured(plan)
+            correct, features = judge.rows(out["images"], out["labels"])
+            cost = {**cost, "seconds_per_sample": float(out["seconds"]) / num}
+            if on_plan is not None:
+                on_plan(plan, computed)
+            ref = (correct, features) if base is None else (base["correct"], base["features"])
+            q = quality(judge, (correct, features), ref, n_boot, seed)
+            if base is not None:
+                bc = base["entry"]["cost"]
+                cost["flops_ratio"] = cost["flops"] / bc["flops"] if math.isfinite(bc["flops"]) else float("nan")
+                cost["forwards_ratio"] = cost["forwards"] / bc["forwards"]
+                cost["speedup_seconds"] = bc["seconds_per_sample"] / cost["seconds_per_sample"]
+            else:
+                cost.update(flops_ratio=1.0 if math.isfinite(cost["flops"]) else float("nan"), forwards_ratio=1.0, speedup_seconds=1.0)
+            e = {"name": plan.name, "kind": kind(plan), "plan": plan.to_dict(), "description": plan.describe(), "quality": q,
+                 "cost": cost, "certified": tolerance.passes(q["accuracy_drop"], q["fd_ratio"])}
+            return {"entry": e, "correct": correct, "features": features}
 
-    def price(e: dict) -> float:
-        return e["cost"]["flops"] if math.isfinite(e["cost"]["flops"]) else float(e["cost"]["forwards"])
-
+        base = entry(baseline, costs[0], None)
+        measured_ids, entries = [], {}
+        for i in order:
+            entries[i] = entry(others[i - 1], costs[i], base)["entry"]
+            measured_ids.append(i)
+            if measure == "cheapest" and entries[i]["certified"]:
+                break
+    listed = [base["entry"]] + [entries[i] for i in sorted(measured_ids)]  # candidates in the caller's order
     for key, good in (("pareto_accuracy", lambda e: e["quality"]["accuracy"]), ("pareto_fd", lambda e: -e["quality"]["fd"])):
-        for e, on in zip(entries, _pareto([(price(e), good(e)) for e in entries])):
+        for e, on in zip(listed, _pareto([(_price(e["cost"]), good(e)) for e in listed])):
             e[key] = on
-    order = sorted(range(len(entries)), key=lambda i: (price(entries[i]), entries[i]["cost"]["forwards"], i))
-    chosen = next(entries[i] for i in order if entries[i]["certified"])  # the baseline always passes
-    for e in entries:
+    chosen = next((entries[i] for i in order if i in entries and entries[i]["certified"]), base["entry"])
+    for e in listed:
         e["chosen"] = e is chosen
-    setup = {"num_samples": num, "seed": seed, "steps": len(baseline.steps), "n_boot": n_boot,
+    setup = {"num_samples": num, "seed": seed, "steps": len(baseline.steps), "n_boot": n_boot, "measure": measure,
+             "candidates_proposed": len(others), "candidates_measured": len(measured_ids),
              "model": model.name, "model_id": store.model_id if store is not None else None,
              "noise": "sample i: class i % K, noise from critsample.sampling.sample_generator(seed, i), the same for every plan"}
-    return Certification(chosen, entries[0], entries[1:], tolerance, setup)
+    return Certification(chosen, listed[0], listed[1:], tolerance, setup)
+
+
+def _cost(model: Denoiser, plan: Plan, grid) -> dict:
+    flops = plan_flops(model, plan, grid)
+    return {"forwards": plan.forwards, "flops": flops["total"], "flops_detail": flops}
+
+
+def _price(cost: dict) -> float:
+    """What the rule minimizes: analytic FLOPs per sample, forwards when the model has no FLOPs model."""
+    return cost["flops"] if math.isfinite(cost["flops"]) else float(cost["forwards"])

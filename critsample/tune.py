@@ -62,6 +62,9 @@ class TuneConfig:
     """Outside modes searched: local-uncond, local-cond, global-uncond."""
     interval: bool = True
     """Also measure limited-interval guidance at every window of the search."""
+    measure: str = "all"
+    """all: sample every candidate (the whole frontier); cheapest: sample in ascending cost and stop at the first
+    certified plan (the same choice, a fraction of the work, a partial frontier)."""
     n_boot: int = 200
     """Bootstrap resamples of the error bars."""
     batch_size: int = 256
@@ -87,10 +90,12 @@ class TuneConfig:
             raise UserError(f"--outside takes modes among {', '.join(plans.OUTSIDE)} (or none with --interval); got {self.outside!r}.")
         if not self.shifts or not self.scales or any(s <= 0 for s in self.scales):
             raise UserError(f"--shifts needs at least one value and --scales positive values; got {self.shifts!r}, {self.scales!r}.")
+        if self.measure not in ("all", "cheapest"):
+            raise UserError(f"--measure is all or cheapest; got {self.measure!r}.")
         Tolerance(self.accuracy_tolerance, self.fd_tolerance)
 
 
-def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None) -> dict:
+def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None, progress: bool = False) -> dict:
     """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
     out = check_writable(cfg.out)
     model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
@@ -101,11 +106,13 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
     baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
     store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
     result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot, store=store,
-                                    tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, on_plan=on_plan)
+                                    tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, measure=cfg.measure,
+                                    on_plan=on_plan, progress=progress)
     record = result.to_dict()
     windows = {k: v and {"t": list(v[0]), "source": v[1]} for k, v in summary_windows(summary).items()}
     record["setup"].update(guidance=w, sampler=cfg.sampler, windows=windows,
-                           grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside, "interval": cfg.interval},
+                           grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside, "interval": cfg.interval,
+                                 "measure": cfg.measure},
                            units_computed_this_run=store.computed, units_loaded=store.loaded)
     (out / "frontier.json").write_text(json.dumps(summary_io.jsonable(record), indent=1))
     plot_frontier(summary_io.jsonable(record), out / "frontier.png")

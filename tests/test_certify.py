@@ -85,6 +85,30 @@ def test_impossible_tolerance_falls_back_to_the_baseline_and_nothing_is_sampled_
     assert not any(e["certified"] for e in again.candidates)
 
 
+def test_cheapest_first_search_makes_the_same_choice_and_stops_there(measured):
+    """measure='cheapest' samples in ascending cost and stops at the first certified plan: the choice of 'all'."""
+    model, baseline, candidates, store, full = measured
+    fast = certify.certify(model, baseline, candidates, num=NUM, seed=0, n_boot=BOOT, store=store, measure="cheapest")
+    assert fast.chosen["plan"] == full.chosen["plan"] and fast.chosen["quality"] == full.chosen["quality"]
+    key = {e["name"]: (_price(e), e["cost"]["forwards"]) for e in full.candidates}
+    measured_names = {e["name"] for e in fast.candidates}
+    # every candidate strictly cheaper than the choice was measured and failed; none dearer was measured
+    assert all(n in measured_names and not e["certified"] for e in full.candidates if key[(n := e["name"])] < key[full.chosen["name"]]) \
+        if full.chosen is not full.baseline else len(measured_names) == len(candidates)
+    assert fast.chosen is fast.baseline or all(key[n] <= key[fast.chosen["name"]] for n in measured_names)
+    assert fast.to_dict()["setup"]["candidates_measured"] == len(measured_names) <= len(candidates)
+    with pytest.raises(UserError, match="measure is"):
+        certify.certify(model, baseline, candidates, num=NUM, measure="some")
+
+
+def test_plan_kinds_are_read_from_the_steps(model):
+    w = model.default_guidance
+    assert certify.kind(plans.full_guidance(model, 6, w)) == "full"
+    assert certify.kind(plans.interval_guidance(model, 6, w, (0.3, 0.7))) == "interval"
+    for outside, r in (("local-cond", 1), ("local-uncond", 1), ("global-uncond", None)):
+        assert certify.kind(plans.adaptive(model, 6, w, (0.3, 0.7), r, outside)) == "adaptive"
+
+
 def test_paired_noise_plans_equal_to_the_baseline_give_identical_samples(model):
     full = plans.full_guidance(model, 4, model.default_guidance)
     copy = Plan.from_dict({**full.to_dict(), "name": "a copy"})

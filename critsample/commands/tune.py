@@ -32,7 +32,7 @@ def run_tune(argv: list[str]) -> int:
     def on_plan(plan, computed: bool) -> None:
         print(f"  {'measured' if computed else 'stored  '} {plan.name}", file=sys.stderr, flush=True)
 
-    record = run(cfg, device=pick_device(cfg.device), on_plan=on_plan)
+    record = run(cfg, device=pick_device(cfg.device), on_plan=on_plan, progress=True)
     q, c, base = record["quality"], record["cost"], record["baseline"]
     print(f"certified: {record['name']}")
     print(f"  accuracy {q['accuracy']:.4f} +- {q['accuracy_sigma']:.4f} (drop {100 * q['accuracy_drop']:+.2f} +- "
