@@ -101,6 +101,15 @@ def test_cheapest_first_search_makes_the_same_choice_and_stops_there(measured):
         certify.certify(model, baseline, candidates, num=NUM, measure="some")
 
 
+@pytest.mark.parametrize("bad, said", [(["--measure", "some"], "--measure is all or cheapest"),
+                                        (["--accuracy_tolerance", "-1"], "accuracy tolerance"), (["--num", "1"], "--num must")])
+def test_bad_tune_input_is_one_sentence_before_any_work(tmp_path, capsys, bad, said):
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "dit-digits"}))
+    assert main(["tune", "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "t"), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1 and not (tmp_path / "t").exists()
+
+
 def test_plan_kinds_are_read_from_the_steps(model):
     w = model.default_guidance
     assert certify.kind(plans.full_guidance(model, 6, w)) == "full"
