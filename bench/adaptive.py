@@ -19,7 +19,8 @@ Part 2, the cost on the real architectures with random weights (DiT-XL/2 256 and
   conditional at radius r) one slice of the network is timed (one block; FLUX: one double- and two single-stream
   blocks) and multiplied by the depth, interleaved repeats, median. The interval and adaptive arms use the *same*
   guidance window, the certified adaptive plan's step pattern (steps mapped by position); the analytic FLOPs bound of
-  adaptive vs interval (whole network) is printed beside the measured ratio.
+  adaptive vs interval (whole network) is printed beside the measured ratio, and again for the same guidance window
+  with local attention at every outside step (no attention window: what the local steps can save at most).
 
 One torch thread (a busy 2-core machine makes a second one erratic). Last line: one JSON object with speedup_vs_full,
 speedup_vs_interval, accuracy_{full,interval,adaptive}, fid_{full,interval,adaptive}, flops_ratio and
@@ -202,7 +203,9 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
     """Per-step-kind slice timings x depth and analytic whole-network FLOPs, interval vs adaptive at the same window."""
     pat_adaptive = _pattern(adaptive)
     pat_interval = ["guided" if k == "guided" else "cond" for k in pat_adaptive]  # limited-interval at the same window
+    pat_local = ["guided" if k == "guided" else "local" for k in pat_adaptive]  # local at every step outside the guidance window
     pat_full = ["guided"] * len(pat_adaptive)
+    patterns = (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive), ("local_outside", pat_local))
     rows = []
     for arch, (radius, depth) in ARCHS.items():
         if only and arch not in only:
@@ -223,19 +226,23 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
         grid = model.grid(x1)
         fl = {"guided": 2 * forward_flops(shape, grid, None).total, "cond": forward_flops(shape, grid, None).total,
               "local": forward_flops(shape, grid, radius).total}
-        sec = {n: sum(med[k] for k in pat) for n, pat in (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive))}
-        flo = {n: sum(fl[k] for k in pat) for n, pat in (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive))}
+        sec = {n: sum(med[k] for k in pat) for n, pat in patterns}
+        flo = {n: sum(fl[k] for k in pat) for n, pat in patterns}
         rows.append({
             "arch": arch, "grid": f"{grid[0]}x{grid[1]}", "radius": radius, "seconds_per_step": med,
             "speedup_adaptive_vs_interval": sec["interval"] / sec["adaptive"],
             "flops_bound_adaptive_vs_interval": flo["interval"] / flo["adaptive"],
             "speedup_interval_vs_full": sec["full"] / sec["interval"], "speedup_adaptive_vs_full": sec["full"] / sec["adaptive"],
             "flops_ratio_adaptive_vs_full": flo["adaptive"] / flo["full"],
+            # the same guidance window without the attention window: local attention at every outside step
+            "speedup_local_outside_vs_interval": sec["interval"] / sec["local_outside"],
+            "flops_bound_local_outside_vs_interval": flo["interval"] / flo["local_outside"],
         })
         r = rows[-1]
         print(f"{arch:18s} {r['grid']:>6s} {radius:3d} {med['guided']:9.2f} {med['cond']:8.2f} {med['local']:8.2f} "
               f"{r['speedup_interval_vs_full']:9.2f} {r['speedup_adaptive_vs_full']:9.2f} {r['speedup_adaptive_vs_interval']:9.3f} "
-              f"{r['flops_bound_adaptive_vs_interval']:9.3f}", flush=True)
+              f"{r['flops_bound_adaptive_vs_interval']:9.3f} {r['speedup_local_outside_vs_interval']:9.3f} "
+              f"{r['flops_bound_local_outside_vs_interval']:9.3f}", flush=True)
         del model
     return rows
 
@@ -269,7 +276,8 @@ def main() -> None:
     if not args.skip_architectures:
         print(f"\nReal architectures, random weights, batch 1, one thread; the certified plan's steps: {d['arms']['adaptive'].name}")
         print(f"{'arch':18s} {'grid':>6s} {'r':>3s} {'s guided':>9s} {'s cond':>8s} {'s local':>8s} {'int/full':>9s} "
-              f"{'ada/full':>9s} {'ada/int':>9s} {'FLOPs bnd':>9s}   (seconds per step of the whole network)")
+              f"{'ada/full':>9s} {'ada/int':>9s} {'FLOPs bnd':>9s} {'loc/int':>9s} {'FLOPs bnd':>9s}")
+        print("  (seconds per step of the whole network; loc: local attention at every step outside the guidance window)")
         rows = architecture_part(d["arms"]["adaptive"], args.repeats, args.archs)
     r = d["res"]
     other = r.get("adaptive_other_outside")
@@ -285,6 +293,8 @@ def main() -> None:
         "flops_ratio": r["adaptive"]["flops"] / r["full"]["flops"],
         "arch_speedup_vs_interval": {row["arch"]: row["speedup_adaptive_vs_interval"] for row in rows},
         "arch_flops_bound_vs_interval": {row["arch"]: row["flops_bound_adaptive_vs_interval"] for row in rows},
+        "arch_speedup_local_outside_vs_interval": {row["arch"]: row["speedup_local_outside_vs_interval"] for row in rows},
+        "arch_flops_bound_local_outside_vs_interval": {row["arch"]: row["flops_bound_local_outside_vs_interval"] for row in rows},
         "accuracy_drop_adaptive_points": 100 * r["adaptive"]["quality"]["accuracy_drop"],
         "accuracy_drop_adaptive_sigma_points": 100 * r["adaptive"]["quality"]["accuracy_drop_sigma"],
         "fd_ratio_adaptive": r["adaptive"]["quality"]["fd_ratio"],

@@ -8,9 +8,10 @@
   the outside steps inside it keep global attention. ``critsample.certify`` chooses among these.
 
 The default outside mode is decided by measurement (``bench/adaptive.py``, README "Adaptive sampling"): local-cond
-and local-uncond cost the same (one forward with window attention per outside step), and on dit-digits at the same
-window local-cond keeps class accuracy within the 1-point tolerance of full guidance where local-uncond loses about
-2 points: the unconditional local steps after the window pull the sample away from the class it chose inside.
+and local-uncond cost the same (one forward with window attention per outside step), and on dit-digits, in the race
+on fresh noise at the certified window (25 steps, 600 samples), local-cond kept full guidance's class accuracy
+(drop 0.00 points) where local-uncond lost 3.3 +- 0.8 points and raised FD by 31 %; in the search local-uncond failed
+the 1-point tolerance at every window tried.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class TuneConfig:
     scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5])
     """Factors on the guidance window's width."""
     radii: list[int] = field(default_factory=list)
-    """Local radii outside the window (empty: the summary's suggested radius, 1 when it suggests none)."""
+    """Local radii outside the window (empty: the summary's suggested radius, 1 and 2 when it suggests none)."""
     outside: list[str] = field(default_factory=lambda: list(plans.OUTSIDE))
     """Outside modes searched: local-uncond, local-cond, global-uncond."""
     interval: bool = True
