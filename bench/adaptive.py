@@ -1,7 +1,9 @@
 """The race: the certified adaptive plan vs full guidance vs the best limited-interval plan, side by side in one run.
 
-    python bench/adaptive.py --summary runs/detect-digits/summary.json          # ~35 min on one CPU core
+    python bench/adaptive.py --summary runs/detect-digits/summary.json --scales 1.0 1.5 --radii 2 --outside local-cond local-uncond
+        # as measured in the README: ~90 min on one CPU core (search 24, race 7, architectures 55 of which FLUX 35)
     python bench/adaptive.py --summary ... --skip-architectures --num 300       # the dit-digits race alone, smaller
+    The default grid (scales 0.5 to 1.5, radii 1 and 2, all three outside modes) searches further and takes longer.
 
 Part 1, dit-digits, no hand-set window:
   1. Search (``critsample.certify``, as ``critsample tune --measure cheapest``): candidates around the summary's guidance
