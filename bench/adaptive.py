@@ -1,7 +1,7 @@
 """The race: the certified adaptive plan vs full guidance vs the best limited-interval plan, side by side in one run.
 
     python bench/adaptive.py --summary runs/detect-digits/summary.json --scales 1.0 1.5 --radii 2 --outside local-cond local-uncond
-        # as measured in the README: ~90 min on one CPU core (search 24, race 7, architectures 55 of which FLUX 35)
+        # as measured in the README: ~40 min on one idle CPU core (search ~15, race 4, architectures ~17 of which FLUX 10)
     python bench/adaptive.py --summary ... --skip-architectures --num 300       # the dit-digits race alone, smaller
     The default grid (scales 0.5 to 1.5, radii 1 and 2, all three outside modes) searches further and takes longer.
 
