@@ -219,9 +219,10 @@ def _time_kinds(model, x1, cond, kinds: dict, repeats: int, budget_s: float = 12
         return out
 
     first = one_round()
+    round_s = sum(first.values())
     rounds, n = [first], repeats
-    if sum(first.values()) < 60:
-        rounds, n = [], max(repeats, min(15, int(budget_s / sum(first.values()))))
+    if round_s < 60:  # the first round was the warm-up
+        rounds, n = [], max(repeats, min(15, int(budget_s / round_s)))
     while len(rounds) < n:
         rounds.append(one_round())
     return {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in kinds}
