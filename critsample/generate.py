@@ -223,12 +223,13 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     chunks, seconds, computed, skipped = [], 0.0, 0, 0
     single_step = type(make_scheduler(model, plan.sampler)).__name__ in SINGLE_STEP
 
-    def compute(lo: int, hi: int) -> dict:
+    def compute(batch, lo: int, hi: int) -> dict:
         """One batch; with a single-step integrator its state is checkpointed every CHECKPOINT_SECONDS, so a batch
-        killed midway resumes from its last checkpoint (bitwise the same as an uninterrupted run)."""
+        killed midway resumes from its last checkpoint (bitwise the same as an uninterrupted run). The checkpoint is
+        keyed by the batch's key (every option, the plan, the weights, the seed, the range): no other command resumes it."""
         nonlocal seconds, computed, skipped
         start = time.perf_counter()
-        ckpt = store.unit("sample_state", {"lo": lo, "hi": hi})
+        ckpt = store.unit("sample_state", {"batch": batch.key, "lo": lo, "hi": hi})
         x, first = None, 0
         if single_step and store.has(ckpt):
             try:
@@ -261,7 +262,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
         for b in range(n_batches):
             lo, hi = b * cfg.batch_size, min(cfg.num, (b + 1) * cfg.batch_size)
             unit = store.unit("sample", {"lo": lo, "hi": hi}, forwards=(hi - lo) * plan.forwards)
-            chunks.append(store.get_or_compute(unit, lambda _g, lo=lo, hi=hi: compute(lo, hi)))
+            chunks.append(store.get_or_compute(unit, lambda _g, unit=unit, lo=lo, hi=hi: compute(unit, lo, hi)))
             bar.advance(task)
     images = torch.from_numpy(np.concatenate([c["images"] for c in chunks]))
     grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))

@@ -8,10 +8,16 @@ hash of ``(probe name, probe config, unit params, model id, seed, STORE_VERSION)
 * each unit draws its randomness from ``unit_generator(key)``, a ``torch.Generator`` seeded from the key alone, so
   the numbers do not depend on which units ran before, on the order, on a kill and resume, or on the rank that ran it.
 
-Units live in ``<root>/units/<probe>/<key>.npz`` (plus a ``.json`` with the readable params and the sha256 of the
-``.npz``), written to a temporary name and moved into place with ``os.replace`` so a killed run never leaves a
-half-written unit. Every load checks the checksum: a truncated, garbled or replaced unit is reported in one warning
+Units live in ``<root>/units/<probe>/<key>.npz`` (plus a ``.json`` sidecar with the key, the readable params and the
+sha256 of the ``.npz``), written by :func:`atomic_write` (a temporary file in the same folder, fsync, ``os.replace``) so
+a killed run or a full disk never leaves a half-written unit. Every load checks the sidecar against the key asked for
+and the file against the sidecar's checksum: a truncated, garbled, replaced or swapped unit is reported in one warning
 line naming the file and computed again.
+
+:func:`atomic_write` is the one way critsample writes a file a user keeps (summaries, run records, samples, figures):
+the old file stays whole until the new one is complete; a write that fails (a full disk) raises :class:`WriteError`,
+one sentence naming the file. :func:`model_fingerprint` hashes every byte of a model's weights (safetensors files once,
+their digests remembered by path, size and mtime).
 
 Sharding: :func:`run_units` gives unit ``i`` to rank ``i % world_size``; every rank writes its own units to the shared
 folder and rank 0 assembles all of them after a barrier (:class:`Ranks`).
@@ -19,10 +25,13 @@ folder and rank 0 assembles all of them after a barrier (:class:`Ranks`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -39,7 +48,46 @@ log = logging.getLogger("critsample")
 
 
 class CorruptUnit(Exception):
-    """A stored unit whose file is unreadable or does not match its recorded checksum."""
+    """A stored unit whose file is unreadable, does not match its recorded checksum, or whose sidecar is another unit's."""
+
+
+class WriteError(UserError):
+    """A file could not be written (a full disk, a file system gone read-only): one sentence naming it."""
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
+    """Write ``path`` whole or not at all: ``data`` (bytes, text, or a function writing to a binary file object) goes to a
+    temporary file in the same folder, is flushed and fsynced, and replaces ``path`` with ``os.replace``. Until then the
+    old file is untouched; on any failure the temporary file is removed. An ``OSError`` (no space left, a read-only
+    file system) becomes :class:`WriteError`, one sentence naming the file and saying that finished work is kept."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a user's file gets the usual permissions
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
+        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix the "
+                         "folder) and run the same command again to resume.") from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def stable_hash(obj: Any) -> str:
@@ -70,17 +118,113 @@ def unit_generator(key: str, device: torch.device | str = "cpu") -> torch.Genera
 
 
 def model_fingerprint(model: torch.nn.Module, name: str = "") -> str:
-    """A short id of a model's weights: the name, every tensor's name and shape, and a strided sample of its values.
+    """A short id of a model's weights: the name and :func:`weights_digest` of its state dict, which depends on every
+    byte of every parameter and buffer.
 
-    Cheap for multi-GB models (at most 4096 values per tensor are read) and different for different random inits.
+    Cheap for multi-GB models loaded from safetensors (:func:`record_weight_files`): while no tensor has been replaced
+    or changed in place since the load, the digest is looked up under the files' digests (each file hashed once and
+    remembered by path, size and mtime; a Hugging Face cache blob is named by its sha256), so only the first load of a
+    model reads its tensors. The value is the same whichever way it is found.
     """
-    h = hashlib.sha256(name.encode())
-    for k, v in model.state_dict().items():
-        flat = v.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
-    return f"{name}@{h.hexdigest()[:16]}"
+    tensors = model.state_dict(keep_vars=True)
+    files = getattr(model, "_critsample_weight_files", None)
+    cache = cache_key = digest = None
+    if files is not None and files["tensors"] == _tensor_identity(tensors):
+        cache = _DigestCache()
+        cache_key = stable_hash({"files": files["digest"], "layout": [[k, list(v.shape), str(v.dtype)] for k, v in tensors.items()]})
+        digest = cache.weights.get(cache_key)
+    if not isinstance(digest, str):
+        digest = weights_digest(tensors)
+        if cache is not None:
+            cache.weights[cache_key] = digest
+            cache.changed = True
+            cache.save()
+    return f"{name}@{hashlib.sha256(f'{name}:{digest}'.encode()).hexdigest()[:16]}"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, shape, dtype and the blake2b of all its bytes (:func:`tensor_digest`)."""
+    h = hashlib.sha256()
+    for k, v in tensors.items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}:".encode())
+        h.update(tensor_digest(v))
+    return h.hexdigest()
+
+
+def tensor_digest(t: torch.Tensor, chunk: int = 1 << 26) -> bytes:
+    """blake2b of every byte of ``t`` (made contiguous on the CPU a chunk of ``chunk`` bytes at a time)."""
+    flat = t.detach().reshape(-1)
+    h = hashlib.blake2b(digest_size=32)
+    per = max(1, chunk // max(1, flat.element_size()))
+    for i in range(0, flat.numel(), per):
+        part = flat[i : i + per].cpu().contiguous()
+        h.update((part.to(torch.uint8) if part.dtype == torch.bool else part).view(torch.uint8).numpy().data)
+    return h.digest()
+
+
+def _tensor_identity(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Which memory each tensor is and how often it was changed in place (torch's version counter)."""
+    return {k: [v.data_ptr(), v._version, str(v.device), str(v.dtype)] for k, v in tensors.items()}
+
+
+def record_weight_files(model: torch.nn.Module, folder: str | Path) -> None:
+    """Remember that ``model``'s weights are those of the safetensors files (and JSON configs) of the diffusers folder
+    ``folder`` (its top level and its parts' subfolders), as loaded now, for :func:`model_fingerprint`. Call it at the
+    end of a load, after any ``.to(device)``."""
+    folder = Path(folder)
+    files = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.suffix in (".safetensors", ".json") and p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files):
+        return
+    cache = _DigestCache()
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(folder).as_posix()}:{cache.digest(p)};".encode())
+    cache.save()
+    model._critsample_weight_files = {"digest": h.hexdigest(), "tensors": _tensor_identity(model.state_dict(keep_vars=True))}
+
+
+class _DigestCache:
+    """sha256 of files remembered by (resolved path, size, mtime_ns), and weights digests remembered by the digests of
+    the files they were loaded from, in ``$XDG_CACHE_HOME/critsample/digests.json`` (``~/.cache`` when unset). A cache
+    that cannot be read or written only makes a run slower."""
+
+    def __init__(self):
+        self.path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "critsample" / "digests.json"
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        entries = entries if isinstance(entries, dict) else {}
+        self.files = entries.get("files") if isinstance(entries.get("files"), dict) else {}
+        self.weights = entries.get("weights") if isinstance(entries.get("weights"), dict) else {}
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        real = path.resolve()
+        if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):  # a Hugging Face cache blob: its sha256
+            return real.name
+        st = real.stat()
+        entry = self.files.get(str(real))
+        if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            return entry["sha256"]
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        self.files[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        self.changed = True
+        return h.hexdigest()
+
+    def save(self, keep: int = 1000) -> None:
+        if not self.changed:
+            return
+        self.files = {k: v for k, v in self.files.items() if os.path.exists(k)}
+        self.weights = dict(list(self.weights.items())[-keep:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps({"files": self.files, "weights": self.weights}, indent=0))
+        except (OSError, UserError):
+            pass
 
 
 @dataclass
@@ -130,9 +274,12 @@ class Store:
         path = self.path(unit)
         try:
             data = path.read_bytes()
-            recorded = json.loads(path.with_suffix(".json").read_text()).get("sha256")
-        except (OSError, ValueError) as e:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            recorded = meta.get("sha256")
+        except (OSError, ValueError, AttributeError) as e:
             raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
+        if meta.get("key") != unit.key:  # a sidecar moved or copied from another unit, or one without its key
+            raise CorruptUnit(f"{path.with_suffix('.json')} records the unit {str(meta.get('key'))[:16]}, not {unit.key[:16]}")
         if recorded != hashlib.sha256(data).hexdigest():
             raise CorruptUnit(f"{path} does not match its recorded checksum" if recorded else f"{path} has no recorded checksum")
         try:
@@ -142,22 +289,18 @@ class Store:
             raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
 
     def save(self, unit: Unit, arrays: dict[str, Any]) -> None:
-        """Atomic write: a temporary file in the same folder, then ``os.replace``."""
+        """Atomic writes (:func:`atomic_write`) of the ``.npz`` and of its sidecar: the unit's key, readable params and
+        the sha256 of the ``.npz``. The sidecar goes first: a kill between the two leaves a unit that fails its checksum."""
         path = self.path(unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v) for k, v in arrays.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{unit.key[:8]}-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            sha = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-            meta = json.dumps({"probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed, "sha256": sha},
-                              default=_jsonable, indent=1)
-            _atomic_text(path.with_suffix(".json"), meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        meta = json.dumps({"key": unit.key, "probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed,
+                           "sha256": hashlib.sha256(data).hexdigest()}, default=_jsonable, indent=1)
+        atomic_write(path.with_suffix(".json"), meta)
+        atomic_write(path, data)
 
     def discard(self, unit: Unit) -> None:
         """Remove a stored unit (a checkpoint that is no longer needed)."""
@@ -198,13 +341,6 @@ def check_writable(folder: str | Path, option: str = "--out") -> Path:
     return folder
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class Ranks:
     """Rank / world size and a barrier: from Lightning Fabric when given, from torch.distributed if initialised,
     else a single process."""
@@ -237,7 +373,7 @@ class Ranks:
             return store.computed, store.loaded
         folder = store.root / "units"
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_text(folder / f".counts-rank{self.rank}.json", json.dumps({"computed": store.computed, "loaded": store.loaded}))
+        atomic_write(folder / f".counts-rank{self.rank}.json", json.dumps({"computed": store.computed, "loaded": store.loaded}))
         self.barrier()
         if not self.is_main:
             return store.computed, store.loaded

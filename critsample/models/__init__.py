@@ -17,6 +17,7 @@ from ..denoisers import Denoiser
 from ..errors import UserError
 from .flux import load_flux
 from .hub import fetch_snapshot
+from ..store import record_weight_files
 from .loaders import load_dit, trusting_pickled_weights
 from .oracles import load_oracle
 from .pixart import load_pixart
@@ -111,12 +112,15 @@ def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dty
     safetensors only; ``trust_pickled_weights`` also accepts pickled ``*.bin`` weights (only for files you trust:
     unpickling can run code). ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
     with trusting_pickled_weights(trust_pickled_weights):
-        return _load(str(name_or_path), device, dtype, **kwargs)
+        model, folder = _load(str(name_or_path), device, dtype, **kwargs)
+    if folder is not None and not trust_pickled_weights:  # every weight came from the folder's safetensors
+        record_weight_files(model, folder)
+    return model
 
 
-def _load(name: str, device, dtype, **kwargs) -> Denoiser:
+def _load(name: str, device, dtype, **kwargs) -> tuple[Denoiser, Path | None]:
     if name.startswith("gmm"):
-        return load_oracle(name, **kwargs).to(device)
+        return load_oracle(name, **kwargs).to(device), None
     if name in REGISTRY:
         spec = REGISTRY[name]
         folder, family = fetch(spec), spec.family
@@ -134,4 +138,4 @@ def _load(name: str, device, dtype, **kwargs) -> Denoiser:
         model = load_pixart(folder, name=name, dtype=dtype, **kwargs)
     else:
         model = load_sd3(folder, name=name, dtype=dtype, **kwargs)
-    return model.to(device).eval()
+    return model.to(device).eval(), folder
