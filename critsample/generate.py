@@ -38,7 +38,7 @@ from .flops import plan_flops
 from .models import load
 from .report import image_grid, save_png
 from .sampling import SAMPLERS, Plan, make_scheduler, sample, sample_generator
-from .store import CorruptUnit, Store, check_writable, model_fingerprint
+from .store import CorruptUnit, Store, atomic_write, check_writable, model_fingerprint, save_npz
 from .tracking import log_sample_run
 
 log = logging.getLogger("critsample")
@@ -268,7 +268,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))
     save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))
     arr = images.numpy().astype(np.float32)
-    np.savez_compressed(out / "samples.npz", images=arr[:, 0] if arr.shape[1] == 1 else arr, labels=labels)
+    save_npz(out / "samples.npz", compressed=True, images=arr[:, 0] if arr.shape[1] == 1 else arr, labels=labels)
     grid = model.grid(torch.empty(1, *model.sample_shape))
     flops = plan_flops(model, plan, grid)
     record = {
@@ -288,7 +288,7 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
         },
         "outputs": {"grid": "grid.png", "samples": "samples.npz (images in [0, 1], labels; -1 = unconditional)"},
     }
-    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    atomic_write(out / "run.json", json.dumps(record, indent=2, default=str))
     if cfg.wandb:
         log_sample_run(record, out)
     return record

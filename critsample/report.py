@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from .store import atomic_write
+
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
     """Images (N, C, H, W) in [0, 1] -> one uint8 grid (rows of ``nrow``), HWC or HW for one channel."""
@@ -30,7 +32,7 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     img = Image.fromarray(array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
     return path
 
 
@@ -84,7 +86,7 @@ def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png"))
     _plt().close(fig)
     return path
 
@@ -277,6 +279,4 @@ def write_detect_report(summary: dict, out: Path) -> Path:
     c = s["cost"]
     lines += [f"Cost: {c['model_evaluations']} model evaluations in {c['units']} stored units "
               f"({c['units_computed_this_run']} computed in this run, {c['units_loaded']} loaded). Raw arrays: {', '.join(s['outputs']['arrays'])}.", ""]
-    path = Path(out) / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(Path(out) / "report.md", "\n".join(lines))

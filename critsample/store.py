@@ -90,6 +90,11 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     return path
 
 
+def save_npz(path: str | Path, compressed: bool = False, **arrays) -> Path:
+    """``numpy.savez`` (``savez_compressed``) through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: (np.savez_compressed if compressed else np.savez)(f, **arrays))
+
+
 def stable_hash(obj: Any) -> str:
     """sha256 hex digest of a JSON-serialisable object (keys sorted, floats in repr), stable across processes."""
     text = json.dumps(obj, sort_keys=True, default=_jsonable, separators=(",", ":"))

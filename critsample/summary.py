@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .store import atomic_write
 
 VERSION = 1
 SCHEMA = f"critsample.detect.summary/{VERSION}"
@@ -44,10 +45,9 @@ def jsonable(obj):
 
 
 def write(summary: dict, path: str | Path) -> Path:
-    """Write ``summary`` (stamped with :data:`SCHEMA`) as JSON; returns the path."""
-    path = Path(path)
-    path.write_text(json.dumps(jsonable({**summary, "schema": SCHEMA}), indent=1))
-    return path
+    """Write ``summary`` (stamped with :data:`SCHEMA`) as JSON, atomically (the old file stays whole until the new one
+    is complete: a full disk or a kill never leaves it cut); returns the path."""
+    return atomic_write(path, json.dumps(jsonable({**summary, "schema": SCHEMA}), indent=1))
 
 
 def read(path: str | Path, model: str | None = None, *, require_window: bool = True) -> dict:

@@ -27,7 +27,7 @@ from .errors import UserError
 from .models import load
 from .report import plot_frontier
 from .sampling import SAMPLERS
-from .store import Store, check_writable, model_fingerprint
+from .store import Store, atomic_write, check_writable, model_fingerprint
 
 
 @dataclass
@@ -114,7 +114,7 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
                            grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside, "interval": cfg.interval,
                                  "measure": cfg.measure},
                            units_computed_this_run=store.computed, units_loaded=store.loaded)
-    (out / "frontier.json").write_text(json.dumps(summary_io.jsonable(record), indent=1))
+    atomic_write(out / "frontier.json", json.dumps(summary_io.jsonable(record), indent=1))
     plot_frontier(summary_io.jsonable(record), out / "frontier.png")
     summary_path = Path(cfg.summary)
     summary_io.write_plan(summary_path, {**{k: v for k, v in record.items() if k != "candidates"}, "frontier": str(out / "frontier.json")})

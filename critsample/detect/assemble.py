@@ -14,6 +14,7 @@ import yaml
 
 from .. import summary as summary_io
 from ..report import write_detect_report
+from ..store import atomic_write
 from ..summary import LOG_SNR_CONVENTION, T_CONVENTION
 from ..tracking import log_detect
 from . import estimators
@@ -147,7 +148,7 @@ def write_outputs(det: Detection, summary: dict, outputs: dict[str, ProbeOutput]
     """summary.json, config.yaml, report.md and (when enabled) W&B; returns the summary as written."""
     summary = summary_io.jsonable(summary)
     summary_io.write(summary, out / "summary.json")
-    (out / "config.yaml").write_text(yaml.safe_dump(asdict(det.cfg), sort_keys=False))
+    atomic_write(out / "config.yaml", yaml.safe_dump(asdict(det.cfg), sort_keys=False))
     write_detect_report(summary, out)
     if det.cfg.wandb:
         figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}

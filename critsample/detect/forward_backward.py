@@ -26,7 +26,7 @@ from ..denoisers import NULL
 from ..probes.forward_backward import forward_backward, start_index
 from ..probes.windows import baseline_plan
 from ..sampling import sample
-from ..store import Unit
+from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
 from .gaps import common_config, data_config, localities, locality_match, strict_copies, window_name
@@ -116,7 +116,7 @@ class ForwardBackward(Probe):
         flip = np.stack([results.cat(per_t[tv], "flip", axis=1) for tv in ts], axis=-1)
         t_used = np.array([float(results[per_t[tv][0]]["t"]) for tv in ts])
         sfx = "" if loc == "window" else f"_{loc}"
-        np.savez(out.arrays / f"forward_backward{sfx}.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
+        save_npz(out.arrays / f"forward_backward{sfx}.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
                  error=err, flip=flip, mse=mse, error_mean=err.mean(1), error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
                  mse_mean=mse.mean(1), mse_std=mse.std(1), note=np.asarray(
                      f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier label of the "

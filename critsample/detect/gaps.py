@@ -18,7 +18,7 @@ import torch
 from .. import report
 from ..probes.gaps import rows_per_state, sampling_states, score_gaps, train_states, trajectory_plan
 from ..sampling import step_times
-from ..store import Unit
+from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
 from .protocol import Outputs, Probe, ProbeOutput, Results, batches, series_json
@@ -118,7 +118,7 @@ def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "
                     arrays[f"{traj}__{name}"] = v
                     arrays[f"{traj}__{name}__mean"], arrays[f"{traj}__{name}__std"] = v.mean(0), v.std(0)
             arrays["t"] = results[us[0]]["t"]
-        np.savez(out.arrays / f"gaps{suffix}.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
+        save_npz(out.arrays / f"gaps{suffix}.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
             f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, radii) eq. 7; "
             "*_score = score units, *_eps = eps units (= sigma x score); norms per image token, model (latent) space; "
             "NAME__mean / NAME__std: mean and standard deviation over samples. "

@@ -23,7 +23,7 @@ from ..denoisers import NULL
 from ..metrics import bootstrap, frechet_distance
 from ..probes.windows import baseline_plan, window_plan
 from ..sampling import Plan, sample
-from ..store import Unit
+from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
 from .gaps import common_config
@@ -176,7 +176,7 @@ class _Scan(Probe):
             "baseline_error": float(be), "baseline_error_sigma": float(bs), "excess": excess,
             "strip_rows": list(strip_rows), "arrays": f"arrays/{self.name}.npz",
         }
-        np.savez(out.arrays / f"{self.name}.npz", **{
+        save_npz(out.arrays / f"{self.name}.npz", **{
             f"{s}{'' if r is None else f'_r{r}'}__{name}": v[name] for (s, r), v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
             baseline_errors=base["errors"], note=np.asarray(
                 f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; centers = window centers; "

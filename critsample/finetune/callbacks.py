@@ -30,6 +30,7 @@ from ..models.classifiers import load_classifier
 from ..plans import DEFAULT_OUTSIDE, adaptive, full_guidance
 from ..probes.gaps import score_gaps, train_states
 from ..report import image_grid
+from ..store import atomic_write
 
 
 class TrainingEvaluation(Callback):
@@ -244,7 +245,7 @@ class RankSyncCheck(Callback):
         }
         if trainer.is_global_zero and self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.path).write_text(json.dumps(report, indent=2))
+            atomic_write(self.path, json.dumps(report, indent=2))
         if spread > self.atol:
             raise RuntimeError(f"Ranks diverged at step {trainer.global_step}: parameter checksums differ by {spread:g}.")
         return report

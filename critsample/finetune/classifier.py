@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split
 from ..metrics import frechet_distance
 from ..models.classifiers import DigitsCNN
+from ..store import atomic_write
 
 TRAIN_DEFAULTS = dict(epochs=60, batch_size=64, lr=3e-3, weight_decay=5e-4, label_smoothing=0.05, max_shift=1)
 
@@ -123,7 +124,7 @@ def train_digits_classifier(
             if Path(sys.argv[0]).stem == "classifier" else f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
         (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
-        (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
     return model, info
 
 

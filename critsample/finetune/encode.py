@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..models import load
+from ..store import atomic_write
 from .data import ImageFolderDataset
 
 
@@ -32,8 +33,7 @@ def encode_folder(model_name: str, images: str, out: str, resolution: int | None
         latents.append(model.encode(x.to(device), generator=g).cpu().half())
         labels.append(y)
     blob = {"latents": torch.cat(latents), "labels": torch.cat(labels), "model": model_name, "resolution": res}
-    torch.save(blob, out + ".tmp")
-    os.replace(out + ".tmp", out)
+    atomic_write(out, lambda f: torch.save(blob, f))
     return len(data)
 
 

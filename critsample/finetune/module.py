@@ -27,6 +27,7 @@ from ..models.dit import DiTDenoiser
 from ..noise import Schedule
 from ..report import image_grid
 from ..sampling import Plan, sample
+from ..store import atomic_write
 from .schedules import LossWeighting, RadiusSchedule
 
 DIGITS_DIT = dict(
@@ -261,5 +262,5 @@ class DiTModule(L.LightningModule):
             "global_step": int(self.global_step),
             **meta,
         }
-        (folder / "critsample.json").write_text(json.dumps(info, indent=2))
+        atomic_write(folder / "critsample.json", json.dumps(info, indent=2))
         return folder
