@@ -6,6 +6,7 @@ Any other exception is a bug: it keeps its traceback, and the message says where
 
 from __future__ import annotations
 
+import errno
 import sys
 
 USAGE = """usage: critsample {detect,tune,sample,fit} ...
@@ -21,6 +22,7 @@ commands:
 Run `critsample COMMAND --help` for the options of a command.
 """
 COMMANDS = ("detect", "tune", "sample", "fit")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk or quota, a file system gone read-only
 
 
 def _fail(message: str) -> int:
@@ -56,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         return run_detect(rest)
     except UserError as e:
         return _fail(str(e))
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise_bug()
+        where = f" writing {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or 'the disk is full'}{where}; the work finished so far is kept, so free space and run the "
+                     "same command again to resume.")
     except KeyboardInterrupt:  # 130 = 128 + SIGINT, the shell's convention (2 is for user errors)
         print("critsample: interrupted; run the same command again to resume from what was stored.", file=sys.stderr)
         return 130
     except Exception:
-        print("critsample: internal error (a bug, not your input): please report it to the critsample issue tracker "
-              "with the command line and the traceback below.", file=sys.stderr)
-        raise
+        raise_bug()
+
+
+def raise_bug():
+    """Re-raise the exception being handled (its traceback kept), after a line saying it is a bug."""
+    print("critsample: internal error (a bug, not your input): please report it to the critsample issue tracker "
+          "with the command line and the traceback below.", file=sys.stderr)
+    raise
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class WriteError(UserError):
     """A file could not be written (a full disk, a file system gone read-only): one sentence naming it."""
 
 
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -62,8 +63,8 @@ os.umask(_UMASK)
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
     """Write ``path`` whole or not at all: ``data`` (bytes, text, or a function writing to a binary file object) goes to a
     temporary file in the same folder, is flushed and fsynced, and replaces ``path`` with ``os.replace``. Until then the
-    old file is untouched; on any failure the temporary file is removed. An ``OSError`` (no space left, a read-only
-    file system) becomes :class:`WriteError`, one sentence naming the file and saying that finished work is kept."""
+    old file is untouched; on any failure the temporary file is removed. An ``OSError`` of the disk (no space left, a
+    quota, a read-only file system, no permission) becomes :class:`WriteError`, one sentence naming the file and saying that finished work is kept."""
     path = Path(path)
     tmp = None
     try:
@@ -80,6 +81,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if e.errno not in _CANNOT_WRITE:
+            raise
         reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
         raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix the "
                          "folder) and run the same command again to resume.") from None

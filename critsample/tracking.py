@@ -2,12 +2,37 @@
 
 Offline by default: ``WANDB_MODE=offline`` unless the user set WANDB_MODE; runs go under ``<out>/wandb`` and can be
 uploaded later with ``wandb sync <out>/wandb/offline-run-*``.
+
+W&B is a copy of results the commands have already written to ``--out``: a W&B failure (it cannot write under a
+read-only HOME, a broken install, a server error) is one warning line and the command still succeeds (:func:`guarded`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("critsample")
+
+
+def guarded(fn):
+    """``fn(..., out, ...)`` whose failure (any ``Exception``) is one warning line saying that the results are on disk
+    under ``out``; it then returns None. Call it only after the results are written."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            out = kwargs.get("out", args[1] if len(args) > 1 else "--out")
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            log.warning(f"W&B logging failed ({type(e).__name__}{': ' + reason if reason else ''}); the results are written "
+                        f"under {out} and nothing was lost; fix W&B (e.g. a writable WANDB_DIR or HOME) or pass --no-wandb.")
+            return None
+
+    return wrapper
 
 
 def start(out: str | Path, *, name: str, config: dict, job_type: str, project: str = "critsample"):
@@ -21,6 +46,7 @@ def start(out: str | Path, *, name: str, config: dict, job_type: str, project: s
     return wandb.init(project=project, name=name, job_type=job_type, dir=str(out), config=config, reinit="finish_previous")
 
 
+@guarded
 def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curves: dict[str, dict], config: dict) -> str | None:
     """Log a detection: the config, every curve as a table and a line plot, figures (heatmaps, scans, strips) as
     images, the window table and the summary scalars. Returns the run's local folder."""
@@ -51,6 +77,7 @@ def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curv
         run.finish()
 
 
+@guarded
 def log_sample_run(record: dict, out: str | Path) -> str | None:
     """Log a ``critsample sample`` run: config, plan, cost and the sample grid."""
     import wandb
