@@ -266,9 +266,9 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
             bar.advance(task)
     images = torch.from_numpy(np.concatenate([c["images"] for c in chunks]))
     grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))
-    save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))
     arr = images.numpy().astype(np.float32)
     save_npz(out / "samples.npz", compressed=True, images=arr[:, 0] if arr.shape[1] == 1 else arr, labels=labels)
+    save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))
     grid = model.grid(torch.empty(1, *model.sample_shape))
     flops = plan_flops(model, plan, grid)
     record = {

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..models.classifiers import load_classifier
 from ..probes.rows import class_rows
 from ..store import stable_hash, unit_generator
-from ..tensorfiles import load_tensors
+from ..tensorfiles import SUFFIXES, check_labels, check_samples, load_tensors
 
 if TYPE_CHECKING:
     from .config import DetectConfig
@@ -81,20 +81,22 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
     if not path.exists():
         raise UserError(f"--data {path} does not exist; give an image folder or a .pt/.npz file.")
     labels = None
-    if path.suffix in (".pt", ".npz"):
+    if path.is_file():  # validated here, once (critsample.tensorfiles): one sentence naming the file for any problem
         obj = load_tensors(path)
         if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
             obj = {"latents": obj}
         if not isinstance(obj, dict):
             raise UserError(f"--data {path} holds a {type(obj).__name__}; store a tensor or a dict with 'latents' or 'images' (and optional 'labels').")
-        labels = obj.get("labels")
-        labels = torch.as_tensor(np.asarray(labels)).long() if labels is not None else None
-        if "latents" in obj:
-            x = torch.as_tensor(np.asarray(obj["latents"])).float()[:n]
-        elif "images" in obj:
-            x = _encode(model, torch.as_tensor(np.asarray(obj["images"])).float()[:n], device)
-        else:
-            raise UserError(f"{path} has neither 'latents' nor 'images'; store one of them (and optional 'labels').")
+        kind = "latents" if "latents" in obj else "images" if "images" in obj else None
+        if kind is None:
+            raise UserError(f"--data {path} has neither 'latents' nor 'images' (it has {', '.join(map(repr, obj)) or 'nothing'}); "
+                            "store one of them (and optional 'labels').")
+        x = check_samples(obj[kind], path, kind=kind)
+        if obj.get("labels") is not None:
+            labels = check_labels(obj["labels"], x.shape[0], path, num_classes=model.num_classes)
+        x = x[:n].float() if kind == "latents" else _encode(model, x[:n].float(), device)
+    elif not path.is_dir():
+        raise UserError(f"--data {path} is neither a file ({', '.join(SUFFIXES)}) nor an image folder.")
     else:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))[:n]
         if not files:

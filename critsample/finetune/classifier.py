@@ -116,13 +116,13 @@ def train_digits_classifier(
         torch_threads=torch.get_num_threads(),
     )
     if out is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         info["train_command"] = "python -m critsample.finetune.classifier " + shlex.join(sys.argv[1:]) \
             if Path(sys.argv[0]).stem == "classifier" else f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+        atomic_write(folder / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
         (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
         atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
     return model, info

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..datasets import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split  # noqa: F401  (re-exported)
 from ..errors import UserError
-from ..tensorfiles import load_tensors
+from ..tensorfiles import check_labels, check_samples, load_tensors
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -145,8 +145,15 @@ class LatentsDataModule(L.LightningDataModule):
             raise UserError(f"No latents at {self.hparams.path}; write them with `python -m critsample.finetune.encode`.")
         # Memory-mapped and kept in the stored dtype (fp16): the ranks of a node share the pages of one file instead
         # of each holding a float32 copy (ImageNet-256: ~10 GB on disk, ~20 GB per rank as float32).
-        blob = load_tensors(self.hparams.path, "LatentsDataModule path", mmap=True)
-        full = _FloatLatents(blob["latents"], blob["labels"].long())
+        path, option = self.hparams.path, "LatentsDataModule path"
+        blob = load_tensors(path, option, mmap=True)
+        missing = [k for k in ("latents", "labels") if not isinstance(blob, dict) or k not in blob]
+        if missing:
+            has = ", ".join(map(repr, blob)) if isinstance(blob, dict) else f"a {type(blob).__name__}"
+            raise UserError(f"{option} {path} has no {' and no '.join(map(repr, missing))} (it holds {has or 'nothing'}); write it with "
+                            "`python -m critsample.finetune.encode`.")
+        latents = check_samples(blob["latents"], path, option, kind="latents")  # validated once, in chunks (stays memory-mapped)
+        full = _FloatLatents(latents, check_labels(blob["labels"], len(latents), path, option))
         n_val = max(1, int(len(full) * self.hparams.val_fraction))
         g = torch.Generator().manual_seed(0)
         self.train_set, self.val_set = torch.utils.data.random_split(full, [len(full) - n_val, n_val], generator=g)
