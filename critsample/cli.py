@@ -1,6 +1,8 @@
 """The one command-line entry point: ``critsample detect | tune | sample | fit``.
 
-A :class:`~critsample.errors.UserError` (bad input, a missing resource) prints its one sentence and exits with code 2.
+A :class:`~critsample.errors.UserError` (bad input, a missing resource, a file that could not be written) prints its
+one sentence and exits with code 2; so does an ``OSError`` of a full disk, a quota or a read-only file system (finished
+work is kept: the command resumes).
 Any other exception is a bug: it keeps its traceback, and the message says where to report it.
 """
 
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except OSError as e:
         if e.errno not in _DISK_FULL:
-            raise_bug()
+            _bug()
+            raise
         where = f" writing {e.filename}" if e.filename else ""
         return _fail(f"{e.strerror or 'the disk is full'}{where}; the work finished so far is kept, so free space and run the "
                      "same command again to resume.")
@@ -68,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print("critsample: interrupted; run the same command again to resume from what was stored.", file=sys.stderr)
         return 130
     except Exception:
-        raise_bug()
+        _bug()
+        raise
 
 
-def raise_bug():
-    """Re-raise the exception being handled (its traceback kept), after a line saying it is a bug."""
+def _bug() -> None:
     print("critsample: internal error (a bug, not your input): please report it to the critsample issue tracker "
           "with the command line and the traceback below.", file=sys.stderr)
-    raise
 
 
 if __name__ == "__main__":

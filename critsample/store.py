@@ -64,7 +64,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     """Write ``path`` whole or not at all: ``data`` (bytes, text, or a function writing to a binary file object) goes to a
     temporary file in the same folder, is flushed and fsynced, and replaces ``path`` with ``os.replace``. Until then the
     old file is untouched; on any failure the temporary file is removed. An ``OSError`` of the disk (no space left, a
-    quota, a read-only file system, no permission) becomes :class:`WriteError`, one sentence naming the file and saying that finished work is kept."""
+    quota, a read-only file system, no permission) becomes :class:`WriteError`, one sentence naming the file and saying
+    that finished work is kept."""
     path = Path(path)
     tmp = None
     try:
@@ -197,7 +198,8 @@ class _DigestCache:
     that cannot be read or written only makes a run slower."""
 
     def __init__(self):
-        self.path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "critsample" / "digests.json"
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        self.path = Path(base) / "critsample" / "digests.json"
         try:
             entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -287,7 +289,8 @@ class Store:
         except (OSError, ValueError, AttributeError) as e:
             raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
         if meta.get("key") != unit.key:  # a sidecar moved or copied from another unit, or one without its key
-            raise CorruptUnit(f"{path.with_suffix('.json')} records the unit {str(meta.get('key'))[:16]}, not {unit.key[:16]}")
+            raise CorruptUnit(f"{path.with_suffix('.json')} records the unit {str(meta['key'])[:16]}..., not this one" if meta.get("key")
+                              else f"{path.with_suffix('.json')} records no unit key (an older critsample wrote it)")
         if recorded != hashlib.sha256(data).hexdigest():
             raise CorruptUnit(f"{path} does not match its recorded checksum" if recorded else f"{path} has no recorded checksum")
         try:

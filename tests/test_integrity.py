@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ import critsample.generate as generate
 from critsample import detect, store, summary
 from critsample.cli import main
 from critsample.detect import DetectConfig, GapArgs
-from critsample.errors import UserError
 from critsample.generate import SampleConfig
 
 
@@ -196,7 +196,7 @@ def _biggest(model):
 def test_one_value_far_from_any_stride_changes_the_fingerprint(digits):
     before = store.model_fingerprint(digits, digits.name)
     other = copy.deepcopy(digits)
-    name, p = _biggest(other)
+    _, p = _biggest(other)
     with torch.no_grad():
         p.view(-1)[1] += 1e-3
     assert store.model_fingerprint(other, other.name) != before
@@ -207,7 +207,7 @@ def test_one_value_far_from_any_stride_changes_the_fingerprint(digits):
     assert store.model_fingerprint(digits, digits.name) == before
 
 
-def test_a_loaded_model_changed_in_place_is_hashed_again(tmp_path, monkeypatch):
+def test_a_loaded_model_changed_in_place_is_hashed_again():
     """The files' digest stands for the weights only while no tensor has changed since the load."""
     model = critsample.load("dit-digits")
     first = store.model_fingerprint(model, model.name)
@@ -228,7 +228,7 @@ def test_a_loaded_model_is_fingerprinted_from_its_files_once(dit_folder, tmp_pat
     shutil.copytree(dit_folder, folder)
     first = critsample.load(str(folder))
     value = store.model_fingerprint(first, "m")
-    assert value == f"m@{__import__('hashlib').sha256(('m:' + store.weights_digest(first.state_dict())).encode()).hexdigest()[:16]}"
+    assert value == f"m@{hashlib.sha256(('m:' + store.weights_digest(first.state_dict())).encode()).hexdigest()[:16]}"
     cache = json.loads((tmp_path / "xdg-cache" / "critsample" / "digests.json").read_text())
     assert str((folder / "transformer" / "diffusion_pytorch_model.safetensors").resolve()) in cache["files"] and cache["weights"]
 
@@ -272,7 +272,7 @@ def test_changed_weights_recompute_sample_detect_and_tune_units(digits, tmp_path
     assert n > 0 and detect.run(dcfg, other)["cost"]["units_computed_this_run"] == n
     assert detect.run(dcfg, digits)["cost"]["units_computed_this_run"] == 0
 
-    import critsample.tune as tune
+    from critsample import tune
 
     ids = []
     monkeypatch.setattr(tune, "certify", lambda *a, store, **kw: ids.append(store.model_id) or (_ for _ in ()).throw(KeyboardInterrupt))
