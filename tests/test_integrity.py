@@ -143,6 +143,23 @@ def test_tune_writing_its_plan_on_a_full_disk_keeps_the_summary(tmp_path, monkey
     assert path.read_bytes() == before
 
 
+def test_tune_on_a_full_disk_is_one_sentence_and_keeps_the_summary(tmp_path, monkeypatch, capsys):
+    """`critsample tune` writing its plan into summary.json on a full disk: exit 2, one sentence naming the file; the
+    summary is byte for byte the one before (it used to be cut at the point the disk filled)."""
+    path = tmp_path / "summary.json"
+    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1}, path)
+    before = path.read_bytes()
+    failed = _fail_writes_of(monkeypatch, "summary.json")
+    argv = ["tune", "--summary", str(path), "--num", "4", "--steps", "2", "--n_boot", "2", "--shifts", "0", "--scales", "1",
+            "--outside", "local-uncond", "--out", str(tmp_path / "tune")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # tune's progress lines, then the error
+    err = lines[-1]
+    assert err.startswith("critsample: error: ") and "Traceback" not in "\n".join(lines) and "internal error" not in "\n".join(lines)
+    assert f"Could not write {path} (No space left on device); the work finished so far is kept" in err
+    assert failed and path.read_bytes() == before and (tmp_path / "tune" / "frontier.json").exists()
+
+
 def test_sample_on_a_full_disk_keeps_the_previous_samples_and_record(digits, tmp_path, monkeypatch, capsys):
     """Each file is whole, old or new; run.json, written last, is the old record until every output is new."""
     cfg = dict(num=2, batch_size=2, steps=2, out=str(tmp_path), wandb=False)
