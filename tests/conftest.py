@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random diffusers pipelines saved to disk, built offline (diffusers-test style).
+"""Shared fixtures and helpers: tiny random diffusers pipelines saved to disk, built offline (diffusers-test style),
+the tiny digit-shaped DiT and fixed random classifier the probe and CLI tests run on, and the shrunk detect sizes.
+
+Every helper more than one test module uses lives here (test modules never import from each other). The CLI reaches
+the tiny classifier by its import path :data:`CLASSIFIER` (``conftest`` is importable: tests/ is on ``sys.path``).
 
 Nothing in the test session may download: ``HF_HUB_OFFLINE`` is set before any Hugging Face library is imported,
 and the tokenizers of the tiny SD3 pipeline are built from in-memory vocabularies.
@@ -16,6 +20,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from pathlib import Path  # noqa: E402
+
+import json  # noqa: E402
 
 import huggingface_hub.constants  # noqa: E402
 import lightning.pytorch  # noqa: E402,F401  (its loggers' StreamHandlers bind sys.stderr at import: before any test captures it)
@@ -38,6 +44,82 @@ PIXART_CAPTION = 32  # tiny T5 d_model = PixArt transformer caption_channels
 VAE_SCALE = 2  # the tiny VAE has two blocks: 2 image pixels per latent pixel
 FLUX_LATENT_CHANNELS = 4  # the tiny FLUX VAE's; the transformer takes 2x2-packed latents: in_channels 16
 FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611  # FLUX.1's VAE factors
+
+# -- the probe / CLI helpers -----------------------------------------------------------------------
+CLASSIFIER = "conftest:tiny_classifier"  # --classifier import path of TinyClassifier
+# The fast preset with every size shrunk (seconds on CPU): the CLI overrides are the user's way to do this.
+SMALL = [
+    "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
+    "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
+    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3", "--windows.radii", "[1]",
+]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_digit_dit(seed: int = 0, name: str = "tiny-digits"):
+    """A random class-conditional DiT on the 8 x 8 digit grid (patch 1, 10 classes), the shape of dit-digits."""
+    from diffusers import DiTTransformer2DModel
+
+    from critsample.models.dit import DiTDenoiser
+    from critsample.noise import Schedule
+
+    torch.manual_seed(seed)
+    tr = DiTTransformer2DModel(
+        num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=1, in_channels=1,
+        out_channels=1, num_embeds_ada_norm=10,
+    ).eval()
+    return DiTDenoiser(tr, Schedule(), num_classes=10, name=name, dataset="digits").eval()
+
+
+def save_tiny_digit_dit(folder: Path) -> Path:
+    """:func:`tiny_digit_dit` as a local model folder (transformer/ + critsample.json), as ``--model`` takes it."""
+    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
+    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
+    return folder
+
+
+class TinyClassifier(torch.nn.Module):
+    """A fixed random classifier of images in [0, 1] of any size and channels (channel mean, pooled to 8 x 8):
+    logits over 10 classes, 16 tanh features."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(123)
+        self.w1 = torch.nn.Parameter(torch.randn(64, 16, generator=g) * 0.5, requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(16, 10, generator=g), requires_grad=False)
+        self.num_features = 16
+
+    def features(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8)
+        return torch.tanh((x.reshape(x.shape[0], -1) - 0.5) @ self.w1)
+
+    def forward(self, x):
+        return self.features(x) @ self.w2
+
+    predict_logits = forward
+
+
+def tiny_classifier() -> TinyClassifier:  # the CLI's import path: CLASSIFIER
+    return TinyClassifier()
+
+
+def small_config(out, **kw):
+    """The fast preset shrunk to seconds, as a DetectConfig: 3 samples, 5 steps, 3 noise levels, 4 window positions."""
+    from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs
+
+    cfg = DetectConfig(
+        model="tiny", out=str(out), wandb=False, seed=3,
+        gaps=GapArgs(steps=5, samples=3, batch=2, radii=[1, 2]),
+        fb=ForwardBackwardArgs(num_t=3, t_min=0.2, t_max=0.8, samples=4, steps=5, batch=2, radii=[1]),
+        windows=WindowArgs(steps=5, t0_step=0.25, samples=3, batch=3, radii=[1]),
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
@@ -205,6 +287,18 @@ def save_sd3(folder: Path, **transformer_kw) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny digit-shaped DiT (one per test module: tests may set its attributes)."""
+    return tiny_digit_dit()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny digit-shaped DiT saved as a local model folder (read only: tests copy it to change it)."""
+    return save_tiny_digit_dit(tmp_path_factory.mktemp("tiny-digit-dit"))
 
 
 @pytest.fixture(scope="session")

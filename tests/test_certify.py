@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMALL
 
 import critsample
 from critsample import certify, plans
@@ -149,8 +150,6 @@ def test_certified_plan_is_read_and_checked():
 
 
 def test_tune_end_to_end_then_resume_then_sample_uses_the_plan(tmp_path, capsys, monkeypatch):
-    from test_detect_cli import SMALL
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     det = tmp_path / "det"
     assert main(["detect", "--model", "dit-digits", "--preset", "fast", *SMALL, "--out", str(det), "--no-wandb"]) == 0

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CLASSIFIER
 
 import critsample
 from critsample import detect, generate, plans
@@ -34,7 +35,6 @@ from critsample.errors import UserError
 from critsample.generate import SampleConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSIFIER = "test_probes:tiny_classifier"  # tests/ is on sys.path under pytest
 PROBES = list(detect.PROBES)  # the default probe set
 ORACLE = "gmm-mixture:N=4,mu=0.6,s2=0.8"
 # Detection sizes: the fast preset shrunk to seconds (3 steps, 2 samples, 3 noise levels, 3 window positions). Two

@@ -13,31 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import CLASSIFIER, SMALL
 
 from critsample.cli import main
 from critsample.detect import DetectConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIFIER = "test_probes:tiny_classifier"  # tests/ is on sys.path under pytest
-# The fast preset with every size shrunk (seconds on CPU): the CLI overrides are the user's way to do this.
-SMALL = [
-    "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
-    "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
-    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3", "--windows.radii", "[1]",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """The tiny random digit-shaped DiT saved as a local model folder (transformer/ + critsample.json)."""
-    from test_probes import tiny_digit_dit
-
-    folder = tmp_path_factory.mktemp("tiny-digit-dit")
-    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
-    return folder
-
-
 def _detect(folder, out, *extra) -> list[str]:
     return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", CLASSIFIER, "--out", str(out), *extra]
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FLUX_LATENT_CHANNELS, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, T5_LENGTH, tiny_flux_transformer
+from conftest import CLASSIFIER, SMALL, FLUX_LATENT_CHANNELS, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, T5_LENGTH, tiny_flux_transformer
 
 import critsample
 from critsample import Plan, PromptCond
@@ -212,8 +212,6 @@ def test_cli_sample_and_detect(flux_folders, tmp_path, capsys):
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     record = json.loads((out / "run.json").read_text())
     assert record["cost"]["model_evaluations"] == 6 and np.isfinite(record["cost"]["flops_per_sample"]["total"])
-
-    from test_detect_cli import CLASSIFIER, SMALL
 
     det = tmp_path / "detect"
     code = main([

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PIXART_CAPTION, VAE_SCALE
+from conftest import CLASSIFIER, PIXART_CAPTION, SMALL, VAE_SCALE
 
 import critsample
 from critsample import PromptCond, UserError, plans
@@ -209,13 +209,6 @@ def test_flops_count_dense_cross_attention(sigma):
 
 
 # -- the CLI on a saved folder ------------------------------------------------------------------
-SMALL = [
-    "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
-    "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
-    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3", "--windows.radii", "[1]",
-]
-
-
 def test_cli_sample_on_a_pixart_folder(sigma_folder, tmp_path):
     from critsample.cli import main
 
@@ -235,7 +228,7 @@ def test_cli_detect_on_a_pixart_folder(sigma_folder, tmp_path):
     # no dataset: forward-backward from generated images, gaps on sampling trajectories only (no training trajectory)
     argv = ["detect", "--model", str(sigma_folder), "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source", "generated",
             "--gaps.trajectories", "[sample_cond, sample_uncond]",
-            "--classifier", "test_probes:tiny_classifier", "--out", str(out), "--no-wandb"]
+            "--classifier", CLASSIFIER, "--out", str(out), "--no-wandb"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert set(s["probes"]) == {"cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality"}

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TinyClassifier, gen, small_config, tiny_digit_dit
+
 import critsample
 from critsample import NULL, Schedule
 from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs, estimators, run
@@ -24,74 +26,13 @@ DIGITS_WEIGHTS = bundled_path("dit-digits") / "transformer" / "diffusion_pytorch
 needs_dit_digits = pytest.mark.skipif(not DIGITS_WEIGHTS.exists(), reason=f"bundled dit-digits weights absent ({DIGITS_WEIGHTS})")
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def tiny_digit_dit(seed: int = 0, name: str = "tiny-digits"):
-    """A random class-conditional DiT on the 8 x 8 digit grid (patch 1, 10 classes), the shape of dit-digits."""
-    from diffusers import DiTTransformer2DModel
-
-    from critsample.models.dit import DiTDenoiser
-
-    torch.manual_seed(seed)
-    tr = DiTTransformer2DModel(
-        num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=1, in_channels=1,
-        out_channels=1, num_embeds_ada_norm=10,
-    ).eval()
-    return DiTDenoiser(tr, Schedule(), num_classes=10, name=name, dataset="digits").eval()
-
-
-class TinyClassifier(torch.nn.Module):
-    """A fixed random classifier of images in [0, 1] of any size and channels (channel mean, pooled to 8 x 8):
-    logits over 10 classes, 16 tanh features."""
-
-    def __init__(self):
-        super().__init__()
-        g = _gen(123)
-        self.w1 = torch.nn.Parameter(torch.randn(64, 16, generator=g) * 0.5, requires_grad=False)
-        self.w2 = torch.nn.Parameter(torch.randn(16, 10, generator=g), requires_grad=False)
-        self.num_features = 16
-
-    def features(self, x):
-        x = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8)
-        return torch.tanh((x.reshape(x.shape[0], -1) - 0.5) @ self.w1)
-
-    def forward(self, x):
-        return self.features(x) @ self.w2
-
-    predict_logits = forward
-
-
-def tiny_classifier():  # import path for the CLI: test_probes:tiny_classifier
-    return TinyClassifier()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_digit_dit()
-
-
-def small_config(out, **kw) -> DetectConfig:
-    """The fast preset shrunk to seconds: 3 samples, 4-6 steps, 3 noise levels, 4 window positions."""
-    cfg = DetectConfig(
-        model="tiny", out=str(out), wandb=False, seed=3,
-        gaps=GapArgs(steps=5, samples=3, batch=2, radii=[1, 2]),
-        fb=ForwardBackwardArgs(num_t=3, t_min=0.2, t_max=0.8, samples=4, steps=5, batch=2, radii=[1]),
-        windows=WindowArgs(steps=5, t0_step=0.25, samples=3, batch=3, radii=[1]),
-    )
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
 # -- instantaneous probes ---------------------------------------------------------------------
 
 
 def test_gaps_equal_direct_scores_and_batched_equals_plain(tiny):
-    x0 = torch.rand(3, 1, 8, 8, generator=_gen(1)) * 2 - 1
+    x0 = torch.rand(3, 1, 8, 8, generator=gen(1)) * 2 - 1
     times = [0.9, 0.5, 0.1]
-    states = train_states(tiny, x0, times, _gen(2))
+    states = train_states(tiny, x0, times, gen(2))
     cond = torch.tensor([0, 4, 9])
     out = score_gaps(tiny, states, times, cond, [0, 2], max_batch=64)
     plain = score_gaps(tiny, states, times, cond, [0, 2], max_batch=1)
@@ -114,8 +55,8 @@ def test_gaps_equal_direct_scores_and_batched_equals_plain(tiny):
 
 
 def test_locality_gap_vanishes_at_global_radius(tiny):
-    x0 = torch.rand(2, 1, 8, 8, generator=_gen(1)) * 2 - 1
-    states = train_states(tiny, x0, [0.7, 0.3], _gen(2))
+    x0 = torch.rand(2, 1, 8, 8, generator=gen(1)) * 2 - 1
+    states = train_states(tiny, x0, [0.7, 0.3], gen(2))
     out = score_gaps(tiny, states, [0.7, 0.3], torch.tensor([1, 2]), [1, 7])
     assert out["loc_gap_uncond_eps"][..., 1].max() < 1e-5  # r = 7 = grid - 1 is the global model
     assert out["loc_gap_uncond_eps"][..., 0].min() > 1e-4
@@ -123,7 +64,7 @@ def test_locality_gap_vanishes_at_global_radius(tiny):
 
 def test_sampling_states_are_the_sampler_trajectory(tiny):
     plan = trajectory_plan(tiny, "sample_cond", 4, 2.0)
-    states, times, final = sampling_states(tiny, plan, torch.tensor([3, 5]), _gen(4))
+    states, times, final = sampling_states(tiny, plan, torch.tensor([3, 5]), gen(4))
     assert states.shape == (4, 2, 1, 8, 8) and times == step_times(tiny, 4)
     ref = critsample.sample(tiny, plan, torch.tensor([3, 5]), x=states[0])
     assert torch.equal(ref, final)
@@ -132,9 +73,9 @@ def test_sampling_states_are_the_sampler_trajectory(tiny):
 def test_oracle_gaps_match_theory():
     """Isotropic mixture: s(x|c) - s(x) = (m / Gamma)(c - tanh B) 1, and the conditional score is local (gap 0)."""
     oracle = critsample.load("gmm-mixture:N=4,mu=0.6,s2=0.8")
-    x0 = oracle.sample_data(5, torch.tensor([0, 1, 0, 1, 0]), generator=_gen(0))
+    x0 = oracle.sample_data(5, torch.tensor([0, 1, 0, 1, 0]), generator=gen(0))
     times = [0.8, 0.4, 0.1]
-    states = train_states(oracle, x0, times, _gen(1))
+    states = train_states(oracle, x0, times, gen(1))
     cond = torch.tensor([0, 1, 0, 1, 0])
     out = score_gaps(oracle, states, times, cond, [0, 1])
     abar = oracle.schedule.alpha_bar(torch.tensor(times, dtype=torch.float64))
@@ -158,19 +99,19 @@ def test_forward_backward_matches_oracle_theory():
     clf = OracleClassifier(oracle)
     n = 400
     labels = torch.arange(n) % 2
-    x0 = oracle.sample_data(n, labels, generator=_gen(0))
+    x0 = oracle.sample_data(n, labels, generator=gen(0))
     for t in (0.2, 0.5):
-        out = forward_backward(oracle, x0, labels, t, [None], clf.predict_logits, torch.full((n,), NULL), steps=20, generator=_gen(1))
+        out = forward_backward(oracle, x0, labels, t, [None], clf.predict_logits, torch.full((n,), NULL), steps=20, generator=gen(1))
         p = float(out["error"].mean())
         theory = 1 - float(oracle.forward_backward_agreement(out["t"], reverse="ode", readout="classifier"))
         assert abs(p - theory) < 3.5 * math.sqrt(theory * (1 - theory) / n) + 0.01, (t, p, theory)
 
 
 def test_forward_backward_radii_share_noise_and_start_on_the_grid(tiny):
-    x0 = torch.rand(3, 1, 8, 8, generator=_gen(1)) * 2 - 1
+    x0 = torch.rand(3, 1, 8, 8, generator=gen(1)) * 2 - 1
     labels = torch.tensor([1, 2, 3])
     clf = TinyClassifier()
-    out = forward_backward(tiny, x0, labels, 0.42, [None, 1, 7], clf, torch.full((3,), NULL), steps=10, generator=_gen(5))
+    out = forward_backward(tiny, x0, labels, 0.42, [None, 1, 7], clf, torch.full((3,), NULL), steps=10, generator=gen(5))
     assert out["t"].item() == pytest.approx(0.4)  # nearest DDIM step of 10
     assert start_index(tiny, 0.42, 10)[0] == 5
     assert out["error"].shape == (3, 3) and set(out["error"].unique().tolist()) <= {0.0, 1.0}
@@ -412,11 +353,11 @@ def test_dit_digits_probes_find_a_transition(tmp_path):
     from critsample.models.classifiers import load_classifier
 
     clf = load_classifier("digits")
-    lo = forward_backward(model, x0, labels, 0.1, [None, 1], clf.predict_logits, torch.full((48,), NULL), steps=20, generator=_gen(0))
-    hi = forward_backward(model, x0, labels, 0.95, [None], clf.predict_logits, torch.full((48,), NULL), steps=20, generator=_gen(0))
+    lo = forward_backward(model, x0, labels, 0.1, [None, 1], clf.predict_logits, torch.full((48,), NULL), steps=20, generator=gen(0))
+    hi = forward_backward(model, x0, labels, 0.95, [None], clf.predict_logits, torch.full((48,), NULL), steps=20, generator=gen(0))
     assert lo["error"][0].mean() < 0.25 and hi["error"][0].mean() > 0.6
     times = step_times(model, 20)
-    states = train_states(model, x0[:8], times, _gen(1))
+    states = train_states(model, x0[:8], times, gen(1))
     gaps = score_gaps(model, states, times, labels[:8], [])
     curve = gaps["cond_gap_eps"].mean(0)
     k = int(curve.argmax())

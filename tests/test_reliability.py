@@ -9,18 +9,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_detect_cli import SMALL
-from test_probes import TinyClassifier, small_config, tiny_digit_dit
+from conftest import CLASSIFIER, SMALL, TinyClassifier, small_config
 
 from critsample import detect
 from critsample.cli import main
 from critsample.errors import UserError
 from critsample.store import Store, Unit
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_digit_dit()
 
 
 class Payload:
@@ -82,15 +76,12 @@ def test_pickled_data_is_refused_with_one_sentence(tiny, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
-    return folder
+def folder(tiny_folder):
+    return tiny_folder
 
 
 def _detect(folder, *extra):
-    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", "test_probes:tiny_classifier", "--no-wandb", *extra]
+    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", CLASSIFIER, "--no-wandb", *extra]
 
 
 @pytest.mark.parametrize("args, needle", [

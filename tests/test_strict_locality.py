@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_dit_transformer, tiny_flux_transformer, tiny_pixart_transformer, tiny_sd3_transformer
+from conftest import CLASSIFIER, tiny_dit_transformer, tiny_flux_transformer, tiny_pixart_transformer, tiny_sd3_transformer
 
 from critsample.denoisers import PromptCond
 from critsample.errors import UserError
@@ -120,22 +120,10 @@ def test_oracle_strict_is_its_exact_local_score():
 # -- in the probes: critsample detect --locality both -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    import json
-
-    from test_probes import tiny_digit_dit
-
-    folder = tmp_path_factory.mktemp("tiny-digit-dit-strict")
-    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
-    return folder
-
-
 def _detect(folder, out, *extra) -> list[str]:
     small = ["--gaps.steps", "3", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]", "--gaps.trajectories", "[train]",
              "--fb.num_t", "2", "--fb.samples", "2", "--fb.steps", "3", "--fb.batch", "2", "--fb.radii", "[1]"]
-    return ["detect", "--model", str(folder), "--preset", "fast", *small, "--classifier", "test_probes:tiny_classifier",
+    return ["detect", "--model", str(folder), "--preset", "fast", *small, "--classifier", CLASSIFIER,
             "--probes", "[cond_gap, locality_gap, forward_backward]", "--out", str(out), "--no-wandb", *extra]
 
 
