@@ -7,7 +7,8 @@ their folder; dit-digits and the oracle are loaded by name. Paths: every probe o
 ``--interval``, ``--adaptive --window --radius`` and ``--adaptive --summary``; resuming both after a simulated kill;
 ``fit`` + export + reload + sample where the family trains. Each output is checked against what can be counted:
 images finite in [0, 1], a summary that carries every probe run and a critical window or an explicit null, and
-model evaluations equal to the rows the network actually saw.
+model evaluations equal to the rows the network actually saw. (What each denoiser promises by itself, stock equality,
+locality, pipeline equality and FLOPs, is test_denoiser_contract.py.)
 
 A new family is one entry of :data:`FAMILIES` (and, for a new kind of folder, one builder in conftest.py).
 """
@@ -15,7 +16,6 @@ A new family is one entry of :data:`FAMILIES` (and, for a new kind of folder, on
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ import yaml
 from conftest import CLASSIFIER
 
 import critsample
-from critsample import detect, generate, plans
+from critsample import detect, generate
 from critsample.cli import main
 from critsample.denoisers import Denoiser
 from critsample.detect import DetectConfig
@@ -366,57 +366,3 @@ def test_fit_export_reload_sample(family, tmp_path, capsys):
     assert (model.vae is None) == (family.model.vae is None)
     exported = Family(family.key, str(export), model, has_data=family.has_data, trains=True, classes=family.classes)
     _sample_both(exported, tmp_path / "sample", VARIANTS["adaptive-window"], capsys)
-
-
-# -- SD3.5: the image-only attn2 under the window processors ---------------------------------------
-def test_sd35_image_only_attention_is_windowed(sd35_folder):
-    """SD3.5's dual-attention block calls ``attn2`` on image tokens alone (no encoder_hidden_states). Whichever window
-    processor runs it, a global radius is the stock ``JointAttnProcessor2_0`` and radius 0 is pointwise."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    from critsample.attention import JointWindowAttnProcessor, WindowAttnProcessor
-
-    model = critsample.load(str(sd35_folder))
-    block = model.transformer.transformer_blocks[0]
-    assert isinstance(block.attn.processor, JointWindowAttnProcessor) and isinstance(block.attn2.processor, WindowAttnProcessor)
-    attn, grid, j = block.attn2, (3, 4), 5
-    hs = torch.randn(2, 12, attn.query_dim, generator=torch.Generator().manual_seed(0))
-    bumped = hs.clone()
-    bumped[:, j] += 1.0
-    with torch.no_grad():
-        stock = JointAttnProcessor2_0()(attn, hs)
-        for proc in (WindowAttnProcessor(), JointWindowAttnProcessor()):
-            assert (proc(attn, hs, radius=max(grid) - 1, grid=grid) - stock).abs().max() <= 1e-5
-            moved = (proc(attn, bumped, radius=0, grid=grid) - proc(attn, hs, radius=0, grid=grid)).abs().amax(dim=(0, 2))
-            assert moved[torch.arange(12) != j].max() == 0.0 and moved[j] > 1e-4
-
-
-# -- FLOPs: the analytic count against the attention the network computes --------------------------
-def test_flops_count_the_attention_pairs_the_network_computes(family, monkeypatch):
-    """run.json's flops_per_sample: at a global radius, the (query, key) pairs of one forward equal those of every
-    scaled-dot-product attention the transformer runs (joint text tokens, SD3.5's attn2, FLUX's single blocks, PixArt's
-    cross-attention included)."""
-    from critsample.flops import forward_flops, transformer_shape
-
-    model = family.model
-    shape = transformer_shape(model)
-    if not shape:  # an analytic oracle: no network, and run.json says so instead of inventing a number
-        from critsample.flops import plan_flops
-
-        record = plan_flops(model, plans.full_guidance(model, 2, 2.0), model.token_grid)
-        assert math.isnan(record["total"]) and "no transformer FLOPs" in record["note"]
-        return
-    pairs = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counting(q, k, *args, **kwargs):
-        pairs.append(q.shape[-2] * k.shape[-2])  # per sample and head: the batch is one row
-        return sdpa(q, k, *args, **kwargs)
-
-    cond = model.encode_prompt(["a cat"]) if model.is_text else torch.tensor([1])
-    x = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    with torch.no_grad():
-        model(x, torch.tensor([0.5]), cond)
-    monkeypatch.undo()
-    assert forward_flops(shape, model.token_grid, None).attention_pairs == sum(pairs)

@@ -102,21 +102,6 @@ def test_local_score_is_gradient_of_window_marginal(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_full_radius_is_global(name):
-    model = load_oracle(name)
-    x = torch.randn(5, 1, model.N, model.N, generator=torch.Generator().manual_seed(2), dtype=F64)
-    cond = torch.tensor([0, 1, NULL, NULL, 0])
-    glob = model(x, torch.tensor(0.4), cond)
-    for r in (model.N - 1, model.N + 3):
-        torch.testing.assert_close(model(x, torch.tensor(0.4), cond, radius=r), glob, rtol=1e-12, atol=1e-12)
-    assert (model(x, torch.tensor(0.4), cond, radius=1) - glob).abs().max() > 1e-3  # local differs
-    assert model(x.float(), torch.tensor(0.4), cond).dtype == torch.float32
-    for bad in (-1, 1.5, torch.tensor([1, 2])):
-        with pytest.raises(ValueError):
-            model(x, torch.tensor(0.4), cond, radius=bad)
-
-
-@pytest.mark.parametrize("name", MODELS)
 def test_posterior_is_bayes(name):
     model = load_oracle(name)
     x = 2 * torch.randn(7, 1, model.N, model.N, generator=torch.Generator().manual_seed(3), dtype=F64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyClassifier, gen, small_config, tiny_digit_dit
+from conftest import TinyClassifier, gen, small_config
 
 import critsample
 from critsample import NULL, Schedule
