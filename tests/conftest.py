@@ -19,9 +19,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from pathlib import Path  # noqa: E402
-
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import huggingface_hub.constants  # noqa: E402
 import lightning.pytorch  # noqa: E402,F401  (its loggers' StreamHandlers bind sys.stderr at import: before any test captures it)
@@ -51,7 +50,8 @@ CLASSIFIER = "conftest:tiny_classifier"  # --classifier import path of TinyClass
 SMALL = [
     "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
     "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
-    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3", "--windows.radii", "[1]",
+    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3",
+    "--windows.radii", "[1]",
 ]
 
 
@@ -133,13 +133,16 @@ def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
     ).eval()
 
 
-def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215, seed: int = 0):
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215,
+             seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, sample_size=16,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2,
+        sample_size=16,
         shift_factor=shift_factor, scaling_factor=scaling_factor,
     ).eval()
 
@@ -178,7 +181,8 @@ def _tiny_text_encoders(clip_vocab: int, t5_vocab: int):
     # CLIP hidden 16 + 16 = 32 = T5 d_model = joint_attention_dim; pooled 8 + 8 = 16 = pooled_projection_dim.
     clip_cfg = dict(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-        num_hidden_layers=2, vocab_size=clip_vocab, max_position_embeddings=CLIP_LENGTH, projection_dim=8, hidden_act="gelu",
+        num_hidden_layers=2, vocab_size=clip_vocab, max_position_embeddings=CLIP_LENGTH, projection_dim=8,
+        hidden_act="gelu",
     )
     torch.manual_seed(1)
     te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
@@ -197,9 +201,10 @@ def tiny_pixart_transformer(sample_size: int = 8, seed: int = 0):
 
     torch.manual_seed(seed)
     # learned sigma (out = 2 x in), as the PixArt checkpoints; width 24 = cross_attention_dim (the caption projection
-    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions take 2 thirds resolution, 1 third aspect ratio)
+    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions: 2 thirds resolution, 1 third aspect ratio)
     return PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, sample_size=sample_size,
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=sample_size,
         patch_size=2, cross_attention_dim=24, caption_channels=PIXART_CAPTION, norm_num_groups=1,
     ).eval()
 
@@ -213,13 +218,16 @@ def save_pixart(folder: Path, pipeline_cls: str, sample_size: int) -> Path:
     _, t5_tok = _tiny_tokenizers()
     torch.manual_seed(3)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=PIXART_CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        vocab_size=len(t5_tok), d_model=PIXART_CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )).eval()
     # PixArt's own integrator: DPM-Solver++ over linear betas 1e-4..0.02, eps-prediction
-    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon")
     pipe = getattr(diffusers, pipeline_cls)(
-        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size), scheduler=scheduler,
+        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size),
+        scheduler=scheduler,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -243,7 +251,8 @@ def flux_scheduler(dev: bool):
 
     if dev:
         return FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
         )
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
@@ -261,11 +270,13 @@ def save_flux(folder: Path, dev: bool) -> Path:
     )).eval()  # pooled 16 = pooled_projection_dim
     torch.manual_seed(2)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )).eval()  # d_model 32 = joint_attention_dim
     FluxPipeline(
-        scheduler=flux_scheduler(dev), vae=tiny_vae(FLUX_LATENT_CHANNELS, shift_factor=FLUX_VAE_SHIFT, scaling_factor=FLUX_VAE_SCALE),
+        scheduler=flux_scheduler(dev),
+        vae=tiny_vae(FLUX_LATENT_CHANNELS, shift_factor=FLUX_VAE_SHIFT, scaling_factor=FLUX_VAE_SCALE),
         text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
         transformer=tiny_flux_transformer(guidance_embeds=dev),
     ).save_pretrained(folder)
@@ -307,7 +318,8 @@ def dit_folder(tmp_path_factory) -> Path:
     from diffusers import DDIMScheduler, DiTPipeline
 
     folder = tmp_path_factory.mktemp("tiny-dit")
-    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=True)
     DiTPipeline(transformer=tiny_dit_transformer(), vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
     return folder
 

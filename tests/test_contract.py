@@ -78,7 +78,8 @@ class Family:
     def detect_config(self, out: Path) -> DetectConfig:
         text = {"prompt": "a cat"} if self.model.is_text else {}
         clf = {} if self.key == "oracle" else {"classifier": CLASSIFIER}  # the oracle's Bayes classifier is its default
-        return DetectConfig.from_preset("fast", model=self.ref, out=str(out), wandb=False, **text, **clf, **self.detect_sections())
+        return DetectConfig.from_preset("fast", model=self.ref, out=str(out), wandb=False, **text, **clf,
+                                        **self.detect_sections())
 
     def detect_argv(self, out: Path) -> list[str]:
         argv = ["detect", "--model", self.ref, "--preset", "fast", "--out", str(out), "--no-wandb"]
@@ -162,7 +163,7 @@ def check_samples(out: Path, num: int) -> np.ndarray:
 def check_summary(summary: dict, probes: list[str]) -> None:
     assert set(summary["probes"]) == set(probes)
     cw = summary["critical_window"]  # a window, or an explicit null: never a missing key
-    assert cw is None or (0 <= cw["t_start"] < cw["t_end"] <= 1 and all(np.isfinite(cw[k]) for k in ("center", "width")))
+    assert cw is None or (0 <= cw["t_start"] < cw["t_end"] <= 1 and np.isfinite([cw["center"], cw["width"]]).all())
 
 
 def cli_ok(argv: list[str], capsys) -> None:
@@ -198,7 +199,8 @@ def detected(family: Family, tmp_path_factory) -> dict:
         code = main(family.detect_argv(root / "resumed"))
     assert code == 0
     resumed = json.loads((root / "resumed" / "summary.json").read_text())
-    return {"ref": ref, "ref_rows": ref_rows, "killed_rows": killed_rows, "killed_forwards": sum(done), "resumed": resumed,
+    return {"ref": ref, "ref_rows": ref_rows, "killed_rows": killed_rows, "killed_forwards": sum(done),
+            "resumed": resumed,
             "resumed_rows": sum(rows), "out": root / "resumed"}
 
 
@@ -213,7 +215,8 @@ def test_detect_killed_then_resumed_by_the_cli_recomputes_nothing_finished(detec
     ref, resumed = detected["ref"], detected["resumed"]
     check_summary(resumed, PROBES)
     cost = resumed["cost"]
-    assert cost["units_loaded"] == KILL_AFTER_UNITS and cost["units_computed_this_run"] == cost["units"] - KILL_AFTER_UNITS
+    assert cost["units_loaded"] == KILL_AFTER_UNITS
+    assert cost["units_computed_this_run"] == cost["units"] - KILL_AFTER_UNITS
     assert detected["killed_rows"] == detected["killed_forwards"]
     assert detected["resumed_rows"] == cost["model_evaluations"] - detected["killed_forwards"]
     # the CLI's options are the library's config: same units, same numbers as the uninterrupted run
@@ -271,7 +274,8 @@ def test_sample_adaptive_from_the_detect_summary(family, detected, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "no critical_window" in err and len(err.splitlines()) == 1, err
     with pytest.raises(UserError, match="no critical_window"):
-        generate.run(SampleConfig(model=family.ref, out=str(tmp_path / "p"), wandb=False, **SAMPLE, **family.cond_kw(), **options), family.model)
+        generate.run(SampleConfig(model=family.ref, out=str(tmp_path / "p"), wandb=False, **SAMPLE, **family.cond_kw(),
+                                  **options), family.model)
     _sample_both(family, tmp_path, {**options, "window": "0.2:0.6", "radius": 1}, capsys)
 
 
@@ -333,7 +337,8 @@ def _fit_config(family: Family, root: Path) -> Path:
         cfg = yaml.safe_load((REPO / "configs/fit/dit-xl-latents.yaml").read_text())
         latents = root / "latents.pt"
         g = torch.Generator().manual_seed(0)
-        torch.save({"latents": torch.randn(8, *family.model.sample_shape, generator=g), "labels": torch.arange(8) % 3}, latents)
+        torch.save({"latents": torch.randn(8, *family.model.sample_shape, generator=g), "labels": torch.arange(8) % 3},
+                   latents)
         cfg["data"]["init_args"].update(path=str(latents), batch_size=4, num_workers=0, val_fraction=0.25)
         cfg["model"]["radius_schedule"].update(anneal_steps=0)  # locality-regularized from the first step
     t = cfg["trainer"]

@@ -20,7 +20,8 @@ from critsample.detect import DetectConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 def _detect(folder, out, *extra) -> list[str]:
-    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", CLASSIFIER, "--out", str(out), *extra]
+    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", CLASSIFIER, "--out", str(out),
+            *extra]
 
 
 def test_end_to_end_then_resume(tiny_folder, tmp_path, capsys, monkeypatch):
@@ -52,7 +53,8 @@ def test_end_to_end_then_resume(tiny_folder, tmp_path, capsys, monkeypatch):
     report = (out / "report.md").read_text()
     for name, rel in s["outputs"]["figures"].items():
         assert (out / rel).exists() and f"]({rel})" in report, name
-    assert {"cond_gap", "forward_backward", "window_cond", "window_cond_strips", "locality_heatmap_train"} <= set(s["outputs"]["figures"])
+    assert {"cond_gap", "forward_backward", "window_cond", "window_cond_strips",
+            "locality_heatmap_train"} <= set(s["outputs"]["figures"])
     gaps = np.load(out / "arrays" / "gaps.npz")
     assert gaps["train__cond_gap_score"].shape == (2, 4) and gaps["train__loc_gap_uncond_score"].shape == (2, 4, 2)
     fb = np.load(out / "arrays" / "forward_backward.npz")
@@ -108,15 +110,18 @@ def test_config_files_are_the_presets(preset, capsys):
     with pytest.raises(SystemExit):
         main(["detect", "--config", str(ROOT / "configs" / "detect" / f"{preset}.yaml"), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["preset"] == preset and cfg["gaps"]["steps"] == printed["gaps"]["steps"] and cfg["windows"]["samples"] == printed["windows"]["samples"]
+    assert cfg["preset"] == preset and cfg["gaps"]["steps"] == printed["gaps"]["steps"]
+    assert cfg["windows"]["samples"] == printed["windows"]["samples"]
     lib = DetectConfig.from_preset(preset)
-    assert asdict(lib.gaps) == printed["gaps"] and asdict(lib.fb) == printed["fb"] and asdict(lib.windows) == printed["windows"]
+    assert asdict(lib.gaps) == printed["gaps"] and asdict(lib.fb) == printed["fb"]
+    assert asdict(lib.windows) == printed["windows"]
 
 
 @pytest.mark.slow
 def test_two_process_gloo_run_equals_one_process(tiny_folder, tmp_path):
     """Lightning Fabric DDP on CPU (gloo), 2 processes: units split round-robin, rank 0 writes the same summary."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "WANDB_MODE": "disabled"}
     args = ["--probes", "[cond_gap, window_cond]", "--device", "cpu", "--no-wandb", "--threads", "1"]
     for out, devices in ((tmp_path / "ddp", "2"), (tmp_path / "one", "1")):
         cmd = [sys.executable, "-m", "critsample.cli", *_detect(tiny_folder, out, *args, "--devices", devices)]

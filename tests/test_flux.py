@@ -9,7 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, SMALL, FLUX_LATENT_CHANNELS, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, T5_LENGTH, tiny_flux_transformer
+from conftest import (
+    CLASSIFIER,
+    FLUX_LATENT_CHANNELS,
+    FLUX_VAE_SCALE,
+    FLUX_VAE_SHIFT,
+    SMALL,
+    T5_LENGTH,
+    tiny_flux_transformer,
+)
 
 import critsample
 from critsample import Plan, PromptCond
@@ -34,7 +42,8 @@ def test_registry_loads_both_kinds(flux):
     dev, schnell = flux["dev"], flux["schnell"]
     for m in (dev, schnell):
         assert isinstance(m, FluxDenoiser)
-        assert (m.family, m.prediction, m.schedule.kind, m.num_classes, m.default_guidance) == ("flux", "velocity", "flow", None, 1.0)
+        got = (m.family, m.prediction, m.schedule.kind, m.num_classes, m.default_guidance)
+        assert got == ("flux", "velocity", "flow", None, 1.0)
         assert m.sample_shape == (LATENT_CHANNELS, 8, 8) and m.token_grid == (4, 4)  # the tiny VAE's 16 px, 2x VAE
         assert m.text is not None and len(m.text_encoders) == 2
     assert dev.distilled_guidance == 3.5 and schnell.distilled_guidance is None
@@ -65,7 +74,8 @@ def _image_out(out, block: str, n_txt: int):
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
 @pytest.mark.parametrize("radius", [0, 1])
 def test_window_equals_stock_processor_with_window_mask(flux, block, grid, radius):
-    """The window processor = diffusers' FluxAttnProcessor given the text-first window mask (text rows, columns dense)."""
+    """The window processor = diffusers' FluxAttnProcessor given the text-first window mask (text rows and columns
+    dense)."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     attn, hidden, enc, rope, n_txt = _layer_inputs(flux["dev"], block, grid)
@@ -76,9 +86,9 @@ def test_window_equals_stock_processor_with_window_mask(flux, block, grid, radiu
         ref = FluxAttnProcessor()(attn, hidden, enc, attention_mask=mask, image_rotary_emb=rope)
         glob = FluxAttnProcessor()(attn, hidden, enc, image_rotary_emb=rope)
         full = FluxWindowAttnProcessor()(attn, hidden, enc, image_rotary_emb=rope, radius=max(grid) - 1, grid=grid)
-    for a, b in zip(_image_out(ours, block, n_txt), _image_out(ref, block, n_txt)):
+    for a, b in zip(_image_out(ours, block, n_txt), _image_out(ref, block, n_txt), strict=True):
         assert (a - b).abs().max() <= 1e-5
-    for a, b in zip(_image_out(full, block, n_txt), _image_out(glob, block, n_txt)):
+    for a, b in zip(_image_out(full, block, n_txt), _image_out(glob, block, n_txt), strict=True):
         assert torch.equal(a, b)  # a global radius is the stock computation itself
 
 
@@ -126,7 +136,8 @@ def test_cli_sample_and_detect(flux_folders, tmp_path, capsys):
 
     folder = str(flux_folders["dev"])
     out = tmp_path / "sample"
-    code = main(["sample", "--model", folder, "--prompt", "a cat", "--num", "2", "--steps", "3", "--out", str(out), "--no-wandb"])
+    code = main(["sample", "--model", folder, "--prompt", "a cat", "--num", "2", "--steps", "3", "--out", str(out),
+                 "--no-wandb"])
     assert code == 0, capsys.readouterr().err
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
@@ -145,14 +156,17 @@ def test_cli_sample_and_detect(flux_folders, tmp_path, capsys):
     assert summary["schedule"]["kind"] == "flow"
 
 
-@pytest.mark.parametrize("name,repo", [("flux-dev", "black-forest-labs/FLUX.1-dev"), ("flux-schnell", "black-forest-labs/FLUX.1-schnell")])
+@pytest.mark.parametrize("name,repo",
+                         [("flux-dev", "black-forest-labs/FLUX.1-dev"),
+                          ("flux-schnell", "black-forest-labs/FLUX.1-schnell")])
 def test_registry_offline_is_one_sentence_exit_2(monkeypatch, tmp_path, capsys, name, repo):
     import huggingface_hub.constants as hf_constants
 
     from critsample.cli import main
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
-    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out", str(tmp_path / "o"), "--no-wandb"])
+    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out",
+                 str(tmp_path / "o"), "--no-wandb"])
     err = capsys.readouterr().err
     assert code == 2 and repo in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1

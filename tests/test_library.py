@@ -54,7 +54,8 @@ class MeanPixel(Probe):
         self.computed.append(unit.key)
         n = unit.params["hi"] - unit.params["lo"]
         bump = np.exp(-((TOY_TIMES - 0.5) ** 2) / (2 * 0.12**2))
-        return {"curve": bump[None] * (1 + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64).numpy()), "t": TOY_TIMES}
+        return {"curve": bump[None] * (1 + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64).numpy()),
+                "t": TOY_TIMES}
 
     def summarize(self, det, results, out):
         us = results.units("mean_pixel")
@@ -162,7 +163,8 @@ def test_log_snr_axis_is_continuous_monotone_and_matches_the_network_at_its_step
     assert torch.allclose(back, fine, atol=1e-4)
     # the estimators' windows live on the same axis: center = log-SNR midpoint, t fields = its inverse
     grid = np.linspace(0.05, 0.95, 19)
-    w = estimators.half_max_window("w", "symmetry_breaking", grid, np.exp(-((grid - 0.5) ** 2) / 0.02)[None].repeat(3, 0), sch)
+    w = estimators.half_max_window("w", "symmetry_breaking", grid,
+                                   np.exp(-((grid - 0.5) ** 2) / 0.02)[None].repeat(3, 0), sch)
     assert w.log_snr_center == pytest.approx((w.log_snr_start + w.log_snr_end) / 2, abs=1e-12)
     assert w.center == pytest.approx(float(sch.t_from_log_snr(w.log_snr_center)), abs=1e-12)
     assert w.t_start == pytest.approx(float(sch.t_from_log_snr(w.log_snr_start)), abs=1e-12)

@@ -86,7 +86,8 @@ def test_prompts_mask_and_null_match_the_pipeline(sigma, sigma_folder):
 
     pipe = PixArtSigmaPipeline.from_pretrained(sigma_folder)
     prompts = ["a red cat", "dog"]
-    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device="cpu", max_sequence_length=300)
+    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device="cpu",
+                                        max_sequence_length=300)
     cond = sigma.encode_prompt(prompts)
     null = sigma.null(cond)
     assert cond.embeds.shape == (2, 300, CAPTION) and cond.pooled.shape == (2, 0)
@@ -95,7 +96,8 @@ def test_prompts_mask_and_null_match_the_pipeline(sigma, sigma_folder):
     assert (cond.embeds - pe).abs().max() <= 1e-5 and (null.embeds - ne).abs().max() <= 1e-5
     # the mask travels with the rows
     rows = cat_rows([cond, null])[torch.tensor([3, 0])]
-    assert torch.equal(rows.mask, torch.stack([nm[1], pm[0]])) and torch.equal(tile_rows(cond, 2).mask, torch.cat([pm, pm]))
+    assert torch.equal(rows.mask, torch.stack([nm[1], pm[0]])) and torch.equal(tile_rows(cond, 2).mask,
+                                                                               torch.cat([pm, pm]))
     assert torch.equal(cond[1].to("cpu").mask, pm[1:])
     assert cat_rows([PromptCond(cond.embeds, cond.pooled), null]).mask[:2].eq(1).all()  # no mask = every token kept
 
@@ -120,7 +122,8 @@ def test_alpha_micro_conditions_follow_the_image_size(alpha, alpha_folder):
 # -- embedding-level use and cost accounting -----------------------------------------------------
 def test_bare_transformer_folder_works_on_embeddings(sigma_folder, sigma):
     model = critsample.load(str(sigma_folder / "transformer"))
-    assert model.text is None and model.vae is None and model.scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
+    assert model.text is None and model.vae is None
+    assert model.scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
     cond = sigma.encode_prompt(["a cat"])
     x = torch.randn(1, 4, 8, 8, generator=_gen(1))
     assert (model(x, torch.tensor([0.4]), cond) - sigma(x, torch.tensor([0.4]), cond)).abs().max() <= 1e-6
@@ -150,7 +153,8 @@ def test_cli_sample_on_a_pixart_folder(sigma_folder, tmp_path):
     from critsample.cli import main
 
     out = tmp_path / "samples"
-    argv = ["sample", "--model", str(sigma_folder), "--prompt", "a cat", "--num", "2", "--steps", "3", "--out", str(out), "--no-wandb"]
+    argv = ["sample", "--model", str(sigma_folder), "--prompt", "a cat", "--num", "2", "--steps", "3", "--out",
+            str(out), "--no-wandb"]
     assert main(argv) == 0
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
@@ -163,7 +167,8 @@ def test_cli_detect_on_a_pixart_folder(sigma_folder, tmp_path):
 
     out = tmp_path / "detect"
     # no dataset: forward-backward from generated images, gaps on sampling trajectories only (no training trajectory)
-    argv = ["detect", "--model", str(sigma_folder), "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source", "generated",
+    argv = ["detect", "--model", str(sigma_folder), "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source",
+            "generated",
             "--gaps.trajectories", "[sample_cond, sample_uncond]",
             "--classifier", CLASSIFIER, "--out", str(out), "--no-wandb"]
     assert main(argv) == 0
@@ -172,14 +177,17 @@ def test_cli_detect_on_a_pixart_folder(sigma_folder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,repo", [("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS"), ("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")]
+    "name,repo",
+    [("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS"), ("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")]
 )
 def test_registry_name_offline_is_one_sentence(monkeypatch, tmp_path, capsys, name, repo):
     import huggingface_hub.constants as hf_constants
 
     from critsample.cli import main
 
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, whatever this machine holds
-    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out", str(tmp_path / "o"), "--no-wandb"])
+    # an empty cache, whatever this machine holds
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out",
+                 str(tmp_path / "o"), "--no-wandb"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and repo in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -43,7 +44,8 @@ def test_sd3_embedding_level_plan_equals_sd3_pipeline(sd3_folder):
     cond = critsample.PromptCond(torch.randn(2, 9, 32, generator=g), torch.randn(2, 16, generator=g))
     model.null_cond = critsample.PromptCond(torch.randn(1, 9, 32, generator=g), torch.randn(1, 16, generator=g))
     null = model.null(cond)
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder=None, text_encoder_2=None,
+                                                    text_encoder_3=None,
                                                     tokenizer=None, tokenizer_2=None, tokenizer_3=None)
     ref = pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.embeds,
                negative_pooled_prompt_embeds=null.pooled, guidance_scale=5.0, num_inference_steps=3,
@@ -101,7 +103,7 @@ def test_callback_sees_every_step(dit, sd3, which):
     assert [d["i"] for d in seen] == list(range(5))
     assert [d["step"] for d in seen] == plan.steps
     assert [d["t"] for d in seen] == pytest.approx(plan.times)
-    assert all(a["t"] > b["t"] for a, b in zip(seen, seen[1:]))
+    assert all(a["t"] > b["t"] for a, b in itertools.pairwise(seen))
     assert torch.equal(seen[-1]["x"], out)
     assert all(d["prediction"].shape == out.shape for d in seen)
 
@@ -114,7 +116,8 @@ def test_step_times_follow_the_integrators(dit, sd3):
 
 
 def test_plan_dict_round_trip(dit):
-    plan = Plan.from_rule(dit, 6, lambda t: Step("guided", None, 4.0) if t > 0.4 else Step("uncond", 1), sampler="dpm", name="window")
+    plan = Plan.from_rule(dit, 6, lambda t: Step("guided", None, 4.0) if t > 0.4 else Step("uncond", 1), sampler="dpm",
+                          name="window")
     plan.on_switch = "keep"
     d = json.loads(json.dumps(plan.to_dict()))
     assert Plan.from_dict(d) == plan

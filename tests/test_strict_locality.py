@@ -66,7 +66,8 @@ def test_strict_copies_and_layouts():
 
 
 def _detect(folder, out, *extra) -> list[str]:
-    small = ["--gaps.steps", "3", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]", "--gaps.trajectories", "[train]",
+    small = ["--gaps.steps", "3", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
+             "--gaps.trajectories", "[train]",
              "--fb.num_t", "2", "--fb.samples", "2", "--fb.steps", "3", "--fb.batch", "2", "--fb.radii", "[1]"]
     return ["detect", "--model", str(folder), "--preset", "fast", *small, "--classifier", CLASSIFIER,
             "--probes", "[cond_gap, locality_gap, forward_backward]", "--out", str(out), "--no-wandb", *extra]
@@ -88,13 +89,16 @@ def test_detect_locality_both(tiny_folder, tmp_path, capsys):
     assert re.search(r"gaps\s+2 units\s+456 model evaluations", text) and "r=1: 9, r=2: 25" in text, text
     assert main(_detect(tiny_folder, out, "--locality", "both")) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert {"locality_gap", "locality_gap_strict", "forward_backward_local", "forward_backward_local_strict"} <= set(s["windows"])
+    assert {"locality_gap", "locality_gap_strict", "forward_backward_local",
+            "forward_backward_local_strict"} <= set(s["windows"])
     assert s["locality"] == "both" and s["probes"]["locality_gap"]["strict"]["local_denoiser"] == "strict"
     assert {"instantaneous_strict", "forward_backward_strict"} <= set(s["concurrence"])
-    assert {"locality_heatmap_train", "locality_heatmap_strict_train", "forward_backward_strict"} <= set(s["outputs"]["figures"])
+    assert {"locality_heatmap_train", "locality_heatmap_strict_train",
+            "forward_backward_strict"} <= set(s["outputs"]["figures"])
     win, strict = np.load(out / "arrays" / "gaps.npz"), np.load(out / "arrays" / "gaps_strict.npz")
     assert np.array_equal(win["train__cond_gap_eps"], strict["train__cond_gap_eps"])  # the same global rows
-    # two layers of truncated attention read radius 2 r, the strict denoiser radius r: a larger gap from the global model
+    # two layers of truncated attention read radius 2 r, the strict denoiser radius r: a larger gap from the global
+    # model
     lw, ls = win["train__loc_gap_uncond_eps"], strict["train__loc_gap_uncond_eps"]
     assert (ls > lw).mean() > 0.9, (lw, ls)
     fb = np.load(out / "arrays" / "forward_backward_strict.npz")
