@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import T5_LENGTH, gen
+from conftest import T5_LENGTH, VAE_SCALE, gen
 
 import critsample
 from critsample import NULL, Plan, PromptCond
@@ -49,10 +49,9 @@ ORACLES = {
 PROMPTS = ["a red cat", "dog", "zebra"]
 # Latent (H, W) each family is tested at; the first is the default. Square only for DiT (diffusers' DiT unpatchifies
 # square grids); small latents for PixArt-alpha, whose transformer has sample_size 128 (for its micro-conditions).
-SHAPES = {
-    "dit-digits": [(8, 8)], "dit": [(8, 8), (12, 12)], **{k: [(8, 8), (8, 12)] for k in ("sd3", "sd35", "pixart-sigma",
-    "pixart-alpha", "flux-dev", "flux-schnell")}, **{k: [(4, 4)] for k in ORACLES},
-}
+TEXT_FAMILIES = ("sd3", "sd35", "pixart-sigma", "pixart-alpha", "flux-dev", "flux-schnell")
+SHAPES = {"dit-digits": [(8, 8)], "dit": [(8, 8), (12, 12)], **{k: [(8, 8), (8, 12)] for k in TEXT_FAMILIES},
+          **{k: [(4, 4)] for k in ORACLES}}
 
 
 @dataclass
@@ -131,7 +130,7 @@ class Family:
                 added = {"resolution": None, "aspect_ratio": None}
                 # PixArtAlphaPipeline: image pixels (height, width) and height / width
                 if net.use_additional_conditions:
-                    h, w = (s * self.model.vae_scale_factor for s in x.shape[-2:])
+                    h, w = (s * VAE_SCALE for s in x.shape[-2:])
                     added = {"resolution": torch.tensor([[h, w]] * len(x), dtype=torch.float32),
                              "aspect_ratio": torch.tensor([[h / w]] * len(x), dtype=torch.float32)}
                 out = net(x, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=1000 * t,
