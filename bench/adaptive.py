@@ -1,16 +1,18 @@
 """The race: the certified adaptive plan vs full guidance vs the best limited-interval plan, side by side in one run.
 
-    python bench/adaptive.py --summary runs/detect-digits/summary.json --scales 1.0 1.5 --radii 2 --outside local-cond local-uncond
-        # as measured in the README: ~40 min on one idle CPU core (search ~15, race 4, architectures ~17 of which FLUX 10)
+    python bench/adaptive.py --summary runs/detect-digits/summary.json --scales 1.0 1.5 --radii 2 \\
+        --outside local-cond local-uncond
+        # as measured in the README: ~40 min on one idle CPU core (search ~15, race 4, architectures ~17, FLUX 10)
     python bench/adaptive.py --summary ... --skip-architectures --num 300       # the dit-digits race alone, smaller
     The default grid (scales 0.5 to 1.5, radii 1 and 2, all three outside modes) searches further and takes longer.
 
 Part 1, dit-digits, no hand-set window:
-  1. Search (``critsample.certify``, as ``critsample tune --measure cheapest``): candidates around the summary's guidance
-     and attention windows; the adaptive candidates and the limited-interval candidates (Kynkaanniemi et al. 2024) are
-     certified separately against full guidance on paired noise (seed ``--search-seed``), cheapest first, with the same
-     tolerance (1 accuracy point, 10 % FD). The cheapest certified adaptive plan and the cheapest certified interval
-     plan (the strongest fair baseline: same search, same tolerance) go on. Stored under ``--out``: a rerun resumes.
+  1. Search (``critsample.certify``, as ``critsample tune --measure cheapest``): candidates around the summary's
+     guidance and attention windows; the adaptive candidates and the limited-interval candidates (Kynkaanniemi et al.
+     2024) are certified separately against full guidance on paired noise (seed ``--search-seed``), cheapest first,
+     with the same tolerance (1 accuracy point, 10 % FD). The cheapest certified adaptive plan and the cheapest
+     certified interval plan (the strongest fair baseline: same search, same tolerance) go on. Stored under ``--out``:
+     a rerun resumes.
   2. Race on fresh noise (seed ``--race-seed``: the winners' quality is not the quality that selected them): full
      guidance, the best interval plan, the certified adaptive plan, and the adaptive plan with the other local outside
      mode (local-cond <-> local-uncond) at the same window and radius: the measurement behind the default outside mode.
@@ -62,7 +64,8 @@ def search(model, summary: dict, args) -> dict:
     for kind in ("adaptive", "interval"):
         pool = [p for p in candidates if certify.kind(p) == kind]
         print(f"search: {len(pool)} {kind} candidates, cheapest first, {args.num} paired samples each", flush=True)
-        res = certify.certify(model, baseline, pool, num=args.num, seed=args.search_seed, tolerance=tol, n_boot=args.n_boot,
+        res = certify.certify(model, baseline, pool, num=args.num, seed=args.search_seed, tolerance=tol,
+                              n_boot=args.n_boot,
                               store=store, measure="cheapest", progress=True,
                               on_plan=lambda p, c: print(f"  {'measured' if c else 'stored  '} {p.name}", flush=True))
         for e in res.candidates:
@@ -100,13 +103,15 @@ def race(model, arms: dict[str, Plan], args) -> dict:
             x = sample(model, plan, labels[lo:hi], generator=gens)
             images[name].append(model.images(x).cpu())
             seconds[name] += time.perf_counter() - t0
-        print(f"  race batch {b + 1}/{len(starts)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
+        print(f"  race batch {b + 1}/{len(starts)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+              flush=True)
     judge = certify.Judge()
     rows = {k: judge.rows(torch.cat(v), labels) for k, v in images.items()}
     grid = model.grid(torch.empty(1, *model.sample_shape))
     out = {}
     for name, plan in arms.items():
-        out[name] = {"plan": plan.name, "description": plan.describe(), "seconds": seconds[name], "forwards": plan.forwards,
+        out[name] = {"plan": plan.name, "description": plan.describe(), "seconds": seconds[name],
+                     "forwards": plan.forwards,
                      "flops": plan_flops(model, plan, grid)["total"],
                      "quality": certify.quality(judge, rows[name], rows["full"], args.n_boot, args.race_seed)}
     return out
@@ -125,7 +130,8 @@ def digits_part(args) -> dict:
     swapped = other_outside(adaptive.plan)
     if swapped is not None:
         arms["adaptive_other_outside"] = swapped
-    print(f"race: {len(arms)} arms x {args.num} samples, {args.steps} steps, fresh noise (seed {args.race_seed})", flush=True)
+    print(f"race: {len(arms)} arms x {args.num} samples, {args.steps} steps, fresh noise (seed {args.race_seed})",
+          flush=True)
     res = race(model, arms, args)
     print(f"\ndit-digits, {args.steps} steps, w={found['guidance']:g}, guidance window {found['windows']['guidance']}, "
           f"attention window {found['windows']['attention']}, {args.num} samples per arm")
@@ -133,9 +139,12 @@ def digits_part(args) -> dict:
           f"{'digits-FD':>15s} {'FD ratio':>14s}")
     for name, r in res.items():
         q = r["quality"]
-        print(f"{name:24s} {r['seconds']:7.1f} {res['full']['seconds'] / r['seconds']:8.2f} {r['flops'] / res['full']['flops']:6.3f} "
-              f"{r['forwards']:4d} {q['accuracy']:8.4f} +- {q['accuracy_sigma']:.4f} {100 * q['accuracy_drop']:+6.2f} +- "
-              f"{100 * q['accuracy_drop_sigma']:.2f} {q['fd']:7.3f} +- {q['fd_sigma']:.3f} {q['fd_ratio']:6.3f} +- {q['fd_ratio_sigma']:.3f}")
+        speedup, flops = res["full"]["seconds"] / r["seconds"], r["flops"] / res["full"]["flops"]
+        print(f"{name:24s} {r['seconds']:7.1f} {speedup:8.2f} {flops:6.3f} "
+              f"{r['forwards']:4d} {q['accuracy']:8.4f} +- {q['accuracy_sigma']:.4f} "
+              f"{100 * q['accuracy_drop']:+6.2f} +- "
+              f"{100 * q['accuracy_drop_sigma']:.2f} {q['fd']:7.3f} +- {q['fd_sigma']:.3f} "
+              f"{q['fd_ratio']:6.3f} +- {q['fd_ratio_sigma']:.3f}")
     for name, r in res.items():
         print(f"  {name}: {r['description']}")
     return {"res": res, "arms": arms, "guidance": found["guidance"], "windows": found["windows"],
@@ -163,7 +172,8 @@ def _slice(arch: str):
         from critsample.models.dit import DiTDenoiser
         from critsample.noise import Schedule
 
-        tr = DiTTransformer2DModel(num_layers=1, sample_size=32 if arch == "dit-xl-256" else 64, in_channels=4, out_channels=8,
+        tr = DiTTransformer2DModel(num_layers=1, sample_size=32 if arch == "dit-xl-256" else 64, in_channels=4,
+                                   out_channels=8,
                                    num_embeds_ada_norm=1000)
         return DiTDenoiser(tr, Schedule(), name=arch), torch.tensor([207])
     if arch.startswith("sd3"):
@@ -180,7 +190,8 @@ def _slice(arch: str):
 
         from critsample.models.pixart import PixArtDenoiser
 
-        tr = PixArtTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=1,
+        tr = PixArtTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                                      num_layers=1,
                                       sample_size=128, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
                                       norm_type="ada_norm_single", use_additional_conditions=False)
         model, text = PixArtDenoiser(tr, max_sequence_length=300, name=arch), (300, 4096, 0)
@@ -189,7 +200,8 @@ def _slice(arch: str):
 
         from critsample.models.flux import FluxDenoiser
 
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=128,
                                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                                     guidance_embeds=True, axes_dims_rope=(16, 56, 56))
         model, text = FluxDenoiser(tr, sample_size=128, name=arch), (512, 4096, 768)
@@ -241,7 +253,8 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
     pat_interval = ["guided" if k == "guided" else "cond" for k in pat_certified]  # limited-interval at the same window
     pat_adaptive = ["guided" if k == "guided" else "local" for k in pat_certified]  # local at every step outside it
     pat_full = ["guided"] * len(pat_certified)
-    patterns = (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive), ("attention_window", pat_certified))
+    patterns = (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive),
+                ("attention_window", pat_certified))
     rows = []
     for arch, (radius, depth) in ARCHS.items():
         if only and arch not in only:
@@ -249,7 +262,8 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
         model, cond = _slice(arch)
         model.eval()
         x1 = torch.randn(1, *model.sample_shape)
-        kinds = {"guided": (None, 4.0), "cond": (None, None), "local": (radius, None)}  # local-cond outside: one forward
+        # local-cond outside: one forward
+        kinds = {"guided": (None, 4.0), "cond": (None, None), "local": (radius, None)}
         med = {k: s * depth for k, s in _time_kinds(model, x1, cond, kinds, repeats).items()}
         shape = transformer_shape(model)
         shape["layers"] = shape["layers"] * depth
@@ -262,7 +276,8 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
             "arch": arch, "grid": f"{grid[0]}x{grid[1]}", "radius": radius, "seconds_per_step": med,
             "speedup_adaptive_vs_interval": sec["interval"] / sec["adaptive"],
             "flops_bound_adaptive_vs_interval": flo["interval"] / flo["adaptive"],
-            "speedup_interval_vs_full": sec["full"] / sec["interval"], "speedup_adaptive_vs_full": sec["full"] / sec["adaptive"],
+            "speedup_interval_vs_full": sec["full"] / sec["interval"],
+            "speedup_adaptive_vs_full": sec["full"] / sec["adaptive"],
             "flops_ratio_adaptive_vs_full": flo["adaptive"] / flo["full"],
             # the same guidance window with dit-digits' certified attention window: global conditional steps inside it
             "speedup_attention_window_vs_interval": sec["interval"] / sec["attention_window"],
@@ -270,7 +285,8 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
         })
         r = rows[-1]
         print(f"{arch:18s} {r['grid']:>6s} {radius:3d} {med['guided']:9.2f} {med['cond']:8.2f} {med['local']:8.2f} "
-              f"{r['speedup_interval_vs_full']:9.2f} {r['speedup_adaptive_vs_full']:9.2f} {r['speedup_adaptive_vs_interval']:9.3f} "
+              f"{r['speedup_interval_vs_full']:9.2f} {r['speedup_adaptive_vs_full']:9.2f} "
+              f"{r['speedup_adaptive_vs_interval']:9.3f} "
               f"{r['flops_bound_adaptive_vs_interval']:9.3f} {r['speedup_attention_window_vs_interval']:9.3f} "
               f"{r['flops_bound_attention_window_vs_interval']:9.3f}", flush=True)
         del model
@@ -279,7 +295,8 @@ def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--summary", default="runs/detect-digits/summary.json", help="summary.json of critsample detect on dit-digits")
+    ap.add_argument("--summary", default="runs/detect-digits/summary.json",
+                    help="summary.json of critsample detect on dit-digits")
     ap.add_argument("--out", default="runs/bench-adaptive", help="stored samples of the search (a rerun resumes)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--num", type=int, default=600, help="samples per plan, in the search and in the race")
@@ -294,7 +311,8 @@ def main() -> None:
     ap.add_argument("--race-seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--n-boot", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3, help="least timing rounds of the architecture table (median); cheap slices get more")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="least timing rounds of the architecture table (median); cheap slices get more")
     ap.add_argument("--archs", nargs="*", default=None, help=f"subset of {', '.join(ARCHS)}")
     ap.add_argument("--skip-architectures", action="store_true")
     args = ap.parse_args()
@@ -304,11 +322,12 @@ def main() -> None:
     d = digits_part(args)
     rows = []
     if not args.skip_architectures:
-        print(f"\nReal architectures, random weights, batch 1, one thread; the certified plan's steps: {d['arms']['adaptive'].name}")
+        print("\nReal architectures, random weights, batch 1, one thread; the certified plan's steps: "
+              f"{d['arms']['adaptive'].name}")
         print(f"{'arch':18s} {'grid':>6s} {'r':>3s} {'s guided':>9s} {'s cond':>8s} {'s local':>8s} {'int/full':>9s} "
               f"{'ada/full':>9s} {'ada/int':>9s} {'FLOPs bnd':>9s} {'aw/int':>9s} {'FLOPs bnd':>9s}")
-        print("  (seconds per step of the whole network; ada: local attention at every step outside the guidance window;"
-              " aw: global inside dit-digits' certified attention window)")
+        print("  (seconds per step of the whole network; ada: local attention at every step outside the guidance"
+              " window; aw: global inside dit-digits' certified attention window)")
         rows = architecture_part(d["arms"]["adaptive"], args.repeats, args.archs)
     r = d["res"]
     other = r.get("adaptive_other_outside")
@@ -324,18 +343,23 @@ def main() -> None:
         "flops_ratio": r["adaptive"]["flops"] / r["full"]["flops"],
         "arch_speedup_vs_interval": {row["arch"]: row["speedup_adaptive_vs_interval"] for row in rows},
         "arch_flops_bound_vs_interval": {row["arch"]: row["flops_bound_adaptive_vs_interval"] for row in rows},
-        "arch_speedup_attention_window_vs_interval": {row["arch"]: row["speedup_attention_window_vs_interval"] for row in rows},
-        "arch_flops_bound_attention_window_vs_interval": {row["arch"]: row["flops_bound_attention_window_vs_interval"] for row in rows},
+        "arch_speedup_attention_window_vs_interval":
+            {row["arch"]: row["speedup_attention_window_vs_interval"] for row in rows},
+        "arch_flops_bound_attention_window_vs_interval":
+            {row["arch"]: row["flops_bound_attention_window_vs_interval"] for row in rows},
         "accuracy_drop_adaptive_points": 100 * r["adaptive"]["quality"]["accuracy_drop"],
         "accuracy_drop_adaptive_sigma_points": 100 * r["adaptive"]["quality"]["accuracy_drop_sigma"],
         "fd_ratio_adaptive": r["adaptive"]["quality"]["fd_ratio"],
         "fd_ratio_adaptive_sigma": r["adaptive"]["quality"]["fd_ratio_sigma"],
         "plan_adaptive": r["adaptive"]["plan"], "plan_interval": r["interval"]["plan"],
         "other_outside": other and {"plan": other["plan"], "accuracy": other["quality"]["accuracy"],
-                                    "accuracy_drop_points": 100 * other["quality"]["accuracy_drop"], "fd": other["quality"]["fd"],
+                                    "accuracy_drop_points": 100 * other["quality"]["accuracy_drop"],
+                                    "fd": other["quality"]["fd"],
                                     "speedup_vs_full": r["full"]["seconds"] / other["seconds"]},
         "setup": {"steps": args.steps, "num": args.num, "search_seed": args.search_seed, "race_seed": args.race_seed,
-                  "threads": 1, "fd": "digits-FD: Frechet distance of the digits classifier's penultimate features to the test split"},
+                  "threads": 1,
+                  "fd": "digits-FD: Frechet distance of the digits classifier's penultimate features to the test "
+                        "split"},
     })))
 
 

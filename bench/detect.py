@@ -38,7 +38,8 @@ def batched_over_plain(model, repeats: int = 3) -> dict:
             start = time.perf_counter()
             out[name] = score_gaps(model, states, times, cond, radii, max_batch=mb)
             best[name] = min(best[name], time.perf_counter() - start)
-    diff = max(float((out["batched"][k] - out["plain"][k]).abs().max() / out["plain"][k].abs().max().clamp_min(1e-12)) for k in out["plain"])
+    diff = max(float((out["batched"][k] - out["plain"][k]).abs().max() / out["plain"][k].abs().max().clamp_min(1e-12))
+               for k in out["plain"])
     return {
         "rows": rows,
         "batched_evals_per_s": rows / best["batched"],
@@ -70,7 +71,8 @@ def main() -> None:
     model = critsample.load(args.model)
     ratio = batched_over_plain(model)
     print(f"gap probe, {ratio['rows']} rows: batched {ratio['batched_evals_per_s']:.0f} evals/s, plain loop "
-          f"{ratio['plain_evals_per_s']:.0f} evals/s -> {ratio['ratio']:.2f}x (max relative difference {ratio['max_relative_difference']:.1e})")
+          f"{ratio['plain_evals_per_s']:.0f} evals/s -> {ratio['ratio']:.2f}x "
+          f"(max relative difference {ratio['max_relative_difference']:.1e})")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-detect-"))
     result = {"fast_seconds": None, "paper_seconds": None, "batched_over_plain": round(ratio["ratio"], 3)}
     for preset in ("fast",) if args.skip_paper else ("fast", "paper"):

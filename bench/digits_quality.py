@@ -58,7 +58,8 @@ def main() -> None:
 
     print(f"model {args.model}: guidance w={w:g}, {args.steps} steps, sampler ddim")
     print(f"conditional accuracy      {q_cond.accuracy:.4f} +- {q_cond.accuracy_sigma:.4f} ({len(labels)} samples)")
-    print(f"unconditional class range {min(q_unc.class_fractions):.3f} .. {max(q_unc.class_fractions):.3f} ({args.uncond} samples)")
+    lo, hi = min(q_unc.class_fractions), max(q_unc.class_fractions)
+    print(f"unconditional class range {lo:.3f} .. {hi:.3f} ({args.uncond} samples)")
     print(f"digits-FID uncond vs test {q_unc.fid:.3f} +- {q_unc.fid_sigma:.3f}   floor (train vs test) {floor:.3f}")
     print(f"classifier test accuracy  {test_acc:.4f}")
     print(f"grid: {out / 'digits_grid.png'}   sampling seconds: cond {cond.seconds:.1f}, uncond {uncond.seconds:.1f}")

@@ -1,6 +1,7 @@
 """Does training for locality outside the critical window make the cheap (adaptive) sampler better?
 
-    python bench/finetune_locality.py [--steps 1500] [--samples 500] [--window 0.3:0.7 | --summary S] [--radius 1] [--control]
+    python bench/finetune_locality.py [--steps 1500] [--samples 500] [--window 0.3:0.7 | --summary S] [--radius 1] \\
+        [--control]
 
 1. Snapshots the bundled dit-digits into ``OUT/base`` (the bundled weights may be replaced while this runs).
 2. Fine-tunes it with ``configs/fit/dit-digits-locality.yaml`` (radius ``--radius`` outside the window on a share of
@@ -85,11 +86,13 @@ def finetune(out: Path, base: Path, steps: int, window: tuple[float, float], sum
     code = main(args)
     if code != 0:
         raise SystemExit(code)
-    print(f"fine-tune: {steps} steps in {time.perf_counter() - start:.0f} s (wall, including resumed parts only)", flush=True)
+    print(f"fine-tune: {steps} steps in {time.perf_counter() - start:.0f} s (wall, including resumed parts only)",
+          flush=True)
     return export
 
 
-def evaluate_arm(model_dir: Path, plan_kind: str, window, radius: int, guidance: float, samples: int, steps: int, seed: int) -> dict:
+def evaluate_arm(model_dir: Path, plan_kind: str, window, radius: int, guidance: float, samples: int, steps: int,
+                 seed: int) -> dict:
     import critsample
     from critsample.evaluate import digits_quality, generate
     from critsample.flops import plan_flops
@@ -157,10 +160,12 @@ def main() -> None:
 
     def arm(name: str, model_dir: Path, kind: str) -> dict:
         if name not in cache:
-            cache[name] = evaluate_arm(model_dir, kind, window, args.radius, guidance, args.samples, args.sample_steps, args.seed)
+            cache[name] = evaluate_arm(model_dir, kind, window, args.radius, guidance, args.samples, args.sample_steps,
+                                       args.seed)
             cache_path.write_text(json.dumps(cache, indent=2))
             r = cache[name]
-            print(f"{name:16s} accuracy {r['accuracy']:.4f} +- {r['accuracy_sigma']:.4f}  FID {r['fid']:.3f} +- {r['fid_sigma']:.3f}  "
+            print(f"{name:16s} accuracy {r['accuracy']:.4f} +- {r['accuracy_sigma']:.4f}  "
+                  f"FID {r['fid']:.3f} +- {r['fid_sigma']:.3f}  "
                   f"({r['forwards']} forwards, {r['seconds']:.0f} s)", flush=True)
         return cache[name]
 
@@ -174,16 +179,19 @@ def main() -> None:
 
     print()
     print(f"base: dit-digits at step {base_meta.get('global_step')}; fine-tune: {args.steps} steps; window t in "
-          f"[{window[0]:g}, {window[1]:g}], radius {args.radius}, guidance {guidance:g}, {args.sample_steps} DDIM steps, "
+          f"[{window[0]:g}, {window[1]:g}], radius {args.radius}, guidance {guidance:g}, "
+          f"{args.sample_steps} DDIM steps, "
           f"{args.samples} samples per arm (same seeds before and after)")
     print(f"adaptive plan: {before['adaptive']['plan']}")
-    print(f"cost per sample: adaptive {before['adaptive']['forwards']} forwards / {before['adaptive']['gflops']:.3f} GFLOP, "
+    print(f"cost per sample: adaptive {before['adaptive']['forwards']} forwards / "
+          f"{before['adaptive']['gflops']:.3f} GFLOP, "
           f"full guidance {before['full']['forwards']} forwards / {before['full']['gflops']:.3f} GFLOP "
           f"(ratio {before['adaptive']['gflops'] / before['full']['gflops']:.2f})")
     print(f"{'arm':10s} {'accuracy before':>20s} {'accuracy after':>20s} {'FID before':>18s} {'FID after':>18s}")
     for k in ("adaptive", "full"):
         b, a = before[k], after[k]
-        print(f"{k:10s} {b['accuracy']:>12.4f} +- {b['accuracy_sigma']:.4f} {a['accuracy']:>12.4f} +- {a['accuracy_sigma']:.4f} "
+        print(f"{k:10s} {b['accuracy']:>12.4f} +- {b['accuracy_sigma']:.4f} "
+              f"{a['accuracy']:>12.4f} +- {a['accuracy_sigma']:.4f} "
               f"{b['fid']:>10.3f} +- {b['fid_sigma']:.3f} {a['fid']:>10.3f} +- {a['fid_sigma']:.3f}")
     for k, c in control.items():
         print(f"control ({k}, fine-tuned {args.steps} steps without schedules): accuracy {c['accuracy']:.4f} +- "

@@ -78,12 +78,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread is the fastest on a shared 2-core machine
     rows = []
-    print("| oracle | preset | estimator | measured log-SNR | theory | bias (nats) | bias (sigma) | width (nats) | valid |")
+    print("| oracle | preset | estimator | measured log-SNR | theory | bias (nats) | bias (sigma) | width (nats) "
+          "| valid |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.oracles:
         oracle = critsample.load(name)
         for preset in args.presets:
-            cfg = detect.DetectConfig.from_preset(preset, model=name, out=str(Path(args.out) / f"{name}-{preset}"), seed=args.seed, wandb=False)
+            cfg = detect.DetectConfig.from_preset(preset, model=name, out=str(Path(args.out) / f"{name}-{preset}"),
+                                                  seed=args.seed, wandb=False)
             s = detect.run(cfg, oracle)
             radius = s["probes"]["locality_gap"]["radius"]
             theory = {"forward_backward": fb_theory(oracle, cfg.fb.t_min), "cond_gap": gap_theory(oracle, None),
@@ -93,19 +95,22 @@ def main() -> None:
                 lam, sig = w["log_snr_center"], w["log_snr_uncertainty"]
                 bias = None if th is None or lam is None else lam - th
                 z = None if bias is None or not sig else bias / sig
-                row = {"oracle": oracle.name, "preset": preset, "estimator": est, "measured_log_snr": lam, "sigma_log_snr": sig,
+                row = {"oracle": oracle.name, "preset": preset, "estimator": est, "measured_log_snr": lam,
+                       "sigma_log_snr": sig,
                        "theory_log_snr": th, "bias_log_snr": bias, "bias_sigma": z, "width_log_snr": w["log_snr_width"],
                        "valid": w["valid"], "reason": w["reason"], "radius": radius if est == "locality_gap" else None}
                 rows.append(row)
                 f = lambda v, nd=2: "-" if v is None else f"{v:+.{nd}f}"  # noqa: E731
                 meas = "-" if lam is None else f"{lam:+.2f} +- {sig:.2f}"
-                print(f"| {name} | {preset} | {est}{f' (r = {radius})' if est == 'locality_gap' else ''} | {meas} | {f(th)} | {f(bias)} | "
+                label = f"{est} (r = {radius})" if est == "locality_gap" else est
+                print(f"| {name} | {preset} | {label} | {meas} | {f(th)} | {f(bias)} | "
                       f"{f(z, 1)} | {f(w['log_snr_width'])} | {'yes' if w['valid'] else 'no: ' + w['reason']} |")
     paper = [r for r in rows if r["preset"] == "paper" and r["valid"] and r["bias_sigma"] is not None]
     print(json.dumps({
         "rows": rows,
         "paper_valid_within_2_sigma": all(abs(r["bias_sigma"]) <= 2 for r in paper) if paper else None,
-        "paper_fb_sigma_max_log_snr": max((r["sigma_log_snr"] for r in paper if r["estimator"] == "forward_backward"), default=None),
+        "paper_fb_sigma_max_log_snr": max((r["sigma_log_snr"] for r in paper if r["estimator"] == "forward_backward"),
+                                          default=None),
     }))
 
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random diffusers pipelines saved to disk, built offline (diffusers-test style).
+"""Shared fixtures and helpers: tiny random diffusers pipelines saved to disk, built offline (diffusers-test style),
+the tiny digit-shaped DiT and fixed random classifier the probe and CLI tests run on, and the shrunk detect sizes.
+
+Every helper more than one test module uses lives here (test modules never import from each other). The CLI reaches
+the tiny classifier by its import path :data:`CLASSIFIER` (``conftest`` is importable: tests/ is on ``sys.path``).
 
 Nothing in the test session may download: ``HF_HUB_OFFLINE`` is set before any Hugging Face library is imported,
 and the tokenizers of the tiny SD3 pipeline are built from in-memory vocabularies.
@@ -15,6 +19,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import huggingface_hub.constants  # noqa: E402
@@ -39,6 +44,83 @@ VAE_SCALE = 2  # the tiny VAE has two blocks: 2 image pixels per latent pixel
 FLUX_LATENT_CHANNELS = 4  # the tiny FLUX VAE's; the transformer takes 2x2-packed latents: in_channels 16
 FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611  # FLUX.1's VAE factors
 
+# -- the probe / CLI helpers -----------------------------------------------------------------------
+CLASSIFIER = "conftest:tiny_classifier"  # --classifier import path of TinyClassifier
+# The fast preset with every size shrunk (seconds on CPU): the CLI overrides are the user's way to do this.
+SMALL = [
+    "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
+    "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
+    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3",
+    "--windows.radii", "[1]",
+]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_digit_dit(seed: int = 0, name: str = "tiny-digits"):
+    """A random class-conditional DiT on the 8 x 8 digit grid (patch 1, 10 classes), the shape of dit-digits."""
+    from diffusers import DiTTransformer2DModel
+
+    from critsample.models.dit import DiTDenoiser
+    from critsample.noise import Schedule
+
+    torch.manual_seed(seed)
+    tr = DiTTransformer2DModel(
+        num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=1, in_channels=1,
+        out_channels=1, num_embeds_ada_norm=10,
+    ).eval()
+    return DiTDenoiser(tr, Schedule(), num_classes=10, name=name, dataset="digits").eval()
+
+
+def save_tiny_digit_dit(folder: Path) -> Path:
+    """:func:`tiny_digit_dit` as a local model folder (transformer/ + critsample.json), as ``--model`` takes it."""
+    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
+    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
+    return folder
+
+
+class TinyClassifier(torch.nn.Module):
+    """A fixed random classifier of images in [0, 1] of any size and channels (channel mean, pooled to 8 x 8):
+    logits over 10 classes, 16 tanh features."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(123)
+        self.w1 = torch.nn.Parameter(torch.randn(64, 16, generator=g) * 0.5, requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(16, 10, generator=g), requires_grad=False)
+        self.num_features = 16
+
+    def features(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8)
+        return torch.tanh((x.reshape(x.shape[0], -1) - 0.5) @ self.w1)
+
+    def forward(self, x):
+        return self.features(x) @ self.w2
+
+    predict_logits = forward
+
+
+def tiny_classifier() -> TinyClassifier:  # the CLI's import path: CLASSIFIER
+    return TinyClassifier()
+
+
+def small_config(out, **kw):
+    """The fast preset shrunk to seconds, as a DetectConfig: 3 samples, 5 steps, 3 noise levels, 4 window positions."""
+    from critsample.detect import DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs
+
+    cfg = DetectConfig(
+        model="tiny", out=str(out), wandb=False, seed=3,
+        gaps=GapArgs(steps=5, samples=3, batch=2, radii=[1, 2]),
+        fb=ForwardBackwardArgs(num_t=3, t_min=0.2, t_max=0.8, samples=4, steps=5, batch=2, radii=[1]),
+        windows=WindowArgs(steps=5, t0_step=0.25, samples=3, batch=3, radii=[1]),
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
 
 def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
     from diffusers import DiTTransformer2DModel
@@ -51,13 +133,16 @@ def tiny_dit_transformer(num_layers: int = 2, seed: int = 0):
     ).eval()
 
 
-def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215, seed: int = 0):
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215,
+             seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, sample_size=16,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2,
+        sample_size=16,
         shift_factor=shift_factor, scaling_factor=scaling_factor,
     ).eval()
 
@@ -96,7 +181,8 @@ def _tiny_text_encoders(clip_vocab: int, t5_vocab: int):
     # CLIP hidden 16 + 16 = 32 = T5 d_model = joint_attention_dim; pooled 8 + 8 = 16 = pooled_projection_dim.
     clip_cfg = dict(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-        num_hidden_layers=2, vocab_size=clip_vocab, max_position_embeddings=CLIP_LENGTH, projection_dim=8, hidden_act="gelu",
+        num_hidden_layers=2, vocab_size=clip_vocab, max_position_embeddings=CLIP_LENGTH, projection_dim=8,
+        hidden_act="gelu",
     )
     torch.manual_seed(1)
     te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
@@ -115,9 +201,10 @@ def tiny_pixart_transformer(sample_size: int = 8, seed: int = 0):
 
     torch.manual_seed(seed)
     # learned sigma (out = 2 x in), as the PixArt checkpoints; width 24 = cross_attention_dim (the caption projection
-    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions take 2 thirds resolution, 1 third aspect ratio)
+    # maps T5 to the width) and a multiple of 3 (alpha's micro-conditions: 2 thirds resolution, 1 third aspect ratio)
     return PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2, sample_size=sample_size,
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=sample_size,
         patch_size=2, cross_attention_dim=24, caption_channels=PIXART_CAPTION, norm_num_groups=1,
     ).eval()
 
@@ -131,13 +218,16 @@ def save_pixart(folder: Path, pipeline_cls: str, sample_size: int) -> Path:
     _, t5_tok = _tiny_tokenizers()
     torch.manual_seed(3)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=PIXART_CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        vocab_size=len(t5_tok), d_model=PIXART_CAPTION, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )).eval()
     # PixArt's own integrator: DPM-Solver++ over linear betas 1e-4..0.02, eps-prediction
-    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    scheduler = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon")
     pipe = getattr(diffusers, pipeline_cls)(
-        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size), scheduler=scheduler,
+        tokenizer=t5_tok, text_encoder=t5, vae=tiny_vae(), transformer=tiny_pixart_transformer(sample_size),
+        scheduler=scheduler,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -161,7 +251,8 @@ def flux_scheduler(dev: bool):
 
     if dev:
         return FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
         )
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
@@ -179,11 +270,13 @@ def save_flux(folder: Path, dev: bool) -> Path:
     )).eval()  # pooled 16 = pooled_projection_dim
     torch.manual_seed(2)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )).eval()  # d_model 32 = joint_attention_dim
     FluxPipeline(
-        scheduler=flux_scheduler(dev), vae=tiny_vae(FLUX_LATENT_CHANNELS, shift_factor=FLUX_VAE_SHIFT, scaling_factor=FLUX_VAE_SCALE),
+        scheduler=flux_scheduler(dev),
+        vae=tiny_vae(FLUX_LATENT_CHANNELS, shift_factor=FLUX_VAE_SHIFT, scaling_factor=FLUX_VAE_SCALE),
         text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
         transformer=tiny_flux_transformer(guidance_embeds=dev),
     ).save_pretrained(folder)
@@ -207,13 +300,26 @@ def save_sd3(folder: Path, **transformer_kw) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny digit-shaped DiT (one per test module: tests may set its attributes)."""
+    return tiny_digit_dit()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny digit-shaped DiT saved as a local model folder (read only: tests copy it to change it)."""
+    return save_tiny_digit_dit(tmp_path_factory.mktemp("tiny-digit-dit"))
+
+
 @pytest.fixture(scope="session")
 def dit_folder(tmp_path_factory) -> Path:
     """A diffusers DiTPipeline folder: tiny learned-sigma DiT (1000 classes), tiny VAE, DDIM."""
     from diffusers import DDIMScheduler, DiTPipeline
 
     folder = tmp_path_factory.mktemp("tiny-dit")
-    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=True)
     DiTPipeline(transformer=tiny_dit_transformer(), vae=tiny_vae(), scheduler=scheduler).save_pretrained(folder)
     return folder
 

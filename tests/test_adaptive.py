@@ -22,9 +22,10 @@ def digits():
 
 @pytest.mark.parametrize("outside, mode", [(None, "cond"), ("local-cond", "cond"), ("local-uncond", "uncond")])
 def test_adaptive_plan_follows_the_window(digits, outside, mode):
-    p = plans.adaptive(digits, 20, 1.5, (0.3, 0.6), 2, *([outside] if outside else []))  # default: local-cond (measured)
+    # default: local-cond (measured)
+    p = plans.adaptive(digits, 20, 1.5, (0.3, 0.6), 2, *([outside] if outside else []))
     assert len(p.steps) == len(p.times) == 20
-    for t, s in zip(p.times, p.steps):
+    for t, s in zip(p.times, p.steps, strict=True):
         inside = 0.3 <= t <= 0.6
         assert s == (Step("guided", None, 1.5) if inside else Step(mode, 2, 1.0))
     assert p.forwards == sum(2 if 0.3 <= t <= 0.6 else 1 for t in p.times)
@@ -34,7 +35,7 @@ def test_adaptive_plan_follows_the_window(digits, outside, mode):
 
 def test_interval_plan_is_conditional_outside(digits):
     p = plans.interval_guidance(digits, 10, 2.0, "0.2:0.5")
-    assert {s.mode for t, s in zip(p.times, p.steps) if not 0.2 <= t <= 0.5} == {"cond"}
+    assert {s.mode for t, s in zip(p.times, p.steps, strict=True) if not 0.2 <= t <= 0.5} == {"cond"}
 
 
 def test_full_guidance_plan_equals_the_plain_sampler_loop(digits):
@@ -99,7 +100,8 @@ def test_adaptive_cli_end_to_end_on_dit_digits(tmp_path):
 ])
 def test_bad_summary_exits_2(tmp_path, capsys, summary, fragment):
     (tmp_path / "s.json").write_text(json.dumps(summary))
-    code = main(["sample", "--model", "dit-digits", "--adaptive", "--summary", str(tmp_path / "s.json"), "--radius", "1",
+    code = main(["sample", "--model", "dit-digits", "--adaptive", "--summary", str(tmp_path / "s.json"), "--radius",
+                 "1",
                  "--num", "2", "--steps", "2", "--out", str(tmp_path / "o"), "--no-wandb"])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMALL
 
 import critsample
 from critsample import certify, plans
@@ -58,7 +59,8 @@ def test_chosen_plan_satisfies_the_rule_and_is_the_cheapest(measured):
         assert e["certified"] == (q["accuracy_drop"] <= 0.01 and q["fd_ratio"] <= 1.10)
         assert e["cost"]["forwards"] == Plan.from_dict(e["plan"]).forwards
     chosen = [e for e in entries if e["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["certified"] and chosen[0]["name"] == d["name"] and d["plan"] == chosen[0]["plan"]
+    assert len(chosen) == 1 and chosen[0]["certified"]
+    assert chosen[0]["name"] == d["name"] and d["plan"] == chosen[0]["plan"]
     assert all(_price(chosen[0]) <= _price(e) for e in entries if e["certified"])
     assert d["quality"]["accuracy_drop"] <= d["tolerance"]["accuracy_points"] / 100
     assert d["quality"]["fd_ratio"] <= 1 + d["tolerance"]["fd_relative"]
@@ -78,7 +80,8 @@ def test_impossible_tolerance_falls_back_to_the_baseline_and_nothing_is_sampled_
     losing = [e for e in result.candidates if e["quality"]["accuracy_drop"] > 0]
     assert losing, "the local-uncond plan at this window is known to lose accuracy on dit-digits"
     before = store.computed
-    again = certify.certify(model, baseline, [Plan.from_dict(e["plan"]) for e in losing], num=NUM, seed=0, n_boot=BOOT, store=store,
+    again = certify.certify(model, baseline, [Plan.from_dict(e["plan"]) for e in losing], num=NUM, seed=0, n_boot=BOOT,
+                            store=store,
                             tolerance=certify.Tolerance(0.0, 0.10))
     assert store.computed == before  # every plan's samples were stored
     assert again.chosen is again.baseline and again.plan.steps == baseline.steps
@@ -93,8 +96,11 @@ def test_cheapest_first_search_makes_the_same_choice_and_stops_there(measured):
     key = {e["name"]: (_price(e), e["cost"]["forwards"]) for e in full.candidates}
     measured_names = {e["name"] for e in fast.candidates}
     # every candidate strictly cheaper than the choice was measured and failed; none dearer was measured
-    assert all(n in measured_names and not e["certified"] for e in full.candidates if key[(n := e["name"])] < key[full.chosen["name"]]) \
-        if full.chosen is not full.baseline else len(measured_names) == len(candidates)
+    if full.chosen is not full.baseline:
+        cheaper = [e for e in full.candidates if key[e["name"]] < key[full.chosen["name"]]]
+        assert all(e["name"] in measured_names and not e["certified"] for e in cheaper)
+    else:
+        assert len(measured_names) == len(candidates)
     assert fast.chosen is fast.baseline or all(key[n] <= key[fast.chosen["name"]] for n in measured_names)
     assert fast.to_dict()["setup"]["candidates_measured"] == len(measured_names) <= len(candidates)
     with pytest.raises(UserError, match="measure is"):
@@ -102,7 +108,8 @@ def test_cheapest_first_search_makes_the_same_choice_and_stops_there(measured):
 
 
 @pytest.mark.parametrize("bad, said", [(["--measure", "some"], "--measure is all or cheapest"),
-                                        (["--accuracy_tolerance", "-1"], "accuracy tolerance"), (["--num", "1"], "--num must")])
+                                        (["--accuracy_tolerance", "-1"], "accuracy tolerance"),
+                                        (["--num", "1"], "--num must")])
 def test_bad_tune_input_is_one_sentence_before_any_work(tmp_path, capsys, bad, said):
     (tmp_path / "summary.json").write_text(json.dumps({"model": "dit-digits"}))
     assert main(["tune", "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "t"), *bad]) == 2
@@ -121,7 +128,8 @@ def test_plan_kinds_are_read_from_the_steps(model):
 def test_paired_noise_plans_equal_to_the_baseline_give_identical_samples(model):
     full = plans.full_guidance(model, 4, model.default_guidance)
     copy = Plan.from_dict({**full.to_dict(), "name": "a copy"})
-    a, b = certify.paired_samples(model, full, 12, seed=3), certify.paired_samples(model, copy, 12, seed=3, batch_size=5)
+    a, b = certify.paired_samples(model, full, 12, seed=3), certify.paired_samples(model, copy, 12, seed=3,
+                                                                                   batch_size=5)
     assert torch.allclose(a["images"], b["images"], atol=1e-5) and torch.equal(a["labels"], torch.arange(12) % 10)
     other = certify.paired_samples(model, full, 12, seed=4)
     assert not torch.allclose(a["images"], other["images"], atol=1e-3)
@@ -129,15 +137,18 @@ def test_paired_noise_plans_equal_to_the_baseline_give_identical_samples(model):
 
 def test_search_starts_from_the_summary_windows(model):
     s = {"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.6, "valid": True},
-         "windows": {"window_cond": {"t_start": 0.3, "t_end": 0.5, "valid": True}, "window_locality": {"t_start": 0.1, "t_end": 0.4, "valid": False},
+         "windows": {"window_cond": {"t_start": 0.3, "t_end": 0.5, "valid": True},
+                     "window_locality": {"t_start": 0.1, "t_end": 0.4, "valid": False},
                      "forward_backward_local": {"t_start": 0.4, "t_end": 0.7, "valid": True}}, "suggested_radius": 2}
     wins = certify.summary_windows(s)
     assert wins == {"guidance": ((0.3, 0.5), "window_cond"), "attention": ((0.4, 0.7), "forward_backward_local")}
-    assert certify.grid_windows((0.3, 0.5), certify.Grid(shifts=(-0.5, 0.0), scales=(1.0, 4.0))) == [(0.2, 0.4), (0.3, 0.5), (0.0, 0.7), (0.0, 0.8)]
+    assert certify.grid_windows((0.3, 0.5), certify.Grid(shifts=(-0.5, 0.0), scales=(1.0, 4.0))) == [
+        (0.2, 0.4), (0.3, 0.5), (0.0, 0.7), (0.0, 0.8)]
     found = certify.search(model, s, 20, 1.5, certify.Grid(shifts=(0.0,), scales=(1.0,)))
     names = [p.name for p in found]
     # interval, local-uncond / local-cond with and without the attention window, global-uncond: distinct steps
-    assert len(names) == 6 and names[0].startswith("interval[0.3,0.5]") and any("r=2, attention[0.4,0.7]" in n for n in names)
+    assert len(names) == 6 and names[0].startswith("interval[0.3,0.5]")
+    assert any("r=2, attention[0.4,0.7]" in n for n in names)
     with pytest.raises(UserError, match="no valid guidance window"):
         certify.summary_windows({"windows": {"window_cond": {"t_start": 0.3, "t_end": 0.5, "valid": False}}})
 
@@ -149,32 +160,36 @@ def test_certified_plan_is_read_and_checked():
 
 
 def test_tune_end_to_end_then_resume_then_sample_uses_the_plan(tmp_path, capsys, monkeypatch):
-    from test_detect_cli import SMALL
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     det = tmp_path / "det"
     assert main(["detect", "--model", "dit-digits", "--preset", "fast", *SMALL, "--out", str(det), "--no-wandb"]) == 0
     tune = ["tune", "--summary", str(det / "summary.json"), "--num", str(NUM), "--steps", str(STEPS), "--shifts", "[0]",
-            "--scales", "[1]", "--outside", "[local-uncond, local-cond]", "--n_boot", "20", "--out", str(tmp_path / "tune"), "--device", "cpu"]
+            "--scales", "[1]", "--outside", "[local-uncond, local-cond]", "--n_boot", "20", "--out",
+            str(tmp_path / "tune"), "--device", "cpu"]
     assert main(tune) == 0
     assert "certified:" in capsys.readouterr().out
     frontier = json.loads((tmp_path / "tune" / "frontier.json").read_text())
     assert (tmp_path / "tune" / "frontier.png").stat().st_size > 0
     assert frontier["setup"]["units_computed_this_run"] == 1 + len(frontier["candidates"]) >= 3
     summary = json.loads((det / "summary.json").read_text())
-    assert summary["plan"]["plan"] == frontier["plan"] and summary["critical_window"] is not None and "candidates" not in summary["plan"]
+    assert summary["plan"]["plan"] == frontier["plan"] and "candidates" not in summary["plan"]
+    assert summary["critical_window"] is not None
     assert summary_io.read(det / "summary.json", "dit-digits")["plan"]["tolerance"]["accuracy_points"] == 1.0
     # started again: nothing sampled, the same choice and numbers
     assert main(tune) == 0
     again = json.loads((tmp_path / "tune" / "frontier.json").read_text())
-    assert again["setup"]["units_computed_this_run"] == 0 and again["setup"]["units_loaded"] == frontier["setup"]["units_computed_this_run"]
-    assert again["plan"] == frontier["plan"] and again["candidates"] == frontier["candidates"] and again["baseline"] == frontier["baseline"]
+    assert again["setup"]["units_computed_this_run"] == 0
+    assert again["setup"]["units_loaded"] == frontier["setup"]["units_computed_this_run"]
+    assert again["plan"] == frontier["plan"] and again["candidates"] == frontier["candidates"]
+    assert again["baseline"] == frontier["baseline"]
     # sample --adaptive --summary runs the certified plan; explicit --window / --radius take precedence
     out = tmp_path / "sample"
-    assert main(["sample", "--adaptive", "--summary", str(det / "summary.json"), "--steps", str(STEPS), "--num", "4", "--out", str(out),
+    assert main(["sample", "--adaptive", "--summary", str(det / "summary.json"), "--steps", str(STEPS), "--num", "4",
+                 "--out", str(out),
                  "--no-wandb", "--device", "cpu"]) == 0
     assert json.loads((out / "run.json").read_text())["plan"] == summary["plan"]["plan"]
-    assert main(["sample", "--adaptive", "--summary", str(det / "summary.json"), "--steps", str(STEPS), "--num", "2", "--out", str(out),
+    assert main(["sample", "--adaptive", "--summary", str(det / "summary.json"), "--steps", str(STEPS), "--num", "2",
+                 "--out", str(out),
                  "--window", "0.2:0.5", "--radius", "1", "--no-wandb", "--device", "cpu"]) == 0
     assert json.loads((out / "run.json").read_text())["plan"]["name"].startswith("adaptive[0.2,0.5]")
     assert math.isfinite(frontier["quality"]["fd"])

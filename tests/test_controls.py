@@ -58,8 +58,10 @@ def nl_theory(oracle, radius: int, n: int = 800) -> float:
 
 def _control(tmp_path, name: str, radius: int, tolerance: float, samples: int = 384) -> dict:
     cfg = detect.DetectConfig.from_preset(
-        "fast", model=name, out=str(tmp_path), wandb=False, probes=["forward_backward", "locality_gap"], concurrence_tolerance=tolerance,
-        fb={"num_t": 19, "t_min": SB_T_MIN, "t_max": 0.95, "samples": samples, "steps": 40, "batch": samples, "radii": []},
+        "fast", model=name, out=str(tmp_path), wandb=False, probes=["forward_backward", "locality_gap"],
+        concurrence_tolerance=tolerance,
+        fb={"num_t": 19, "t_min": SB_T_MIN, "t_max": 0.95, "samples": samples, "steps": 40, "batch": samples,
+            "radii": []},
         gaps={"steps": 40, "samples": 96, "batch": 96, "radii": [radius], "trajectories": ["train"]},
     )
     return detect.run(cfg, critsample.load(name))
@@ -67,7 +69,8 @@ def _control(tmp_path, name: str, radius: int, tolerance: float, samples: int = 
 
 def _near(w: dict, theory: float) -> None:
     assert w["valid"], w["reason"]
-    assert abs(w["log_snr_center"] - theory) <= 2.5 * w["log_snr_uncertainty"] + 0.15, (w["probe"], w["log_snr_center"], theory, w["log_snr_uncertainty"])
+    assert abs(w["log_snr_center"] - theory) <= 2.5 * w["log_snr_uncertainty"] + 0.15, (
+        w["probe"], w["log_snr_center"], theory, w["log_snr_uncertainty"])
 
 
 def test_negative_control_is_not_concurrent(tmp_path):
@@ -113,7 +116,8 @@ def test_a_field_without_classes_has_no_symmetry_breaking_window(tmp_path):
     s = detect.run(cfg, critsample.load(name))
     assert not s["windows"]["cond_gap"]["valid"] and not s["windows"]["forward_backward"]["valid"]
     assert s["symmetry_breaking_window"] is None
-    assert s["concurrence"]["overall"]["outcome"] == "no window" and s["concurrence"]["instantaneous"]["outcome"] == "no window"
+    assert s["concurrence"]["overall"]["outcome"] == "no window"
+    assert s["concurrence"]["instantaneous"]["outcome"] == "no window"
 
 
 def test_forward_backward_uncertainty_covers_the_truth_about_68_percent(tmp_path):
@@ -141,7 +145,8 @@ def test_coverage_table_for_the_docs(tmp_path):
     z = []
     for seed in range(100):
         cfg = detect.DetectConfig.from_preset(
-            "fast", model=oracle.name, out=str(tmp_path / str(seed)), wandb=False, seed=seed, probes=["forward_backward"],
+            "fast", model=oracle.name, out=str(tmp_path / str(seed)), wandb=False, seed=seed,
+            probes=["forward_backward"],
             fb={"num_t": 13, "t_min": 0.1, "t_max": 0.9, "samples": 64, "steps": 40, "batch": 64, "radii": []})
         w = detect.run(cfg, oracle)["windows"]["forward_backward"]
         z.append((w["log_snr_center"] - truth) / w["log_snr_uncertainty"])

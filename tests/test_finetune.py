@@ -36,8 +36,10 @@ def _config(root: Path, init_from: Path, max_steps: int, **extra) -> Path:
     t.update(default_root_dir=str(root), max_steps=max_steps, limit_train_batches=2, check_val_every_n_epoch=1,
              limit_val_batches=1, enable_progress_bar=False, num_sanity_val_steps=0)
     t["logger"] = [
-        {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(root), "offline": True, "project": "critsample"}},
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv", "version": 0}},
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"save_dir": str(root), "offline": True, "project": "critsample"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": str(root), "name": "csv", "version": 0}},
     ]
     ema, ckpt, evaluation = t["callbacks"]
     ckpt["init_args"].update(dirpath=str(root / "checkpoints"), every_n_train_steps=1)
@@ -114,7 +116,8 @@ def test_summary_seeds_the_schedules_in_the_cli(tiny_model, tmp_path):
     summary.write_text(json.dumps({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.45}}))
     cfg = _config(tmp_path, tiny_model, max_steps=1)
     assert main(["fit", "--config", str(cfg), f"--model.radius_schedule.summary={summary}",
-                 f"--model.loss_weighting.summary={summary}", "--trainer.logger=false", "--trainer.limit_val_batches=0"]) == 0
+                 f"--model.loss_weighting.summary={summary}", "--trainer.logger=false",
+                 "--trainer.limit_val_batches=0"]) == 0
     hp = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
     assert hp["radius_schedule"]["window"] == [0.2, 0.45] and hp["loss_weighting"]["window"] == [0.2, 0.45]
     logged = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
@@ -146,7 +149,8 @@ def test_shipped_fit_configs_load_without_weights(configs, capsys):
 
 def test_fit_configs_are_all_tested():
     shipped = {p.name for p in (REPO / "configs/fit").glob("*.yaml")}
-    assert shipped == {"dit-digits.yaml", "dit-digits-locality.yaml", "dit-xl-latents.yaml", "dit-xl-imagefolder.yaml", "fsdp.yaml"}
+    assert shipped == {"dit-digits.yaml", "dit-digits-locality.yaml", "dit-xl-latents.yaml", "dit-xl-imagefolder.yaml",
+                       "fsdp.yaml"}
 
 
 def test_export_from_a_gathered_state_dict_matches_the_module(tiny_model, tmp_path):
@@ -227,10 +231,12 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tiny_model, tmp_path):
 
     cfg = _config(tmp_path, tiny_model, max_steps=3)
     report = tmp_path / "sync.json"
-    callbacks = json.dumps([{"class_path": "critsample.finetune.callbacks.RankSyncCheck", "init_args": {"path": str(report)}}])
+    callbacks = json.dumps([{"class_path": "critsample.finetune.callbacks.RankSyncCheck",
+                             "init_args": {"path": str(report)}}])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "critsample.cli", "fit", "--config", str(cfg), "--trainer.accelerator=cpu",
-           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger=false", f"--trainer.callbacks={callbacks}",
+           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger=false",
+           f"--trainer.callbacks={callbacks}",
            "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0", "--ckpt_path=null",
            f"--model.export_dir={tmp_path / 'export'}"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -241,7 +247,8 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tiny_model, tmp_path):
     assert r["first_batch_checksums"][0] != r["first_batch_checksums"][1], "each rank must get its own shard of data"
     base = load_file(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors")
     tuned = load_file(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert sum(float((tuned[k].double() - v.double()).abs().sum()) for k, v in base.items()) > 0, "training moved the weights"
+    moved = sum(float((tuned[k].double() - v.double()).abs().sum()) for k, v in base.items())
+    assert moved > 0, "training moved the weights"
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +272,8 @@ def _xl_config(root: Path, model: Path, data: dict, config: str) -> Path:
     t = cfg["trainer"]
     t.update(accelerator="cpu", precision="32-true", max_steps=2, default_root_dir=str(root), val_check_interval=2,
              limit_val_batches=1, enable_progress_bar=False, num_sanity_val_steps=0)
-    t["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv", "version": 0}}
+    t["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": str(root), "name": "csv", "version": 0}}
     t["callbacks"] = [c for c in t["callbacks"] if not c["class_path"].endswith("LearningRateMonitor")]
     for c in t["callbacks"]:
         if c["class_path"].endswith("ModelCheckpoint"):

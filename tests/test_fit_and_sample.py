@@ -51,7 +51,8 @@ def test_fit_writes_checkpoint_export_and_offline_wandb(trained):
 
 
 def test_export_holds_ema_weights(trained):
-    """The exported transformer is the EMA average (Lightning's callback swaps it in at the end), not the raw weights."""
+    """The exported transformer is the EMA average (Lightning's callback swaps it in at the end), not the raw
+    weights."""
     from safetensors.torch import load_file
 
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import inspect
+import itertools
 import shutil
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_sample_a_latent_dit_with_vae_through_run_and_cli(dit, dit_folder, tmp_p
     record = generate.run(_cfg(tmp_path / "lib", model=str(dit_folder), num=3, batch_size=2, classes=[1, 2]), model=dit)
     assert record["cost"]["samples_computed_this_run"] == 3
     cli_out = tmp_path / "cli"
-    code = main(["sample", "--model", str(dit_folder), "--class", "1", "2", "--num", "3", "--steps", "3", "--batch_size", "2",
+    code = main(["sample", "--model", str(dit_folder), "--class", "1", "2", "--num", "3", "--steps", "3",
+                 "--batch_size", "2",
                  "--device", "cpu", "--wandb", "false", "--out", str(cli_out)])
     assert code == 0
     for out in (tmp_path / "lib", cli_out):
@@ -56,7 +58,8 @@ def test_sample_a_latent_dit_with_vae_through_run_and_cli(dit, dit_folder, tmp_p
         assert images.shape == (3, 3, 16, 16) and images.dtype == np.float32
         assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     # the CLI loads the same weights: the same samples as the library
-    np.testing.assert_array_equal(np.load(cli_out / "samples.npz")["images"], np.load(tmp_path / "lib" / "samples.npz")["images"])
+    np.testing.assert_array_equal(np.load(cli_out / "samples.npz")["images"],
+                                  np.load(tmp_path / "lib" / "samples.npz")["images"])
 
 
 # -- 2. per-sample determinism, resume keyed by the weights -----------------------------------------
@@ -64,12 +67,14 @@ def test_sample_a_latent_dit_with_vae_through_run_and_cli(dit, dit_folder, tmp_p
 
 def test_noise_of_a_sample_depends_on_seed_and_index_only(digits):
     whole = noise(digits, [sample_generator(0, i) for i in range(8)])
-    parts = torch.cat([noise(digits, [sample_generator(0, i) for i in range(lo, min(8, lo + 3))]) for lo in range(0, 8, 3)])
+    parts = torch.cat([noise(digits, [sample_generator(0, i) for i in range(lo, min(8, lo + 3))])
+                       for lo in range(0, 8, 3)])
     assert whole.shape == (8, *digits.sample_shape) and torch.equal(whole, parts)
     # diffusers' randn_tensor semantics: row i is drawn alone from its generator
     assert torch.equal(whole[5:6], torch.randn(1, *digits.sample_shape, generator=sample_generator(0, 5)))
     other = noise(digits, [sample_generator(1, 0)])
-    assert not any(torch.equal(other[0], whole[i]) for i in range(8))  # seed + b collided: seed 1 batch 0 = seed 0 batch 1
+    # seed + b collided: seed 1 batch 0 = seed 0 batch 1
+    assert not any(torch.equal(other[0], whole[i]) for i in range(8))
 
 
 def test_batch_size_does_not_change_samples_and_seeds_do_not_collide(digits, tmp_path, monkeypatch):
@@ -134,7 +139,8 @@ def test_resume_is_keyed_by_weights_and_stores_npz(dit, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate.run(_cfg(out, model="tiny", num=4, batch_size=2, classes=[3]), model=dit)
     monkeypatch.setattr(generate, "sample", real_sample)
-    assert generate.run(_cfg(out, model="tiny", num=4, batch_size=2, classes=[3]), model=dit)["cost"]["samples_computed_this_run"] == 2
+    assert generate.run(_cfg(out, model="tiny", num=4, batch_size=2, classes=[3]),
+                        model=dit)["cost"]["samples_computed_this_run"] == 2
     np.testing.assert_array_equal(np.load(out / "samples.npz")["images"], a)
 
 
@@ -149,7 +155,8 @@ def test_a_folder_of_pickled_weights_is_refused_in_one_sentence(tmp_path, capsys
         critsample.load(str(folder))
     msg = str(e.value)
     assert str(folder) in msg and "pickle" in msg and "run code" in msg and "safe_serialization=True" in msg
-    code = main(["sample", "--model", str(folder), "--num", "1", "--steps", "1", "--wandb", "false", "--out", str(tmp_path / "o")])
+    code = main(["sample", "--model", str(folder), "--num", "1", "--steps", "1", "--wandb", "false", "--out",
+                 str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     # the same weights as safetensors load
@@ -159,14 +166,16 @@ def test_a_folder_of_pickled_weights_is_refused_in_one_sentence(tmp_path, capsys
     # the explicit opt-in for files the user trusts, from Python and from the CLI; it does not outlive the call
     trusted = critsample.load(str(folder), trust_pickled_weights=True)
     safe_model = critsample.load(str(safe))
-    assert all(torch.equal(a, b) for a, b in zip(trusted.state_dict().values(), safe_model.state_dict().values()))
+    pairs = zip(trusted.state_dict().values(), safe_model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     # same weights; the outputs agree to float rounding, not bitwise (the two loaders leave the tensors at different
     # memory alignments, and CPU kernels pick their vector paths by alignment)
     x, t, c = torch.randn(1, *trusted.sample_shape), 0.5, torch.tensor([1])
     torch.testing.assert_close(trusted.predict(x, t, c), safe_model.predict(x, t, c), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="only pickled weights"):
         critsample.load(str(folder))
-    assert main(["sample", "--model", str(folder), "--trust_pickled_weights", "--num", "1", "--steps", "1", "--wandb", "false",
+    assert main(["sample", "--model", str(folder), "--trust_pickled_weights", "--num", "1", "--steps", "1", "--wandb",
+                 "false",
                  "--out", str(tmp_path / "o2")]) == 0
 
 
@@ -189,7 +198,7 @@ def test_sd3_text_encoders_must_be_safetensors(sd3_folder, tmp_path):
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings of a dataclass, read from its source."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+    return {a.target.id: b.value.value for a, b in itertools.pairwise(body)
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
@@ -225,7 +234,8 @@ def test_a_single_batch_killed_midway_resumes_from_its_checkpoint(tmp_path, monk
         generate.run(cfg(tmp_path / "killed"), model)
     monkeypatch.setattr(generate, "sample", real)
     again = generate.run(cfg(tmp_path / "killed"), model)
-    assert again["cost"]["model_evaluations_this_run"] == 4 * sum(s.forwards for s in generate.build_plan(cfg(tmp_path), model).steps[4:])
+    assert again["cost"]["model_evaluations_this_run"] == 4 * sum(s.forwards for s in generate.build_plan(
+        cfg(tmp_path), model).steps[4:])
     a = np.load(tmp_path / "whole" / "samples.npz")["images"]
     b = np.load(tmp_path / "killed" / "samples.npz")["images"]
     assert np.array_equal(a, b)

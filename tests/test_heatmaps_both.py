@@ -26,7 +26,8 @@ def test_plot_heatmaps_one_norm_for_both_panels(tmp_path, monkeypatch):
     plt = report._plt()
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to inspect it
-    path = report.plot_heatmaps(t, radii, {"window": window, "strict": strict}, tmp_path / "both.png", title="both", label="gap")
+    path = report.plot_heatmaps(t, radii, {"window": window, "strict": strict}, tmp_path / "both.png", title="both",
+                                label="gap")
     assert path == tmp_path / "both.png" and Image.open(path).size[0] > Image.open(path).size[1]
     (fig,) = figs
     meshes = [ax.collections[0] for ax in fig.axes[:2]]
@@ -38,17 +39,15 @@ def test_plot_heatmaps_one_norm_for_both_panels(tmp_path, monkeypatch):
     assert figs[1].axes[0].collections[0].norm.vmax == pytest.approx(window.max())
 
 
-def test_detect_both_draws_the_side_by_side_heatmap(tmp_path):
-    from test_probes import tiny_digit_dit
-
+def test_detect_both_draws_the_side_by_side_heatmap(tiny_folder, tmp_path):
     from critsample.cli import main
 
-    folder = tmp_path / "model"
-    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
+    folder = tiny_folder
     out = tmp_path / "run"
-    args = ["detect", "--model", str(folder), "--preset", "fast", "--gaps.steps", "3", "--gaps.samples", "2", "--gaps.batch", "2",
-            "--gaps.radii", "[1, 2]", "--gaps.trajectories", "[train]", "--probes", "[locality_gap]", "--out", str(out), "--no-wandb"]
+    args = ["detect", "--model", str(folder), "--preset", "fast", "--gaps.steps", "3", "--gaps.samples", "2",
+            "--gaps.batch", "2",
+            "--gaps.radii", "[1, 2]", "--gaps.trajectories", "[train]", "--probes", "[locality_gap]", "--out", str(out),
+            "--no-wandb"]
 
     def figures():
         return json.loads((out / "summary.json").read_text())["outputs"]["figures"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_probes import TinyClassifier, small_config, tiny_digit_dit
+from conftest import TinyClassifier, gen, small_config
 
 from critsample import detect, plans, summary
 from critsample.attention import check_radius
@@ -25,15 +25,6 @@ from critsample.probes.forward_backward import denoise_from, start_index
 from critsample.sampling import Plan, Step, sample
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_digit_dit()
 
 
 # -- the probe protocol ------------------------------------------------------------------------
@@ -63,7 +54,8 @@ class MeanPixel(Probe):
         self.computed.append(unit.key)
         n = unit.params["hi"] - unit.params["lo"]
         bump = np.exp(-((TOY_TIMES - 0.5) ** 2) / (2 * 0.12**2))
-        return {"curve": bump[None] * (1 + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64).numpy()), "t": TOY_TIMES}
+        return {"curve": bump[None] * (1 + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64).numpy()),
+                "t": TOY_TIMES}
 
     def summarize(self, det, results, out):
         us = results.units("mean_pixel")
@@ -103,21 +95,21 @@ def test_the_loop_started_mid_way_continues_the_full_run_exactly(tiny, sd3, fami
     model, cond = (tiny, torch.tensor([1, 7])) if family == "ddim" else (sd3, sd3.encode_prompt(["a", "b"]))
     plan = Plan.from_rule(model, 6, lambda t: Step.conditional(2.0) if t > 0.5 else Step("uncond"), name="switch")
     states = []
-    full = sample(model, plan, cond, generator=_gen(3), callback=lambda d: states.append(d["x_in"]))
+    full = sample(model, plan, cond, generator=gen(3), callback=lambda d: states.append(d["x_in"]))
     for start in (1, 4):
         assert torch.equal(sample(model, plan, cond, x=states[start], start=start), full)
 
 
 def test_forward_backward_runs_on_a_flow_model_through_the_loop(sd3):
     """diffusers' FlowMatchEuler has no scale_model_input: the second loop the probe used to have broke there."""
-    x0 = torch.randn(2, *sd3.sample_shape, generator=_gen(1))
+    x0 = torch.randn(2, *sd3.sample_shape, generator=gen(1))
     null = sd3.null(sd3.encode_prompt(["a", "b"]))
-    x_hat, t_used = denoise_from(sd3, x0, 0.5, null, [None, 1], steps=6, generator=_gen(2))
+    x_hat, t_used = denoise_from(sd3, x0, 0.5, null, [None, 1], steps=6, generator=gen(2))
     assert x_hat.shape == (2, *x0.shape) and torch.isfinite(x_hat).all()
     i0, t_grid = start_index(sd3, 0.5, 6)
     assert t_used == t_grid
     # the global row is the one loop started at i0 from the same noised state
-    eps = torch.randn(x0.shape, generator=_gen(2))
+    eps = torch.randn(x0.shape, generator=gen(2))
     xt = sd3.schedule.add_noise(x0, torch.tensor(t_used), eps)
     ref = sample(sd3, Plan.from_rule(sd3, 6, lambda t: Step("cond")), null, x=xt, start=i0)
     assert torch.allclose(x_hat[0], ref, atol=1e-5)
@@ -141,9 +133,9 @@ def test_guidance_one_is_one_conditional_forward(tiny):
 
     tiny.transformer.forward = counting
     try:
-        x, t, c = torch.randn(3, 1, 8, 8, generator=_gen(0)), 0.4, torch.tensor([1, 2, 3])
+        x, t, c = torch.randn(3, 1, 8, 8, generator=gen(0)), 0.4, torch.tensor([1, 2, 3])
         assert torch.equal(tiny.predict(x, t, c, guidance=1.0), tiny.predict(x, t, c))
-        sample(tiny, plan, c, generator=_gen(0))
+        sample(tiny, plan, c, generator=gen(0))
     finally:
         del tiny.transformer.forward
     assert rows == [3, 3] + [3] * 5  # two plain predicts, then one forward of 3 rows per step
@@ -171,7 +163,8 @@ def test_log_snr_axis_is_continuous_monotone_and_matches_the_network_at_its_step
     assert torch.allclose(back, fine, atol=1e-4)
     # the estimators' windows live on the same axis: center = log-SNR midpoint, t fields = its inverse
     grid = np.linspace(0.05, 0.95, 19)
-    w = estimators.half_max_window("w", "symmetry_breaking", grid, np.exp(-((grid - 0.5) ** 2) / 0.02)[None].repeat(3, 0), sch)
+    w = estimators.half_max_window("w", "symmetry_breaking", grid,
+                                   np.exp(-((grid - 0.5) ** 2) / 0.02)[None].repeat(3, 0), sch)
     assert w.log_snr_center == pytest.approx((w.log_snr_start + w.log_snr_end) / 2, abs=1e-12)
     assert w.center == pytest.approx(float(sch.t_from_log_snr(w.log_snr_center)), abs=1e-12)
     assert w.t_start == pytest.approx(float(sch.t_from_log_snr(w.log_snr_start)), abs=1e-12)

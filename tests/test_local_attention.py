@@ -156,7 +156,7 @@ def test_tiled_gradients_equal_masked_gradients(h, w, r, num_extra, budget, seed
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             out = local_attention(*leaves, (h, w), r, num_extra, impl=impl)
             grads[impl] = torch.autograd.grad(out, leaves, grad_out)
-    for name, a, b in zip("qkv", grads["tiled"], grads["masked"]):
+    for name, a, b in zip("qkv", grads["tiled"], grads["masked"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"d{name}")
 
 
@@ -200,7 +200,7 @@ def test_non_contiguous_inputs_match_contiguous():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         local_attention(*leaves, (h, w), 2, num_extra, impl=impl).square().sum().backward()
         grads.append([x.grad for x in leaves])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 

@@ -75,7 +75,8 @@ def test_paired_bootstrap_of_error_matches_bernoulli():
     target = torch.randint(0, 10, (500,), generator=g)
     pred = torch.where(torch.rand(500, generator=g) < 0.2, (target + 1) % 10, target)
     p, se = metrics.classifier_error(pred, target)
-    value, sigma = metrics.bootstrap(lambda a, b: metrics.classifier_error(a, b)[0], pred, target, n_boot=400, generator=g)
+    value, sigma = metrics.bootstrap(lambda a, b: metrics.classifier_error(a, b)[0], pred, target, n_boot=400,
+                                     generator=g)
     assert value == p and sigma == pytest.approx(se, rel=0.15)
 
 

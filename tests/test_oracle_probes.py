@@ -46,7 +46,8 @@ def test_mixture_forward_backward_window_contains_the_speciation_time(tmp_path):
     t_grid = torch.arange(1000, dtype=torch.float64) / 1000
     t_s = float(t_grid[(oracle.schedule.ou_time(t_grid) - s_s).abs().argmin()])
     cfg = DetectConfig(model=oracle.name, out=str(tmp_path), wandb=False, probes=["forward_backward"],
-                       fb=ForwardBackwardArgs(num_t=13, t_min=0.2, t_max=0.8, samples=200, steps=20, batch=200, radii=[1]))
+                       fb=ForwardBackwardArgs(num_t=13, t_min=0.2, t_max=0.8, samples=200, steps=20, batch=200,
+                                              radii=[1]))
     w = run(cfg, oracle)["windows"]["forward_backward"]
     assert w["t_start"] <= t_s <= w["t_end"], (w["t_start"], t_s, w["t_end"])
 

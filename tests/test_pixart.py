@@ -1,5 +1,6 @@
-"""PixArt-alpha / Sigma behind the denoiser interface: stock equality at a global radius, r = 0 locality of the
-self-attention, the sampler against diffusers' PixArt pipelines, the CLI on a saved folder, offline registry names.
+"""PixArt-alpha / Sigma behind the denoiser interface: loading, T5 prompts and their mask against the pipeline, alpha's
+micro-conditions, embedding-level use, the FLOPs of dense cross-attention, the CLI on a saved folder, offline registry
+names. (Stock equality, r = 0 locality, pipeline equality and counted FLOPs: test_denoiser_contract.py.)
 
 Two tiny random pipelines saved with ``save_pretrained``: a Sigma-style one (8 x 8 latents, no micro-conditions, 300
 T5 tokens) and an alpha-style one whose transformer has ``sample_size = 128`` so that it takes PixArt-alpha's
@@ -13,13 +14,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PIXART_CAPTION, VAE_SCALE
+from conftest import CLASSIFIER, PIXART_CAPTION, SMALL, VAE_SCALE
 
 import critsample
-from critsample import PromptCond, UserError, plans
+from critsample import PromptCond, UserError
 from critsample.attention import WindowAttnProcessor
 from critsample.denoisers import cat_rows, tile_rows
-from critsample.flops import forward_flops, plan_flops, transformer_shape
+from critsample.flops import forward_flops, transformer_shape
 from critsample.models import family_of
 from critsample.models.pixart import DenseCrossAttnProcessor, PixArtDenoiser
 
@@ -85,7 +86,8 @@ def test_prompts_mask_and_null_match_the_pipeline(sigma, sigma_folder):
 
     pipe = PixArtSigmaPipeline.from_pretrained(sigma_folder)
     prompts = ["a red cat", "dog"]
-    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device="cpu", max_sequence_length=300)
+    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device="cpu",
+                                        max_sequence_length=300)
     cond = sigma.encode_prompt(prompts)
     null = sigma.null(cond)
     assert cond.embeds.shape == (2, 300, CAPTION) and cond.pooled.shape == (2, 0)
@@ -94,94 +96,34 @@ def test_prompts_mask_and_null_match_the_pipeline(sigma, sigma_folder):
     assert (cond.embeds - pe).abs().max() <= 1e-5 and (null.embeds - ne).abs().max() <= 1e-5
     # the mask travels with the rows
     rows = cat_rows([cond, null])[torch.tensor([3, 0])]
-    assert torch.equal(rows.mask, torch.stack([nm[1], pm[0]])) and torch.equal(tile_rows(cond, 2).mask, torch.cat([pm, pm]))
+    assert torch.equal(rows.mask, torch.stack([nm[1], pm[0]])) and torch.equal(tile_rows(cond, 2).mask,
+                                                                               torch.cat([pm, pm]))
     assert torch.equal(cond[1].to("cpu").mask, pm[1:])
     assert cat_rows([PromptCond(cond.embeds, cond.pooled), null]).mask[:2].eq(1).all()  # no mask = every token kept
 
 
-# -- global radius == stock diffusers ---------------------------------------------------------
-@pytest.mark.parametrize("which", ["sigma", "alpha"])
-@pytest.mark.parametrize("shape", [(8, 8), (8, 12)])
-def test_global_radius_equals_stock(sigma, alpha, sigma_folder, alpha_folder, which, shape):
-    model, folder = (sigma, sigma_folder) if which == "sigma" else (alpha, alpha_folder)
-    x = torch.randn(2, 4, *shape, generator=_gen(sum(shape)))
-    cond = model.encode_prompt(["a red cat", "dog"])
+# -- alpha's micro-conditions --------------------------------------------------------------------
+def test_alpha_micro_conditions_follow_the_image_size(alpha, alpha_folder):
+    """PixArt-alpha's resolution / aspect-ratio micro-conditions are the pipeline's (the stock transformer given the
+    image size in pixels), and they reach the network: another VAE factor gives another output."""
+    x = torch.randn(2, 4, 8, 12, generator=_gen(20))
+    cond = alpha.encode_prompt(["a red cat", "dog"])
     t = torch.tensor([0.3, 0.9])
-    ref = _stock_eps(folder, x, torch.tensor([300, 900]), cond, micro=which == "alpha")
-    h, w = shape[0] // 2, shape[1] // 2
+    ref = _stock_eps(alpha_folder, x, torch.tensor([300, 900]), cond, micro=True)
     with torch.no_grad():
-        for radius in (None, max(h, w) - 1, [max(h, w) - 1, 99]):
-            out = model(x, t, cond, radius=radius)
-            assert out.shape == x.shape
-            assert (out - ref).abs().max() <= 1e-5, radius
-        assert (model(x, t, cond, radius=0) - ref).abs().max() > 1e-4  # the window is not a no-op
-        if which == "alpha":  # the micro-conditions reach the network: another image size gives another output
-            model.vae_scale_factor = 2 * VAE_SCALE
-            try:
-                assert (model(x, t, cond) - ref).abs().max() > 1e-4
-            finally:
-                model.vae_scale_factor = VAE_SCALE
-
-
-# -- locality of r = 0 --------------------------------------------------------------------------
-def test_radius_zero_self_attention_sees_only_its_token(sigma):
-    """One attn1 layer: at r = 0 perturbing token j leaves every other token's output exactly unchanged."""
-    attn = sigma.transformer.transformer_blocks[0].attn1
-    grid, j = (3, 4), 5
-    hs = torch.randn(2, 12, 24, generator=_gen(0))  # (B, N, width)
-    hs2 = hs.clone()
-    hs2[:, j] += 1.0
-    others = torch.arange(12) != j
-    with torch.no_grad():
-        local = (attn(hs2, radius=0, grid=grid) - attn(hs, radius=0, grid=grid)).abs().amax(dim=(0, 2))  # (N,)
-        glob = (attn(hs2, radius=None, grid=grid) - attn(hs, radius=None, grid=grid)).abs().amax(dim=(0, 2))
-    assert local[others].max() == 0.0 and local[j] > 1e-4
-    assert glob[others].min() > 0.0
-
-
-def test_radius_zero_model_is_pointwise_but_reads_the_text(sigma):
-    """Cross-attention and MLP act per image token, so at r = 0 the whole PixArt forward is pointwise in the image;
-    the text still reaches every token (cross-attention stays dense)."""
-    p, (i, j) = sigma.patch_size, (1, 2)
-    x = torch.randn(1, 4, 8, 12, generator=_gen(0))
-    x2 = x.clone()
-    x2[..., i * p : (i + 1) * p, j * p : (j + 1) * p] += 1.0
-    cond, other, t = sigma.encode_prompt(["a cat"]), sigma.encode_prompt(["zebra"]), torch.tensor([0.5])
-    own = torch.zeros(8, 12, dtype=torch.bool)
-    own[i * p : (i + 1) * p, j * p : (j + 1) * p] = True
-    with torch.no_grad():
-        diff = (sigma(x2, t, cond, radius=0) - sigma(x, t, cond, radius=0)).abs().amax(dim=(0, 1))  # (H, W)
-        glob = (sigma(x2, t, cond) - sigma(x, t, cond)).abs().amax(dim=(0, 1))
-        text = (sigma(x, t, other, radius=0) - sigma(x, t, cond, radius=0)).abs().amax(dim=(0, 1))
-    assert diff[~own].max() == 0.0 and diff[own].min() > 1e-4
-    assert glob[~own].min() > 0.0 and text.min() > 0.0
-
-
-# -- sampling against diffusers' pipelines ------------------------------------------------------
-@pytest.mark.parametrize("which,size", [("sigma", (16, 16)), ("alpha", (16, 24))])
-def test_full_guidance_equals_pixart_pipeline(sigma, alpha, sigma_folder, alpha_folder, which, size):
-    import diffusers
-    from diffusers.utils.torch_utils import randn_tensor
-
-    model, folder = (sigma, sigma_folder) if which == "sigma" else (alpha, alpha_folder)
-    pipe = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"]).from_pretrained(folder)
-    prompts = ["a red cat", "dog"]
-    x = randn_tensor((2, 4, size[0] // VAE_SCALE, size[1] // VAE_SCALE), generator=_gen(3), dtype=torch.float32)
-    common = dict(height=size[0], width=size[1], guidance_scale=4.5, num_inference_steps=4, use_resolution_binning=False)
-    ref = pipe(prompts, latents=x.clone(), output_type="latent", **common).images
-    z = critsample.sample(model, plans.full_guidance(model, 4, 4.5, "dpm"), model.encode_prompt(prompts), x=x)
-    assert z.shape == ref.shape and (z - ref).abs().max() <= 1e-4
-    if which == "sigma":
-        images = pipe(prompts, latents=x.clone(), output_type="pt", **common).images
-        assert (model.decode(z) - images).abs().max() <= 1e-4
-        z0 = critsample.sample(model, plans.full_guidance(model, 4, 4.5, "dpm"), model.encode_prompt(prompts), generator=_gen(3))
-        assert torch.equal(z0, z)  # sample() draws its noise as the pipeline does
+        assert (alpha(x, t, cond) - ref).abs().max() <= 1e-5
+        alpha.vae_scale_factor = 2 * VAE_SCALE
+        try:
+            assert (alpha(x, t, cond) - ref).abs().max() > 1e-4
+        finally:
+            alpha.vae_scale_factor = VAE_SCALE
 
 
 # -- embedding-level use and cost accounting -----------------------------------------------------
 def test_bare_transformer_folder_works_on_embeddings(sigma_folder, sigma):
     model = critsample.load(str(sigma_folder / "transformer"))
-    assert model.text is None and model.vae is None and model.scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
+    assert model.text is None and model.vae is None
+    assert model.scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
     cond = sigma.encode_prompt(["a cat"])
     x = torch.randn(1, 4, 8, 8, generator=_gen(1))
     assert (model(x, torch.tensor([0.4]), cond) - sigma(x, torch.tensor([0.4]), cond)).abs().max() <= 1e-6
@@ -198,29 +140,21 @@ def test_bare_transformer_folder_works_on_embeddings(sigma_folder, sigma):
 
 
 def test_flops_count_dense_cross_attention(sigma):
+    """Cross-attention keys are the T5 tokens (not joint text rows): the MLP runs on image rows only, at any radius."""
     shape = transformer_shape(sigma)
-    n, m, L, d = 16, 300, 2, 24
-    assert (shape["cross_tokens"], shape["text_tokens"], shape["mlp_ratio"]) == (m, 0, 4.0)
+    n, L, d = 16, 2, 24
+    assert (shape["cross_tokens"], shape["text_tokens"], shape["mlp_ratio"]) == (300, 0, 4.0)
     glob, local = forward_flops(shape, (4, 4), None), forward_flops(shape, (4, 4), 0)
-    assert glob.attention_pairs == L * (n * n + n * m) and local.attention_pairs == L * (n * 1 + n * m)
-    assert glob.mlp == local.mlp == 2 * 2 * 4 * d * d * n * L  # image rows only
-    cost = plan_flops(sigma, plans.full_guidance(sigma, 3, 4.5), (4, 4))
-    assert cost["forwards"] == 6 and cost["total"] == pytest.approx(6 * glob.total)
+    assert glob.mlp == local.mlp == 2 * 2 * 4 * d * d * n * L
 
 
 # -- the CLI on a saved folder ------------------------------------------------------------------
-SMALL = [
-    "--gaps.steps", "4", "--gaps.samples", "2", "--gaps.batch", "2", "--gaps.radii", "[1, 2]",
-    "--fb.num_t", "3", "--fb.samples", "3", "--fb.steps", "4", "--fb.batch", "3", "--fb.radii", "[1]",
-    "--windows.steps", "4", "--windows.t0_step", "0.34", "--windows.samples", "3", "--windows.batch", "3", "--windows.radii", "[1]",
-]
-
-
 def test_cli_sample_on_a_pixart_folder(sigma_folder, tmp_path):
     from critsample.cli import main
 
     out = tmp_path / "samples"
-    argv = ["sample", "--model", str(sigma_folder), "--prompt", "a cat", "--num", "2", "--steps", "3", "--out", str(out), "--no-wandb"]
+    argv = ["sample", "--model", str(sigma_folder), "--prompt", "a cat", "--num", "2", "--steps", "3", "--out",
+            str(out), "--no-wandb"]
     assert main(argv) == 0
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
@@ -233,23 +167,27 @@ def test_cli_detect_on_a_pixart_folder(sigma_folder, tmp_path):
 
     out = tmp_path / "detect"
     # no dataset: forward-backward from generated images, gaps on sampling trajectories only (no training trajectory)
-    argv = ["detect", "--model", str(sigma_folder), "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source", "generated",
+    argv = ["detect", "--model", str(sigma_folder), "--prompt", "a cat", "--preset", "fast", *SMALL, "--fb.source",
+            "generated",
             "--gaps.trajectories", "[sample_cond, sample_uncond]",
-            "--classifier", "test_probes:tiny_classifier", "--out", str(out), "--no-wandb"]
+            "--classifier", CLASSIFIER, "--out", str(out), "--no-wandb"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert set(s["probes"]) == {"cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality"}
 
 
 @pytest.mark.parametrize(
-    "name,repo", [("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS"), ("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")]
+    "name,repo",
+    [("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS"), ("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")]
 )
 def test_registry_name_offline_is_one_sentence(monkeypatch, tmp_path, capsys, name, repo):
     import huggingface_hub.constants as hf_constants
 
     from critsample.cli import main
 
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, whatever this machine holds
-    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out", str(tmp_path / "o"), "--no-wandb"])
+    # an empty cache, whatever this machine holds
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = main(["sample", "--model", name, "--prompt", "a cat", "--num", "1", "--steps", "2", "--out",
+                 str(tmp_path / "o"), "--no-wandb"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and repo in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -9,18 +9,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_detect_cli import SMALL
-from test_probes import TinyClassifier, small_config, tiny_digit_dit
+from conftest import CLASSIFIER, SMALL, TinyClassifier, small_config
 
 from critsample import detect
 from critsample.cli import main
 from critsample.errors import UserError
 from critsample.store import Store, Unit
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_digit_dit()
 
 
 class Payload:
@@ -78,19 +72,18 @@ def test_pickled_data_is_refused_with_one_sentence(tiny, tmp_path, capsys):
     objects = tmp_path / "objects.npz"
     np.savez(objects, latents=np.array([object()], dtype=object))
     with pytest.raises(UserError, match="pickled object arrays"):
-        detect.run(small_config(tmp_path / "run2", probes=["cond_gap"], data=str(objects)), tiny, classifier=TinyClassifier())
+        detect.run(small_config(tmp_path / "run2", probes=["cond_gap"], data=str(objects)), tiny,
+                   classifier=TinyClassifier())
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_digit_dit().transformer.save_pretrained(folder / "transformer")
-    (folder / "critsample.json").write_text(json.dumps({"num_classes": 10, "dataset": "digits"}))
-    return folder
+def folder(tiny_folder):
+    return tiny_folder
 
 
 def _detect(folder, *extra):
-    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", "test_probes:tiny_classifier", "--no-wandb", *extra]
+    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", CLASSIFIER, "--no-wandb",
+            *extra]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -162,7 +155,8 @@ def test_summaries_with_bad_fields_are_refused(tmp_path):
     path.write_text(json.dumps({"critical_window": {"t_start": 0.2, "t_end": 0.5}}))
     with pytest.raises(UserError, match="no 'model' key"):
         summary.read(path, "dit-digits")
-    path.write_text(json.dumps({"model": "m", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": "two"}))
+    path.write_text(json.dumps({"model": "m", "critical_window": {"t_start": 0.2, "t_end": 0.5},
+                                "suggested_radius": "two"}))
     with pytest.raises(UserError, match="suggested_radius must be an integer >= 0 or null; got 'two'"):
         summary.suggested_radius(summary.read(path, "m"))
 
@@ -187,7 +181,8 @@ def _sample(tmp_path, *extra):
 def test_user_tensor_files_load_weights_only_even_when_torch_is_told_otherwise(tmp_path, monkeypatch, capsys):
     from critsample.tensorfiles import load_tensors
 
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # flips torch.load's default, not an explicit weights_only=True
+    # flips torch.load's default, not an explicit weights_only=True
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     bad = tmp_path / "bad.pt"
     torch.save({"latents": torch.zeros(2), "extra": Payload()}, bad)
     with pytest.raises(UserError, match=f"--data {bad} holds pickled Python objects"):
@@ -270,7 +265,8 @@ def _hub(monkeypatch, tmp_path, offline: bool):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", offline)  # huggingface_hub reads the variable once, at import
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # this test's cache, whatever the machine holds
+    # this test's cache, whatever the machine holds
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     return tmp_path / "hf-cache"
 
 
@@ -286,7 +282,8 @@ def _cached_snapshot(cache, repo_id: str):
 
 
 @pytest.mark.parametrize("what", ["dit-xl", "resnet-50", "cli"])
-def test_offline_and_not_cached_is_one_sentence_at_once_without_a_network_attempt(tmp_path, monkeypatch, capsys, no_network, what):
+def test_offline_and_not_cached_is_one_sentence_at_once_without_a_network_attempt(tmp_path, monkeypatch, capsys,
+                                                                                  no_network, what):
     import time
 
     import critsample
@@ -295,7 +292,8 @@ def test_offline_and_not_cached_is_one_sentence_at_once_without_a_network_attemp
     _hub(monkeypatch, tmp_path, offline=True)
     start = time.perf_counter()
     if what == "cli":
-        assert main(["sample", "--model", "sd3-medium", "--prompt", "a cat", "--out", str(tmp_path / "o"), "--no-wandb"]) == 2
+        assert main(["sample", "--model", "sd3-medium", "--prompt", "a cat", "--out", str(tmp_path / "o"),
+                     "--no-wandb"]) == 2
         msg = _one_line_error(capsys)
         repo = "stabilityai/stable-diffusion-3-medium-diffusers"
     else:
@@ -322,7 +320,8 @@ def test_a_cached_model_loads_with_no_network_attempt_and_no_notice(tmp_path, mo
     (snap / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
     tiny_dit_transformer().save_pretrained(snap / "transformer")
     snap = _cached_snapshot(cache, "microsoft/resnet-50")
-    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)).save_pretrained(snap)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=10)).save_pretrained(snap)
     (snap / "preprocessor_config.json").write_text(json.dumps({"crop_pct": 0.875, "size": {"shortest_edge": 224}}))
 
     model = critsample.load("dit-xl")
@@ -344,7 +343,8 @@ def _fake_download(monkeypatch, tmp_path, capsys, events, info):
     def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **kw):
         if local_files_only:
             raise LocalEntryNotFoundError("not in the cache")
-        events.append(("download", repo_id, allow_patterns, capsys.readouterr().err))  # what was printed before the fetch
+        # what was printed before the fetch
+        events.append(("download", repo_id, allow_patterns, capsys.readouterr().err))
         return str(tmp_path / "downloaded")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
@@ -359,9 +359,12 @@ def test_a_download_is_announced_with_its_files_and_size_before_it_starts(tmp_pa
     from critsample.models import _PATTERNS, REGISTRY, fetch
 
     _hub(monkeypatch, tmp_path, offline=False)
-    siblings = [RepoSibling("model_index.json", 300), RepoSibling("README.md", 5_000), RepoSibling("DiT-XL-2-256.pt", 2_700_000_000),
-                RepoSibling("transformer/config.json", 700), RepoSibling("transformer/diffusion_pytorch_model.safetensors", 2_700_000_000),
-                RepoSibling("vae/config.json", 600), RepoSibling("vae/diffusion_pytorch_model.safetensors", 335_000_000),
+    siblings = [RepoSibling("model_index.json", 300), RepoSibling("README.md", 5_000),
+                RepoSibling("DiT-XL-2-256.pt", 2_700_000_000),
+                RepoSibling("transformer/config.json", 700),
+                RepoSibling("transformer/diffusion_pytorch_model.safetensors", 2_700_000_000),
+                RepoSibling("vae/config.json", 600),
+                RepoSibling("vae/diffusion_pytorch_model.safetensors", 335_000_000),
                 RepoSibling("scheduler/scheduler_config.json", 400)]
     events = []
     _fake_download(monkeypatch, tmp_path, capsys, events, SimpleNamespace(siblings=siblings))
@@ -370,7 +373,8 @@ def test_a_download_is_announced_with_its_files_and_size_before_it_starts(tmp_pa
     _, repo, patterns, printed = events[1]
     assert repo == "facebook/DiT-XL-2-256" and patterns == _PATTERNS["dit"]
     assert "downloading 6 files of facebook/DiT-XL-2-256, 3.0 GB in all" in printed  # not README.md nor the 2.7 GB .pt
-    assert "transformer/ (2 files, 2.7 GB)" in printed and "vae/ (2 files, 335.0 MB)" in printed and "HF_HUB_OFFLINE=1" in printed
+    assert "transformer/ (2 files, 2.7 GB)" in printed and "vae/ (2 files, 335.0 MB)" in printed
+    assert "HF_HUB_OFFLINE=1" in printed
 
 
 def test_a_download_of_unknown_size_says_so_before_it_starts(tmp_path, monkeypatch, capsys):
@@ -462,7 +466,8 @@ def test_a_corrupt_sample_batch_is_reported_and_recomputed(tmp_path, caplog):
     (["--adaptive", "--summary", "NOMODEL"], "does not say which model it was measured on (no 'model' key)"),
     (["--summary", "EMPTY"], "--summary applies only to --adaptive plans"),
     (["--window", "0.2:0.5", "--radius", "1"], "--window, --radius apply only to --adaptive plans"),
-    (["--adaptive", "--window", "0.2:0.5", "--radius", "1", "--interval", "0.2:0.5"], "are two different plans; choose one"),
+    (["--adaptive", "--window", "0.2:0.5", "--radius", "1", "--interval", "0.2:0.5"],
+     "are two different plans; choose one"),
     (["--class"], "--class needs at least one value"),
     (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
     (["--num", "0"], "--num must be an integer >= 1"),
@@ -471,7 +476,8 @@ def test_a_corrupt_sample_batch_is_reported_and_recomputed(tmp_path, caplog):
 def test_bad_sample_input_is_one_sentence_before_any_work(tmp_path, capsys, args, needle):
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "nomodel.json").write_text(json.dumps({"critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1}))
+    (tmp_path / "nomodel.json").write_text(json.dumps({"critical_window": {"t_start": 0.2, "t_end": 0.5},
+                                                       "suggested_radius": 1}))
     names = {"FILE": tmp_path / "a-file", "EMPTY": tmp_path / "empty", "NOMODEL": tmp_path / "nomodel.json"}
     args = [str(names[a]) if a in names else a for a in args]
     needle = needle.replace("EMPTY", str(names["EMPTY"]))
@@ -520,7 +526,8 @@ def test_a_window_or_radius_replacing_the_summarys_is_said(tmp_path, caplog):
     import critsample.generate as generate
 
     path = tmp_path / "summary.json"
-    path.write_text(json.dumps({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1}))
+    path.write_text(json.dumps({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5},
+                                "suggested_radius": 1}))
     cfg = generate.SampleConfig(num=2, steps=4, adaptive=True, summary=str(path), out=str(tmp_path / "a"), wandb=False)
     with caplog.at_level(logging.WARNING, logger="critsample"):
         generate.run(cfg)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
-from conftest import T5_LENGTH
 
 import critsample
 from critsample import Plan, Step
@@ -24,19 +24,6 @@ def _dit_pipeline_images(pipe, *args, **kwargs) -> torch.Tensor:
     return images if images.shape[1] == 3 else images.permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("guidance", [4.0, 1.0])
-def test_dit_guided_plan_equals_dit_pipeline(dit, dit_folder, guidance):
-    from diffusers import DiTPipeline
-
-    pipe = DiTPipeline.from_pretrained(dit_folder)  # stock processors, DDIM from the folder
-    labels = [3, 817]
-    ref = _dit_pipeline_images(pipe, labels, guidance_scale=guidance, generator=_gen(7), num_inference_steps=6)
-    z = critsample.sample(dit, Plan.guided(6, guidance), torch.tensor(labels), generator=_gen(7))
-    images = dit.decode(z)
-    assert images.shape == ref.shape == (2, 3, 16, 16)
-    assert (images - ref).abs().max() <= 1e-4
-
-
 def test_dit_dpm_solver_equals_dit_pipeline_with_dpm(dit, dit_folder):
     from diffusers import DiTPipeline, DPMSolverMultistepScheduler
 
@@ -48,27 +35,6 @@ def test_dit_dpm_solver_equals_dit_pipeline_with_dpm(dit, dit_folder):
     assert (dit.decode(z) - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("size", [(16, 16), (16, 24)])
-def test_sd3_guided_plan_equals_sd3_pipeline(sd3, sd3_folder, size):
-    from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils.torch_utils import randn_tensor
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)  # stock processors; it embeds the prompts itself
-    prompts = ["a red cat", "dog"]
-    common = dict(height=size[0], width=size[1], guidance_scale=3.5, num_inference_steps=4, max_sequence_length=T5_LENGTH)
-    latents = pipe(prompts, generator=_gen(3), output_type="latent", **common).images
-    images = pipe(prompts, generator=_gen(3), output_type="pt", **common).images
-    cond = sd3.encode_prompt(prompts)
-    # sample() draws its noise at the model's default size; other sizes pass x drawn the way the pipeline draws it
-    x = randn_tensor((2, 4, size[0] // 2, size[1] // 2), generator=_gen(3), dtype=torch.float32)
-    z = critsample.sample(sd3, Plan.guided(4, 3.5), cond, x=x)
-    assert z.shape == latents.shape
-    assert (z - latents).abs().max() <= 1e-4
-    assert (sd3.decode(z) - images).abs().max() <= 1e-4
-    if size == (16, 16):
-        assert (critsample.sample(sd3, Plan.guided(4, 3.5), cond, generator=_gen(3)) - z).abs().max() == 0.0
-
-
 def test_sd3_embedding_level_plan_equals_sd3_pipeline(sd3_folder):
     """Without text encoders: the same prompt embeddings go to the pipeline and to critsample (null = negative)."""
     from diffusers import StableDiffusion3Pipeline
@@ -78,7 +44,8 @@ def test_sd3_embedding_level_plan_equals_sd3_pipeline(sd3_folder):
     cond = critsample.PromptCond(torch.randn(2, 9, 32, generator=g), torch.randn(2, 16, generator=g))
     model.null_cond = critsample.PromptCond(torch.randn(1, 9, 32, generator=g), torch.randn(1, 16, generator=g))
     null = model.null(cond)
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder=None, text_encoder_2=None,
+                                                    text_encoder_3=None,
                                                     tokenizer=None, tokenizer_2=None, tokenizer_3=None)
     ref = pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=null.embeds,
                negative_pooled_prompt_embeds=null.pooled, guidance_scale=5.0, num_inference_steps=3,
@@ -136,7 +103,7 @@ def test_callback_sees_every_step(dit, sd3, which):
     assert [d["i"] for d in seen] == list(range(5))
     assert [d["step"] for d in seen] == plan.steps
     assert [d["t"] for d in seen] == pytest.approx(plan.times)
-    assert all(a["t"] > b["t"] for a, b in zip(seen, seen[1:]))
+    assert all(a["t"] > b["t"] for a, b in itertools.pairwise(seen))
     assert torch.equal(seen[-1]["x"], out)
     assert all(d["prediction"].shape == out.shape for d in seen)
 
@@ -149,7 +116,8 @@ def test_step_times_follow_the_integrators(dit, sd3):
 
 
 def test_plan_dict_round_trip(dit):
-    plan = Plan.from_rule(dit, 6, lambda t: Step("guided", None, 4.0) if t > 0.4 else Step("uncond", 1), sampler="dpm", name="window")
+    plan = Plan.from_rule(dit, 6, lambda t: Step("guided", None, 4.0) if t > 0.4 else Step("uncond", 1), sampler="dpm",
+                          name="window")
     plan.on_switch = "keep"
     d = json.loads(json.dumps(plan.to_dict()))
     assert Plan.from_dict(d) == plan

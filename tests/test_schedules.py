@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -28,8 +29,8 @@ def test_curriculum_anneals_from_global_to_r():
     r = [s.outside_radius(k, grid_size=8) for k in steps]
     assert r[0] == 7  # grid 8 -> radius 7 is global attention
     assert r[steps.index(30)] == 4  # halfway: round(7 + (1 - 7) / 2)
-    assert all(a >= b for a, b in zip(r, r[1:])), "the radius never grows again"
-    assert all(v == 1 for k, v in zip(steps, r) if k >= 60)
+    assert all(a >= b for a, b in itertools.pairwise(r)), "the radius never grows again"
+    assert all(v == 1 for k, v in zip(steps, r, strict=True) if k >= 60)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     assert s.radii(t, step=30, grid_size=8).tolist() == [4, GLOBAL_RADIUS, 4]
     assert s.radii(t, step=1000, grid_size=8).tolist() == [1, GLOBAL_RADIUS, 1]
@@ -125,13 +126,16 @@ def _loss(module, batch) -> float:
 def test_radius_schedule_changes_the_loss_only_outside_the_window(batch):
     plain = _loss(_module(), batch)
     assert _loss(_module(radius_schedule=RadiusSchedule(window=(0.0, 1.0), radius=0)), batch) == plain
-    assert _loss(_module(radius_schedule=RadiusSchedule(window=(0.0, 0.001), radius=0)), batch) != pytest.approx(plain, rel=1e-4)
+    narrow = _loss(_module(radius_schedule=RadiusSchedule(window=(0.0, 0.001), radius=0)), batch)
+    assert narrow != pytest.approx(plain, rel=1e-4)
 
 
 def test_equal_loss_weights_leave_the_loss_unchanged(batch):
     plain = _loss(_module(), batch)
-    assert _loss(_module(loss_weighting=LossWeighting(inside=1.5, outside=1.5)), batch) == pytest.approx(plain, rel=1e-6)
-    assert _loss(_module(loss_weighting=LossWeighting(inside=4.0, outside=0.5)), batch) != pytest.approx(plain, rel=1e-4)
+    flat = _loss(_module(loss_weighting=LossWeighting(inside=1.5, outside=1.5)), batch)
+    assert flat == pytest.approx(plain, rel=1e-6)
+    tilted = _loss(_module(loss_weighting=LossWeighting(inside=4.0, outside=0.5)), batch)
+    assert tilted != pytest.approx(plain, rel=1e-4)
 
 
 def test_a_global_radius_is_refused_by_the_module():
