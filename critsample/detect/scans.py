@@ -26,8 +26,7 @@ from ..sampling import Plan, sample
 from ..store import Unit
 from ..summary import T_CONVENTION
 from . import estimators
-from .gaps import common_config
-from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
+from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, common_config, series_json
 
 if TYPE_CHECKING:
     from .context import Detection
