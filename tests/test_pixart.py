@@ -17,11 +17,11 @@ from conftest import PIXART_CAPTION, VAE_SCALE
 
 import critsample
 from critsample import PromptCond, UserError, plans
-from critsample.attention import WindowAttnProcessor
+from critsample.attention import DenseCrossAttnProcessor, WindowAttnProcessor
 from critsample.denoisers import cat_rows, tile_rows
 from critsample.flops import forward_flops, plan_flops, transformer_shape
 from critsample.models import family_of
-from critsample.models.pixart import DenseCrossAttnProcessor, PixArtDenoiser
+from critsample.models.pixart import PixArtDenoiser
 
 CAPTION = PIXART_CAPTION
 
