@@ -1,7 +1,7 @@
 """Certified plans: the cheapest plan whose samples are as good as full guidance's, measured with the sampler itself.
 
 Every plan (the baseline and each candidate) samples the same ``num`` rows: sample i has class ``i % K`` and starts
-from the noise of :func:`~critsample.sampling.sample_generator` ``(seed, i)``, so the plans are compared on *paired*
+from the noise of ``(seed, i)`` (:mod:`critsample.seeded`), so the plans are compared on *paired*
 noise and their differences carry no noise-to-noise variance.
 
 Quality (the bundled digits classifier and digits-FD, :mod:`critsample.evaluate`):
@@ -39,7 +39,6 @@ limited-interval guidance and the adaptive plans for each outside mode and radiu
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -53,7 +52,8 @@ from .errors import UserError
 from .flops import plan_flops
 from .metrics import _fid_metric, bootstrap, digits_features, digits_real, extract_features
 from .models.classifiers import load_classifier
-from .sampling import Plan, sample, sample_generator
+from .sampling import Plan
+from .seeded import sample_images
 from .store import Store
 
 
@@ -172,19 +172,11 @@ def kind(plan: Plan) -> str:
 
 @torch.no_grad()
 def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256, on_batch=None) -> dict:
-    """``num`` images of ``plan`` (sample i: class i % K, noise ``sample_generator(seed, i)``) and the seconds taken.
-
-    ``on_batch(n)`` runs after each batch of n samples (progress)."""
-    device = next(model.parameters(), torch.empty(0)).device
+    """``num`` images of ``plan`` (sample i: class i % K, noise from (seed, i): :mod:`critsample.seeded`) and the
+    seconds taken. ``on_batch(n)`` runs after each batch of n samples (progress)."""
     labels = torch.arange(num) % model.num_classes
-    chunks, start = [], time.perf_counter()
-    for lo in range(0, num, batch_size):
-        hi = min(num, lo + batch_size)
-        x = sample(model, plan, labels[lo:hi].to(device), generator=[sample_generator(seed, i) for i in range(lo, hi)])
-        chunks.append(model.images(x).cpu())
-        if on_batch is not None:
-            on_batch(hi - lo)
-    return {"images": torch.cat(chunks), "labels": labels, "seconds": time.perf_counter() - start}
+    out = sample_images(model, plan, labels, seed, batch_size, on_batch=None if on_batch is None else lambda b: on_batch(len(b)))
+    return {"images": out.images, "labels": labels, "seconds": out.seconds}
 
 
 class Judge:

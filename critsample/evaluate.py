@@ -1,4 +1,4 @@
-"""Sample quality of a plan: batched generation with per-batch seeds, class accuracy and FID with error bars.
+"""Sample quality of a plan: seeded generation (per-sample noise), class accuracy and FID with error bars.
 
 Shared by the benchmarks (digits quality, adaptive vs full guidance), by fine-tuning evaluation and by users who
 compare plans from Python.
@@ -6,7 +6,6 @@ compare plans from Python.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +14,8 @@ from rich.progress import Progress
 from .denoisers import NULL, Denoiser
 from .metrics import classifier_error, digits_features, digits_real, fid_with_bootstrap
 from .models.classifiers import load_classifier
-from .sampling import Plan, sample
+from .sampling import Plan
+from .seeded import sample_images
 
 
 @dataclass
@@ -27,20 +27,13 @@ class Generated:
 
 @torch.no_grad()
 def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
-    """Sample one image per label; batch b draws its noise from ``seed + b`` (results do not depend on timing)."""
-    device = next(model.parameters(), torch.empty(0)).device
-    chunks, seconds = [], 0.0
-    batches = list(torch.split(labels, batch_size))
+    """Sample one image per label; sample i draws its noise from (seed, i) alone (:mod:`critsample.seeded`), so neither
+    the batch size nor timing changes the results, and different seeds never share noise."""
+    n_batches = -(-len(labels) // batch_size)
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"{plan.name}: {len(labels)} samples", total=len(batches))
-        for b, lab in enumerate(batches):
-            g = torch.Generator(device=device).manual_seed(seed + b)
-            start = time.perf_counter()
-            x = sample(model, plan, lab.to(device), generator=g)
-            chunks.append(model.images(x).cpu())
-            seconds += time.perf_counter() - start
-            bar.advance(task)
-    return Generated(torch.cat(chunks), labels.cpu(), seconds)
+        task = bar.add_task(f"{plan.name}: {len(labels)} samples", total=n_batches)
+        out = sample_images(model, plan, labels, seed, batch_size, on_batch=lambda _b: bar.advance(task))
+    return Generated(out.images, labels.cpu(), out.seconds)
 
 
 @dataclass
