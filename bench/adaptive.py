@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import critsample
-from critsample import certify, plans
+from critsample import certify, judges, plans
 from critsample import summary as summary_io
 from critsample.flops import forward_flops, plan_flops, transformer_shape
 from critsample.sampling import Plan, Step
@@ -99,14 +99,14 @@ def race(model, arms: dict[str, Plan], args) -> dict:
             images[name].append(sample_batch(model, plan, labels[batch.lo : batch.hi], batch))
             seconds[name] += time.perf_counter() - t0
         print(f"  race batch {b + 1}/{len(batches)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
-    judge = certify.Judge()
-    rows = {k: judge.rows(torch.cat(v), labels) for k, v in images.items()}
+    judge = judges.for_model(model)
+    scores = {k: judge.score(torch.cat(v), labels) for k, v in images.items()}
     grid = model.grid(torch.empty(1, *model.sample_shape))
     out = {}
     for name, plan in arms.items():
         out[name] = {"plan": plan.name, "description": plan.describe(), "seconds": seconds[name], "forwards": plan.forwards,
                      "flops": plan_flops(model, plan, grid)["total"],
-                     "quality": certify.quality(judge, rows[name], rows["full"], args.n_boot, args.race_seed)}
+                     "quality": judges.quality(judge, scores[name], scores["full"], args.n_boot, args.race_seed)}
     return out
 
 

@@ -6,14 +6,15 @@ compare plans from Python.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
 from .denoisers import NULL, Denoiser
-from .metrics import classifier_error, digits_features, digits_real, fid_with_bootstrap
-from .models.classifiers import load_classifier
+from .judges import DigitsJudge, fd_bootstrap
 from .sampling import Plan
 from .seeded import sample_images
 
@@ -49,19 +50,16 @@ class Quality:
 
 
 def digits_quality(gen: Generated, classifier=None, n_boot: int = 20, seed: int = 0) -> Quality:
-    """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split."""
-    classifier = classifier or load_classifier("digits")
-    with torch.no_grad():
-        pred = classifier.predict_logits(gen.images).argmax(dim=1).cpu()
-    cond = gen.labels != NULL
+    """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split
+    (:class:`~critsample.judges.DigitsJudge`; the FID bar is the bootstrap over the generated set)."""
+    judge = DigitsJudge(classifier)
+    scores = judge.score(gen.images, gen.labels)
+    cond = (gen.labels != NULL).numpy()
     if cond.any():
-        err, sigma = classifier_error(pred[cond], gen.labels[cond])
-        acc = 1.0 - float(err)
+        acc = float(scores.rows[cond].mean())
+        sigma = math.sqrt(acc * (1 - acc) / int(cond.sum()))
     else:
         acc, sigma = float("nan"), float("nan")
-    counts = torch.bincount(pred, minlength=10).double()
-    fid, fid_sigma = fid_with_bootstrap(
-        digits_real("test"), gen.images, features=digits_features(), n_boot=n_boot,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    counts = np.bincount(scores.predicted, minlength=10).astype(np.float64)
+    fid, fid_sigma = fd_bootstrap(judge.reference, scores.features, n_boot, seed)
     return Quality(acc, float(sigma), float(fid), float(fid_sigma), (counts / counts.sum()).tolist())
