@@ -43,10 +43,11 @@ from pathlib import Path
 import torch
 
 import critsample
-from critsample import certify, plans
+from critsample import certify, judges, plans
 from critsample import summary as summary_io
 from critsample.flops import forward_flops, plan_flops, transformer_shape
-from critsample.sampling import Plan, Step, sample, sample_generator
+from critsample.sampling import Plan, Step
+from critsample.seeded import sample_batch, seeded_batches
 from critsample.store import Store, model_fingerprint
 
 # -- part 1: dit-digits ---------------------------------------------------------------------------------------------
@@ -94,26 +95,23 @@ def race(model, arms: dict[str, Plan], args) -> dict:
     labels = torch.arange(args.num) % model.num_classes
     images = {k: [] for k in arms}
     seconds = {k: 0.0 for k in arms}
-    starts = list(range(0, args.num, args.batch_size))
-    for b, lo in enumerate(starts):
-        hi = min(args.num, lo + args.batch_size)
+    batches = list(seeded_batches(args.num, args.batch_size, args.race_seed))
+    for b, batch in enumerate(batches):
         for name, plan in arms.items():
-            gens = [sample_generator(args.race_seed, i) for i in range(lo, hi)]
             t0 = time.perf_counter()
-            x = sample(model, plan, labels[lo:hi], generator=gens)
-            images[name].append(model.images(x).cpu())
+            images[name].append(sample_batch(model, plan, labels[batch.lo : batch.hi], batch))
             seconds[name] += time.perf_counter() - t0
-        print(f"  race batch {b + 1}/{len(starts)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+        print(f"  race batch {b + 1}/{len(batches)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
               flush=True)
-    judge = certify.Judge()
-    rows = {k: judge.rows(torch.cat(v), labels) for k, v in images.items()}
+    judge = judges.for_model(model)
+    scores = {k: judge.score(torch.cat(v), labels) for k, v in images.items()}
     grid = model.grid(torch.empty(1, *model.sample_shape))
     out = {}
     for name, plan in arms.items():
         out[name] = {"plan": plan.name, "description": plan.describe(), "seconds": seconds[name],
                      "forwards": plan.forwards,
                      "flops": plan_flops(model, plan, grid)["total"],
-                     "quality": certify.quality(judge, rows[name], rows["full"], args.n_boot, args.race_seed)}
+                     "quality": judges.quality(judge, scores[name], scores["full"], args.n_boot, args.race_seed)}
     return out
 
 

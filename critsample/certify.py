@@ -1,16 +1,16 @@
 """Certified plans: the cheapest plan whose samples are as good as full guidance's, measured with the sampler itself.
 
 Every plan (the baseline and each candidate) samples the same ``num`` rows: sample i has class ``i % K`` and starts
-from the noise of :func:`~critsample.sampling.sample_generator` ``(seed, i)``, so the plans are compared on *paired*
+from the noise of ``(seed, i)`` (:mod:`critsample.seeded`), so the plans are compared on *paired*
 noise and their differences carry no noise-to-noise variance.
 
-Quality (the bundled digits classifier and digits-FD, :mod:`critsample.evaluate`):
+Quality (the model's judge, :mod:`critsample.judges`: for digits models the bundled digits classifier and digits-FD):
 
 * accuracy ``a``: fraction of samples classified as their class; FD ``F``: Frechet distance of the classifier's
-  penultimate features to the digits test split (:func:`~critsample.metrics.frechet_distance`);
+  penultimate features to the digits test split;
 * drop ``d = a_B - a_P`` (baseline B minus plan P, in fractions) and ratio ``rho = F_P / F_B``, each with a
-  **paired bootstrap** one-sigma bar: one index set resamples the rows of B and P together
-  (:func:`~critsample.metrics.bootstrap`), so the bar is that of the difference on shared noise.
+  **paired bootstrap** one-sigma bar (:func:`~critsample.judges.paired`): one index set resamples the rows of B and P
+  together, so the bar is that of the difference on shared noise.
 
 Certification rule (tolerance ``tau_a`` in accuracy points, default 1; ``tau_F`` relative, default 0.10): a plan is
 **certified** when, on the point estimates measured on the paired samples,
@@ -39,21 +39,18 @@ limited-interval guidance and the adaptive plans for each outside mode and radiu
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from rich.progress import Progress
 
-from . import plans
+from . import judges, plans
 from . import summary as summary_io
 from .denoisers import Denoiser
 from .errors import UserError
 from .flops import plan_flops
-from .metrics import _fid_metric, bootstrap, digits_features, digits_real, extract_features
-from .models.classifiers import load_classifier
-from .sampling import Plan, sample, sample_generator
+from .sampling import Plan
+from .seeded import sample_images
 from .store import Store
 
 
@@ -172,70 +169,11 @@ def kind(plan: Plan) -> str:
 
 @torch.no_grad()
 def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256, on_batch=None) -> dict:
-    """``num`` images of ``plan`` (sample i: class i % K, noise ``sample_generator(seed, i)``) and the seconds taken.
-
-    ``on_batch(n)`` runs after each batch of n samples (progress)."""
-    device = next(model.parameters(), torch.empty(0)).device
+    """``num`` images of ``plan`` (sample i: class i % K, noise from (seed, i): :mod:`critsample.seeded`) and the
+    seconds taken. ``on_batch(n)`` runs after each batch of n samples (progress)."""
     labels = torch.arange(num) % model.num_classes
-    chunks, start = [], time.perf_counter()
-    for lo in range(0, num, batch_size):
-        hi = min(num, lo + batch_size)
-        x = sample(model, plan, labels[lo:hi].to(device), generator=[sample_generator(seed, i) for i in range(lo, hi)])
-        chunks.append(model.images(x).cpu())
-        if on_batch is not None:
-            on_batch(hi - lo)
-    return {"images": torch.cat(chunks), "labels": labels, "seconds": time.perf_counter() - start}
-
-
-class Judge:
-    """Per-sample correctness and features of a set of digits, and the FD of a feature set to the test split."""
-
-    def __init__(self):
-        self.classifier = load_classifier("digits")
-        self.features = digits_features()
-        self.metric = _fid_metric(self.features.num_features)
-        self.metric.update(extract_features(digits_real("test"), self.features), real=True)  # kept across reset()
-
-    @torch.no_grad()
-    def rows(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        correct = (self.classifier.predict_logits(images).argmax(1).cpu() == labels).numpy().astype(np.float64)
-        return correct, extract_features(images, self.features)
-
-    def fd(self, features: torch.Tensor) -> float:
-        self.metric.reset()
-        self.metric.update(features, real=False)
-        return self.metric.compute().item()
-
-
-def _paired(judge: Judge, base, plan, n_boot: int, seed: int) -> dict:
-    """Accuracy drop and FD ratio vs the baseline with paired-bootstrap bars (one index set for both plans' rows)."""
-    (cb, fb), (cp, fp) = base, plan
-    idx = torch.arange(len(cb))
-    cache: dict = {}
-
-    def stats(i: torch.Tensor):
-        key = i.numpy().tobytes()
-        if key not in cache:
-            j = i.numpy()
-            cache[key] = (cb[j].mean() - cp[j].mean(), judge.fd(fp[i]) / judge.fd(fb[i]))
-        return cache[key]
-
-    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
-    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
-    return {"accuracy_drop": drop, "accuracy_drop_sigma": drop_sigma, "fd_ratio": ratio, "fd_ratio_sigma": ratio_sigma}
-
-
-def _absolute(judge: Judge, correct: np.ndarray, features: torch.Tensor, n_boot: int, seed: int) -> dict:
-    n = len(correct)
-    acc = float(correct.mean())
-    fd, fd_sigma = bootstrap(judge.fd, features, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
-    return {"accuracy": acc, "accuracy_sigma": math.sqrt(acc * (1 - acc) / n), "fd": fd, "fd_sigma": fd_sigma}
-
-
-def quality(judge: Judge, rows: tuple[np.ndarray, torch.Tensor], baseline: tuple[np.ndarray, torch.Tensor], n_boot: int, seed: int) -> dict:
-    """Accuracy and FD of ``rows`` (per-sample correctness, features: :meth:`Judge.rows`) with one-sigma bars, and
-    their drop / ratio vs ``baseline`` (the same samples' noise) with paired-bootstrap bars."""
-    return {**_absolute(judge, *rows, n_boot, seed), **_paired(judge, baseline, rows, n_boot, seed)}
+    out = sample_images(model, plan, labels, seed, batch_size, on_batch=None if on_batch is None else lambda b: on_batch(len(b)))
+    return {"images": out.images, "labels": labels, "seconds": out.seconds}
 
 
 @dataclass
@@ -285,14 +223,11 @@ def certify(
     certified one (the same choice; ``Certification.candidates`` then holds only the measured ones).
     ``store``: each plan's samples are a unit (``certify`` / {plan, num, batch_size}; the store's key adds the model
     and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan; ``progress`` draws a bar."""
-    if model.num_classes is None or model.dataset != "digits":
-        raise UserError(f"Certification measures class accuracy and FD with the bundled digits classifier; {model.name} is not a "
-                        "digits model (dit-digits or a model trained on digits).")
+    judge = judges.for_model(model)
     if num < 2:
         raise UserError(f"Certification needs at least 2 samples per plan; got {num}.")
     if measure not in ("all", "cheapest"):
         raise UserError(f"measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first certified); got {measure!r}.")
-    judge = Judge()
     grid = model.grid(torch.empty(1, *model.sample_shape))
     others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler, tuple(baseline.steps))]
     costs = [_cost(model, p, grid) for p in [baseline] + others]
@@ -316,12 +251,11 @@ def certify(
 
         def entry(plan: Plan, cost: dict, base: dict | None) -> dict:
             out, computed = measured(plan)
-            correct, features = judge.rows(out["images"], out["labels"])
+            scores = judge.score(out["images"], out["labels"])
             cost = {**cost, "seconds_per_sample": float(out["seconds"]) / num}
             if on_plan is not None:
                 on_plan(plan, computed)
-            ref = (correct, features) if base is None else (base["correct"], base["features"])
-            q = quality(judge, (correct, features), ref, n_boot, seed)
+            q = judges.quality(judge, scores, scores if base is None else base["scores"], n_boot, seed)
             if base is not None:
                 bc = base["entry"]["cost"]
                 cost["flops_ratio"] = cost["flops"] / bc["flops"] if math.isfinite(bc["flops"]) else float("nan")
@@ -331,7 +265,7 @@ def certify(
                 cost.update(flops_ratio=1.0 if math.isfinite(cost["flops"]) else float("nan"), forwards_ratio=1.0, speedup_seconds=1.0)
             e = {"name": plan.name, "kind": kind(plan), "plan": plan.to_dict(), "description": plan.describe(), "quality": q,
                  "cost": cost, "certified": tolerance.passes(q["accuracy_drop"], q["fd_ratio"])}
-            return {"entry": e, "correct": correct, "features": features}
+            return {"entry": e, "scores": scores}
 
         base = entry(baseline, costs[0], None)
         measured_ids, entries = [], {}

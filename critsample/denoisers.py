@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import strict_locality
 from .errors import UserError
-from .local_attention import center_blocks, window_blocks
 from .noise import Kind, Schedule, convert
 
 NULL = -1  # user-facing "no class" label; each model maps it to its own null row
-LOCALITIES = ("window", "strict")  # truncated attention (the paper's local denoiser) / strictly local (module docstring)
+LOCALITIES = ("window", "strict")  # truncated attention (the paper's local denoiser) / strictly local (critsample.strict_locality)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Denoiser(nn.Module):
     name: str = "denoiser"
     default_guidance: float = 4.0  # classifier-free guidance scale used when none is given
     pixel_space: bool = True  # without a VAE the model works on pixels in [-1, 1]; latent-only families set False
-    # How locality="strict" is run (module docstring): "blocks" (disjoint windows share a copy), "center" (one copy per
+    # How locality="strict" is run (critsample.strict_locality): "blocks" (disjoint windows share a copy), "center" (one copy per
     # center token: joint text attention), "exact" (the radius already gives the strictly local score); None: no strict mode.
     strict_layout: str | None = None
 
@@ -150,68 +150,14 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, radius=None) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- strict locality -------------------------------------------------------------------------
+    # -- strict locality (critsample.strict_locality) -------------------------------------------
     def strict_copies(self, grid: tuple[int, int], radius: int | None) -> int:
         """Network forwards per row of the strictly local denoiser of ``radius`` (None = global: 1) on ``grid``."""
-        h, w = grid
-        if radius is None or self.strict_layout == "exact" or radius >= max(h, w) - 1:
-            return 1
-        if self.strict_layout == "center":
-            return h * w
-        return min(h, 2 * radius + 1) * min(w, 2 * radius + 1)
-
-    def _strict_layout(self, grid: tuple[int, int], radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(blocks (K, h w), copy (h w,)): the K copies' token blocks and the copy whose output each token takes."""
-        h, w = grid
-        if self.strict_layout == "center" and radius < max(h, w) - 1:
-            return center_blocks(h, w, radius, device), torch.arange(h * w, device=device)
-        return window_blocks(h, w, radius, device)  # a covering radius is one copy with one block: the global model
+        return strict_locality.copies(self.strict_layout, grid, radius)
 
     def _strict_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, radius=None, max_batch: int = 256) -> torch.Tensor:
-        """The strictly local prediction of every row (per-row ``radius``; None rows are global), copies in forwards
-        of at most ``max_batch`` rows."""
-        if self.strict_layout is None:
-            raise UserError(f"{self.name} has no strictly local mode; use locality='window'.")
-        if self.strict_layout == "exact":
-            return self(x, t, cond, radius=radius)
-        b, grid = x.shape[0], self.grid(x)
-        if radius is None or isinstance(radius, int):
-            radii = [radius] * b
-        else:
-            radii = [int(r) for r in torch.as_tensor(radius).reshape(-1).tolist()]
-            if len(radii) != b:
-                raise UserError(f"Got {len(radii)} per-row radii for a batch of {b}; pass one radius per batch row.")
-        p, (h, w) = self.patch_size, grid
-        out = torch.empty_like(x)
-        out_tok = out.view(b, x.shape[1], h, p, w, p)  # token (i, j) = out_tok[:, :, i, :, j, :]
-        groups: dict = {}
-        for row, r in enumerate(radii):
-            groups.setdefault(r, []).append(row)
-        for r, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            if r is None:
-                out[idx] = self(x[idx], t[idx], cond[idx], radius=None).to(x.dtype)
-                continue
-            blocks, copy = self._strict_layout(grid, r, x.device)
-            k = blocks.shape[0]
-            per = max(1, max_batch // k)  # rows per forward; a row's copies are split when they alone exceed max_batch
-            kstep = min(k, max(1, max_batch))
-            for lo in range(0, len(rows), per):
-                ri = idx[lo : lo + per]
-                m = ri.numel()
-                for k0 in range(0, k, kstep):
-                    k1 = min(k, k0 + kstep)
-                    rep = ri.repeat_interleave(k1 - k0)
-                    y = self(x[rep], t[rep], cond[rep], blocks=blocks[k0:k1].repeat(m, 1)).to(x.dtype)
-                    y = y.view(m, k1 - k0, x.shape[1], h, p, w, p)
-                    take = torch.nonzero((copy >= k0) & (copy < k1)).reshape(-1)  # tokens centered in these copies
-                    ti, tj, c = take // w, take % w, copy[take] - k0
-                    # (m, n_take, C, p, p): token (ti, tj) of copy c
-                    sel = y.permute(0, 1, 3, 5, 2, 4, 6)[:, c, ti, tj]
-                    dest = out_tok[ri]  # (m, C, h, p, w, p) copy
-                    dest.permute(0, 2, 4, 1, 3, 5)[:, ti, tj] = sel
-                    out_tok[ri] = dest
-        return out
+        """The strictly local prediction of every row (:func:`critsample.strict_locality.strict_forward`)."""
+        return strict_locality.strict_forward(self, x, t, cond, radius=radius, max_batch=max_batch)
 
     def _guide(self, pc: torch.Tensor, pu: torch.Tensor, guidance: float) -> torch.Tensor:
         """Classifier-free guidance ``u + w (c - u)`` (Ho & Salimans 2022, eq. 6); subclasses may restrict channels."""
@@ -232,7 +178,7 @@ class Denoiser(nn.Module):
     ) -> torch.Tensor:
         """Prediction of ``kind`` (default: native). ``guidance`` None or 1 = plain conditional on ``cond`` (which may
         hold NULL rows), one forward; another w = classifier-free guidance with [cond; null] in one batched forward.
-        ``locality``: ``"window"`` (truncated attention, the paper's) or ``"strict"`` (module docstring; its copies run
+        ``locality``: ``"window"`` (truncated attention, the paper's) or ``"strict"`` (:mod:`critsample.strict_locality`; its copies run
         in forwards of at most ``max_batch`` rows)."""
         if locality not in LOCALITIES:
             raise UserError(f"locality must be one of {', '.join(LOCALITIES)}; got {locality!r}.")

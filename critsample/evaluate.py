@@ -1,4 +1,4 @@
-"""Sample quality of a plan: batched generation with per-batch seeds, class accuracy and FID with error bars.
+"""Sample quality of a plan: seeded generation (per-sample noise), class accuracy and FID with error bars.
 
 Shared by the benchmarks (digits quality, adaptive vs full guidance), by fine-tuning evaluation and by users who
 compare plans from Python.
@@ -6,16 +6,17 @@ compare plans from Python.
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
 from .denoisers import NULL, Denoiser
-from .metrics import classifier_error, digits_features, digits_real, fid_with_bootstrap
-from .models.classifiers import load_classifier
-from .sampling import Plan, sample
+from .judges import DigitsJudge, fd_bootstrap
+from .sampling import Plan
+from .seeded import sample_images
 
 
 @dataclass
@@ -27,20 +28,13 @@ class Generated:
 
 @torch.no_grad()
 def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
-    """Sample one image per label; batch b draws its noise from ``seed + b`` (results do not depend on timing)."""
-    device = next(model.parameters(), torch.empty(0)).device
-    chunks, seconds = [], 0.0
-    batches = list(torch.split(labels, batch_size))
+    """Sample one image per label; sample i draws its noise from (seed, i) alone (:mod:`critsample.seeded`), so neither
+    the batch size nor timing changes the results, and different seeds never share noise."""
+    n_batches = -(-len(labels) // batch_size)
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"{plan.name}: {len(labels)} samples", total=len(batches))
-        for b, lab in enumerate(batches):
-            g = torch.Generator(device=device).manual_seed(seed + b)
-            start = time.perf_counter()
-            x = sample(model, plan, lab.to(device), generator=g)
-            chunks.append(model.images(x).cpu())
-            seconds += time.perf_counter() - start
-            bar.advance(task)
-    return Generated(torch.cat(chunks), labels.cpu(), seconds)
+        task = bar.add_task(f"{plan.name}: {len(labels)} samples", total=n_batches)
+        out = sample_images(model, plan, labels, seed, batch_size, on_batch=lambda _b: bar.advance(task))
+    return Generated(out.images, labels.cpu(), out.seconds)
 
 
 @dataclass
@@ -56,19 +50,16 @@ class Quality:
 
 
 def digits_quality(gen: Generated, classifier=None, n_boot: int = 20, seed: int = 0) -> Quality:
-    """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split."""
-    classifier = classifier or load_classifier("digits")
-    with torch.no_grad():
-        pred = classifier.predict_logits(gen.images).argmax(dim=1).cpu()
-    cond = gen.labels != NULL
+    """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split
+    (:class:`~critsample.judges.DigitsJudge`; the FID bar is the bootstrap over the generated set)."""
+    judge = DigitsJudge(classifier)
+    scores = judge.score(gen.images, gen.labels)
+    cond = (gen.labels != NULL).numpy()
     if cond.any():
-        err, sigma = classifier_error(pred[cond], gen.labels[cond])
-        acc = 1.0 - float(err)
+        acc = float(scores.rows[cond].mean())
+        sigma = math.sqrt(acc * (1 - acc) / int(cond.sum()))
     else:
         acc, sigma = float("nan"), float("nan")
-    counts = torch.bincount(pred, minlength=10).double()
-    fid, fid_sigma = fid_with_bootstrap(
-        digits_real("test"), gen.images, features=digits_features(), n_boot=n_boot,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    counts = np.bincount(scores.predicted, minlength=10).astype(np.float64)
+    fid, fid_sigma = fd_bootstrap(judge.reference, scores.features, n_boot, seed)
     return Quality(acc, float(sigma), float(fid), float(fid_sigma), (counts / counts.sum()).tolist())

@@ -5,7 +5,7 @@ Writes ``grid.png``, ``samples.npz`` (``images`` in [0, 1], (N, H, W) or (N, C, 
 and ``run.json`` (arguments, the plan, model evaluations, analytic FLOPs and wall time).
 
 Sample i starts from noise drawn from a generator seeded by a hash of (seed, i) alone
-(:func:`~critsample.sampling.sample_generator`, edm2's per-sample generators): ``--batch_size`` never changes which
+(:mod:`critsample.seeded`, edm2's per-sample generators): ``--batch_size`` never changes which
 noise a sample gets (the network's floating-point rounding may still differ slightly between batch sizes), the noise is
 the same on every device, and different seeds never share a sample. Resuming is per batch: each finished batch is
 stored under ``DIR/.batches`` (``.npz``, :class:`~critsample.store.Store`), keyed by the options, the plan and a
@@ -37,8 +37,9 @@ from .errors import UserError
 from .flops import plan_flops
 from .models import load
 from .report import image_grid, save_png
-from .sampling import SAMPLERS, Plan, make_scheduler, sample, sample_generator
-from .store import CorruptUnit, Store, atomic_write, check_writable, model_fingerprint, save_npz
+from .sampling import SAMPLERS, Plan, make_scheduler, sample
+from .seeded import SeededBatch, decode, one_at_a_time, seeded_batches
+from .store import CorruptUnit, Store, Unit, atomic_write, check_writable, model_fingerprint, save_npz
 from .tracking import log_sample_run
 
 log = logging.getLogger("critsample")
@@ -189,17 +190,6 @@ def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.n
     return labels, labels.cpu().numpy()
 
 
-def one_at_a_time(model: Denoiser):
-    """A ``predict`` for :func:`~critsample.sampling.sample` that runs each sample's rows in a forward of its own (a
-    guided step: that sample's [cond; null] pair), so no sample's numbers depend on which others share its batch."""
-
-    def predict(x: torch.Tensor, t: float, step, cond: Cond) -> torch.Tensor:
-        guidance = step.guidance if step.mode == "guided" else None
-        return torch.cat([model.predict(x[i : i + 1], t, cond[i : i + 1], radius=step.radius, guidance=guidance) for i in range(len(x))])
-
-    return predict
-
-
 def _batches(cfg: SampleConfig, plan: Plan, model: Denoiser, out: Path) -> Store:
     """The store of finished batches. Their keys hold every option a sample depends on (not ``--num``: sample i is the
     same in a longer run), the plan, and the model's weights (a retrained model of the same name never reuses them)."""
@@ -223,13 +213,14 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     chunks, seconds, computed, skipped = [], 0.0, 0, 0
     single_step = type(make_scheduler(model, plan.sampler)).__name__ in SINGLE_STEP
 
-    def compute(batch, lo: int, hi: int) -> dict:
+    def compute(unit: Unit, batch: SeededBatch) -> dict:
         """One batch; with a single-step integrator its state is checkpointed every CHECKPOINT_SECONDS, so a batch
         killed midway resumes from its last checkpoint (bitwise the same as an uninterrupted run). The checkpoint is
         keyed by the batch's key (every option, the plan, the weights, the seed, the range): no other command resumes it."""
         nonlocal seconds, computed, skipped
+        lo, hi = batch.lo, batch.hi
         start = time.perf_counter()
-        ckpt = store.unit("sample_state", {"batch": batch.key, "lo": lo, "hi": hi})
+        ckpt = store.unit("sample_state", {"batch": unit.key, "lo": lo, "hi": hi})
         x, first = None, 0
         if single_step and store.has(ckpt):
             try:
@@ -245,11 +236,9 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
                 store.save(ckpt, {"x": d["x"].detach().cpu(), "next_step": d["i"] + 1})
                 last = time.perf_counter()
 
-        generators = [sample_generator(cfg.seed, i) for i in range(lo, hi)]
-        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else generators, start=first, callback=checkpoint,
+        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else batch.generators(), start=first, callback=checkpoint,
                    predict=one_at_a_time(model) if cfg.batch_invariant else None)
-        images = torch.cat([model.images(x[i : i + 1]) for i in range(len(x))]) if cfg.batch_invariant else model.images(x)
-        images = images.cpu()
+        images = decode(model, x, cfg.batch_invariant)
         store.discard(ckpt)
         seconds += time.perf_counter() - start
         computed += hi - lo
@@ -259,10 +248,9 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     n_batches = -(-cfg.num // cfg.batch_size)
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"sampling {cfg.num} x {len(plan.steps)} steps", total=n_batches)
-        for b in range(n_batches):
-            lo, hi = b * cfg.batch_size, min(cfg.num, (b + 1) * cfg.batch_size)
-            unit = store.unit("sample", {"lo": lo, "hi": hi}, forwards=(hi - lo) * plan.forwards)
-            chunks.append(store.get_or_compute(unit, lambda _g, unit=unit, lo=lo, hi=hi: compute(unit, lo, hi)))
+        for batch in seeded_batches(cfg.num, cfg.batch_size, cfg.seed):
+            unit = store.unit("sample", {"lo": batch.lo, "hi": batch.hi}, forwards=len(batch) * plan.forwards)
+            chunks.append(store.get_or_compute(unit, lambda _g, unit=unit, batch=batch: compute(unit, batch)))
             bar.advance(task)
     images = torch.from_numpy(np.concatenate([c["images"] for c in chunks]))
     grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))

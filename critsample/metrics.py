@@ -218,12 +218,25 @@ def _fid_metric(num_features: int):
     return FrechetInceptionDistance(feature=_PassThrough(num_features), reset_real_features=False)
 
 
+class FrechetReference:
+    """The Frechet distance of (N, d) feature sets to one fixed reference set (torchmetrics, float64): the reference's
+    statistics are accumulated once and kept, so a bootstrap over the other set recomputes only its side."""
+
+    def __init__(self, real_features: torch.Tensor):
+        real_features = torch.as_tensor(real_features)
+        self.num_features = int(real_features.shape[1])
+        self.metric = _fid_metric(self.num_features)
+        self.metric.update(real_features.to(torch.float64), real=True)  # kept across reset(): reset_real_features=False
+
+    def __call__(self, fake_features: torch.Tensor) -> float:
+        self.metric.reset()
+        self.metric.update(torch.as_tensor(fake_features).to(torch.float64), real=False)
+        return self.metric.compute().item()
+
+
 def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
     """Frechet distance of the Gaussians fitted to two (N, d) feature sets (torchmetrics, float64)."""
-    metric = _fid_metric(real_features.shape[1])
-    metric.update(real_features.to(torch.float64), real=True)
-    metric.update(fake_features.to(torch.float64), real=False)
-    return metric.compute().item()
+    return FrechetReference(real_features)(fake_features)
 
 
 def _resolve(features: nn.Module | None, images: torch.Tensor) -> nn.Module:
@@ -257,17 +270,8 @@ def fid_with_bootstrap(
     """(FID, one-sigma) where the bar is the bootstrap standard deviation over resamples of the fake set
     (the real set is the fixed reference). Indices come from ``generator`` (default: seed 0)."""
     features = _resolve(features, real_images)
-    real_f = extract_features(real_images, features, batch_size)
-    fake_f = extract_features(fake_images, features, batch_size)
-    metric = _fid_metric(real_f.shape[1])
-    metric.update(real_f, real=True)  # kept across reset(): reset_real_features=False
-
-    def fid_of(fake: torch.Tensor) -> float:
-        metric.reset()
-        metric.update(fake, real=False)
-        return metric.compute().item()
-
-    return bootstrap(fid_of, fake_f, n_boot=n_boot, generator=generator)
+    reference = FrechetReference(extract_features(real_images, features, batch_size))
+    return bootstrap(reference, extract_features(fake_images, features, batch_size), n_boot=n_boot, generator=generator)
 
 
 def digits_real(split: str = "test") -> torch.Tensor:

@@ -169,11 +169,19 @@ def _reset_history(scheduler) -> None:
         scheduler.lower_order_nums = 0
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
+def sample_generator(seed: int, index: int, stream: str = "") -> torch.Generator:
     """The generator of sample ``index`` of a run seeded ``seed``, seeded from a hash of (seed, index) alone (edm2's
     per-sample generators): a sample never depends on the batch it is drawn in, and runs of different seeds never share
-    noise. It lives on the CPU, so the noise is also the same on every device."""
+    noise. It lives on the CPU, so the noise is also the same on every device. ``stream`` names an independent draw of
+    the same sample (detect: forward-backward's forward noise, a training trajectory's eps); "" is the initial noise."""
+    if stream:
+        return unit_generator(stable_hash({"seed": int(seed), "sample": int(index), "stream": stream}))
     return unit_generator(stable_hash({"seed": int(seed), "sample": int(index)}))
+
+
+def sample_generators(seed: int, lo: int, hi: int, stream: str = "") -> list[torch.Generator]:
+    """One :func:`sample_generator` per sample index in [lo, hi)."""
+    return [sample_generator(seed, i, stream) for i in range(lo, hi)]
 
 
 def noise(denoiser: Denoiser, generator: torch.Generator | list[torch.Generator] | None, batch: int | None = None, sampler: str = "auto") -> torch.Tensor:

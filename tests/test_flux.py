@@ -21,8 +21,9 @@ from conftest import (
 
 import critsample
 from critsample import Plan, PromptCond
+from critsample.attention import FluxWindowAttnProcessor
 from critsample.local_attention import window_mask
-from critsample.models.flux import FluxDenoiser, FluxWindowAttnProcessor, image_ids
+from critsample.models.flux import FluxDenoiser, image_ids
 
 LATENT_CHANNELS = FLUX_LATENT_CHANNELS  # the tiny VAE's; the transformer takes 2x2-packed latents: in_channels 16
 VAE_SHIFT, VAE_SCALE = FLUX_VAE_SHIFT, FLUX_VAE_SCALE  # FLUX.1's VAE factors

@@ -18,11 +18,11 @@ from conftest import CLASSIFIER, PIXART_CAPTION, SMALL, VAE_SCALE
 
 import critsample
 from critsample import PromptCond, UserError
-from critsample.attention import WindowAttnProcessor
+from critsample.attention import DenseCrossAttnProcessor, WindowAttnProcessor
 from critsample.denoisers import cat_rows, tile_rows
 from critsample.flops import forward_flops, transformer_shape
 from critsample.models import family_of
-from critsample.models.pixart import DenseCrossAttnProcessor, PixArtDenoiser
+from critsample.models.pixart import PixArtDenoiser
 
 CAPTION = PIXART_CAPTION
 

@@ -20,7 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import config_path, expand_lists, instantiate, normalize_argv, option_value, parse, pick_device, read_config_file
+from .args import (
+    config_path,
+    expand_lists,
+    instantiate,
+    normalize_argv,
+    option_value,
+    parse,
+    pick_device,
+    read_config_file,
+)
 
 LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 

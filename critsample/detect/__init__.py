@@ -6,8 +6,8 @@
     summary = detect.run(detect.DetectConfig.from_preset("fast", out="runs/d", wandb=False), load("dit-digits"))
 
 Modules: ``config`` (options, presets), ``context`` (what probes share), ``data`` (clean data, classifiers),
-``protocol`` (the probe protocol), ``registry`` (the probes), one module per probe family (``gaps``,
-``forward_backward``, ``scans``), ``estimators`` (curves -> windows, concurrence), ``assemble`` (summary, report,
+``protocol`` (the probe protocol), ``registry`` (the probes), one module per probe family (``probe_gaps``,
+``probe_forward_backward``, ``probe_scans``; the pure tensor computations they call live in ``critsample.probes``), ``estimators`` (curves -> windows, concurrence), ``assemble`` (summary, report,
 W&B), ``run`` (stages, store, sharding, dry run).
 """
 

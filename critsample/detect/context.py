@@ -14,8 +14,8 @@ from ..attention import check_radius
 from ..denoisers import Cond, Denoiser, tile_rows
 from ..errors import UserError
 from ..probes.rows import class_rows
-from ..sampling import sample_generator
-from ..store import Store, model_fingerprint, stable_hash, unit_generator
+from ..sampling import sample_generators
+from ..store import Store, model_fingerprint
 from .data import classifier_name, load_classifier_for, load_data
 
 if TYPE_CHECKING:
@@ -120,9 +120,7 @@ class Detection:
         starts from the same noise at every scan position, radius and arm (and in the sampled gap trajectories), so
         the probes' differences are paired; ``stream`` separates independent draws (forward-backward's forward noise,
         the training trajectory's eps, generated clean images)."""
-        seed = int(self.cfg.seed)
-        return [sample_generator(seed, i) if not stream else unit_generator(stable_hash({"seed": seed, "sample": i, "stream": stream}))
-                for i in range(lo, hi)]
+        return sample_generators(int(self.cfg.seed), lo, hi, stream)
 
     @property
     def chance(self) -> float | None:

@@ -9,6 +9,10 @@ A probe is one object in ``detect.registry.PROBES`` (one line there) implemented
 * :meth:`Probe.compute` — the arrays of one unit, a pure function of the detection, the unit and its generator.
 * :meth:`Probe.summarize` — stored arrays -> curves, arrays on disk, figures and windows (:class:`ProbeOutput`).
 
+The helpers every probe shares live here too: the key parts common to all units (:func:`common_config`,
+:func:`data_config`), the local denoisers of a run (:func:`localities`, :func:`locality_match`, :func:`window_name`,
+:func:`strict_copies`), sample batches and Bernoulli bars.
+
 ``detect.run`` owns the order (stages), the store, sharding, progress; ``detect.assemble`` turns the probes' windows
 into the combined window, the concurrence verdicts and ``summary.json``.
 """
@@ -102,6 +106,39 @@ class Probe:
 
     def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
         raise NotImplementedError
+
+
+# -- helpers every probe shares ----------------------------------------------------------------------------------
+
+
+def strict_copies(det: Detection, radii: list) -> list[int]:
+    """Forwards per local row of the strictly local denoiser at each radius (``Denoiser.strict_copies``)."""
+    return [det.model.strict_copies(det.model.token_grid, r) for r in radii]
+
+
+def localities(det: Detection) -> list[str]:
+    """The local denoisers a run measures, in summary order (``--locality``)."""
+    return {"window": ["window"], "strict": ["strict"], "both": ["window", "strict"]}[det.cfg.locality]
+
+
+def locality_match(locality: str) -> dict:
+    """``Results.units`` filter of the units of one local denoiser (window units carry no ``locality`` param)."""
+    return {"locality": None if locality == "window" else locality}
+
+
+def window_name(name: str, det: Detection, locality: str) -> str:
+    """The summary name of a nonlocality window: ``name``, or ``name_strict`` for the strict one beside a window one."""
+    return f"{name}_strict" if locality == "strict" and det.cfg.locality == "both" else name
+
+
+def common_config(det: Detection) -> dict:
+    """What every stored unit's numbers depend on besides its own settings."""
+    return {"sampler": det.cfg.sampler, "guidance": det.guidance, "class": det.class_id, "prompt": det.cfg.prompt}
+
+
+def data_config(det: Detection) -> dict:
+    """What the units that read clean data depend on: the --data option and the content id of the data read."""
+    return {"data": det.cfg.data, "data_id": det.data_id}
 
 
 def batches(total: int, size: int) -> list[tuple[int, int]]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .forward_backward import ForwardBackward
-from .gaps import CondGap, LocalityGap
+from .probe_forward_backward import ForwardBackward
+from .probe_gaps import CondGap, LocalityGap
+from .probe_scans import WindowCond, WindowLocality
 from .protocol import Probe
-from .scans import WindowCond, WindowLocality
 
 PROBES: dict[str, Probe] = {p.name: p for p in (
     CondGap(),

@@ -26,7 +26,8 @@ from ..models import load
 from ..models.dit import DiTDenoiser
 from ..noise import Schedule
 from ..report import image_grid
-from ..sampling import Plan, sample
+from ..sampling import Plan
+from ..seeded import SeededBatch, sample_batch
 from ..store import atomic_write
 from .schedules import LossWeighting, RadiusSchedule
 
@@ -203,9 +204,8 @@ class DiTModule(L.LightningModule):
 
         n_cls = min(self.denoiser.num_classes, 10)
         labels = torch.arange(n_cls, device=self.device).repeat_interleave(10)
-        g = torch.Generator(device=self.device).manual_seed(0)
-        x = sample(self.denoiser, Plan.guided(self.hparams.val_steps, self.hparams.val_guidance), labels, generator=g)
-        grid = image_grid(self.denoiser.images(x), nrow=10)
+        plan = Plan.guided(self.hparams.val_steps, self.hparams.val_guidance)
+        grid = image_grid(sample_batch(self.denoiser, plan, labels, SeededBatch(0, 0, len(labels))), nrow=10)  # seed 0
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("val/samples", [grid], step=self.global_step)

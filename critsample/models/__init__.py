@@ -15,9 +15,9 @@ import torch
 
 from ..denoisers import Denoiser
 from ..errors import UserError
+from ..store import record_weight_files
 from .flux import load_flux
 from .hub import fetch_snapshot
-from ..store import record_weight_files
 from .loaders import load_dit, trusting_pickled_weights
 from .oracles import load_oracle
 from .pixart import load_pixart

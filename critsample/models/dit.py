@@ -16,7 +16,7 @@ class DiTDenoiser(Denoiser):
 
     prediction = "eps"
     family = "dit"
-    strict_layout = "blocks"  # text-free: disjoint windows share a copy (denoisers module docstring)
+    strict_layout = "blocks"  # text-free: disjoint windows share a copy (critsample.strict_locality)
 
     def __init__(
         self,

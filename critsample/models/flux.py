@@ -20,7 +20,8 @@ conditional and unconditional rows alike. So
 FLUX.1-schnell has no guidance embedding (``distilled_guidance`` is None); there ``guided(w)`` is ordinary CFG.
 
 Window attention: in both block kinds attention runs over [text; image] tokens (text FIRST, unlike SD3); only
-image-to-image attention is windowed, text rows and columns stay dense, RoPE is applied as the stock processor does.
+image-to-image attention is windowed, text rows and columns stay dense, RoPE is applied as the stock processor does
+(``attention.FluxWindowAttnProcessor``).
 Strict locality (``Denoiser.predict(locality="strict")``): one copy per center token, the text reading only the
 center's window (``strict_layout = "center"``), with the tokens' original RoPE coordinates.
 """
@@ -32,98 +33,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttention
 from einops import rearrange
 from torch import nn
 
-from ..attention import Radius, _is_global, check_radius
+from ..attention import check_radius, install_flux_window_attention
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
-from ..local_attention import block_attention, local_attention
 from ..noise import Schedule
 from .loaders import load_parts, load_text_pipeline
 
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: the distilled guidance FLUX.1-dev samples with
 DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size (1024 px through the 8x VAE)
 MAX_T5 = 512  # FluxPipeline's default and largest max_sequence_length
-
-
-# -- attention ---------------------------------------------------------------------------------------------------
-def _attend_text_first(q, k, v, grid, radius: Radius, num_text: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, L, d) attention over [text; image] tokens: the strict blocks when given (``attention`` module
-    docstring), else stock SDPA when global, else the window on image pairs.
-
-    ``local_attention`` takes the dense tokens after the image tokens; attention is equivariant under a permutation
-    of its tokens, so the text block is rolled to the end and the output rolled back.
-    """
-    if blocks is not None:
-        return block_attention(q, k, v, blocks, num_text, extra_first=True)
-    if _is_global(radius, grid):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    q, k, v = (torch.roll(a, -num_text, dims=2) for a in (q, k, v))  # [image; text]
-    out = local_attention(q, k, v, grid=grid, radius=radius, num_extra=num_text)
-    return torch.roll(out, num_text, dims=2)  # back to [text; image]
-
-
-class FluxWindowAttnProcessor:
-    """``FluxAttnProcessor`` with image-to-image attention windowed per call (``radius``, ``grid`` from
-    ``joint_attention_kwargs``, which ``FluxTransformer2DModel`` hands to both block kinds).
-
-    Double-stream blocks pass image tokens as ``hidden_states`` and text as ``encoder_hidden_states`` (own
-    projections); single-stream blocks pass the concatenation [text; image] as ``hidden_states``, so the number of
-    text tokens there is L - h w. With a global radius this is the stock computation.
-    """
-
-    def __call__(
-        self,
-        attn: FluxAttention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        radius: Radius = None,
-        grid: tuple[int, int] | None = None,
-        blocks: torch.Tensor | None = None,
-    ):
-        if attention_mask is not None or getattr(attn, "fused_projections", False):
-            raise NotImplementedError("FluxWindowAttnProcessor handles unmasked attention with unfused projections only.")
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (-1, attn.head_dim))  # (B, N, H * d) -> (B, N, H, d), as the stock processor
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if joint:
-            eq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
-            ek = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
-            ev = heads(attn.add_v_proj(encoder_hidden_states))
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)  # (B, T + N, H, d)
-            num_text = encoder_hidden_states.shape[1]
-        else:  # single-stream: hidden_states is already [text; image]; without a grid the call is global
-            num_text = q.shape[1] - grid[0] * grid[1] if grid is not None else 0
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = _attend_text_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid, radius, num_text, blocks)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, T + N, H * d)
-        if not joint:
-            return out
-        txt, img = out.split_with_sizes([num_text, out.shape[1] - num_text], dim=1)
-        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
-        return img, attn.to_add_out(txt.contiguous())
-
-
-def install_flux_window_attention(transformer: FluxTransformer2DModel) -> int:
-    """Give every ``FluxAttention`` layer (double- and single-stream blocks) the window processor."""
-    layers = [m for m in transformer.modules() if isinstance(m, FluxAttention)]
-    if not layers:
-        raise ValueError(f"{type(transformer).__name__} has no FluxAttention layers to window.")
-    for m in layers:
-        m.set_processor(FluxWindowAttnProcessor())
-    return len(layers)
 
 
 # -- latent packing (FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids) ---------------------

@@ -7,7 +7,7 @@ with their padding mask: a :class:`~critsample.denoisers.PromptCond` with ``mask
 is the empty string, as the pipelines' default negative prompt.
 
 The local denoiser windows the self-attention ``attn1`` of every block (the paper's image-token window); the
-cross-attention to the text stays dense, as text tokens in SD3's joint attention do.
+cross-attention to the text stays dense, as text tokens in SD3's joint attention do (processors in ``attention.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PixArtTransformer2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from ..attention import WindowAttnProcessor, check_radius
+from ..attention import check_radius, install_pixart_window_attention
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Kind, Schedule
@@ -29,42 +28,6 @@ from .loaders import load_parts, load_text_pipeline
 # The pipelines' ``max_sequence_length`` defaults: T5 tokens per prompt (PixArt-alpha paper sec. 3.1; Sigma raised it).
 MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 _PREDICTIONS: dict[str, Kind] = {"epsilon": "eps", "sample": "x0"}
-
-
-class DenseCrossAttnProcessor(AttnProcessor2_0):
-    """PixArt's cross-attention (image queries, T5 keys with the padding mask): diffusers' stock computation at every
-    radius. It names ``radius``, ``grid`` and ``blocks`` only so that diffusers' ``Attention`` does not warn on every call that it
-    drops them (it filters keyword arguments by the processor's signature)."""
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        radius=None,
-        grid: tuple[int, int] | None = None,
-        blocks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-def install_pixart_window_attention(transformer: PixArtTransformer2DModel) -> int:
-    """Window processor on every block's self-attention ``attn1``, the dense one on its cross-attention ``attn2``.
-
-    PixArt's ``attn1`` is plain unmasked self-attention over image tokens (no group norm, no residual inside), which is
-    what :class:`WindowAttnProcessor` computes; the pipelines never pass a self-attention mask. Returns the number of
-    windowed layers."""
-    count = 0
-    for block in transformer.transformer_blocks:
-        block.attn1.set_processor(WindowAttnProcessor())
-        count += 1
-        if block.attn2 is not None:
-            block.attn2.set_processor(DenseCrossAttnProcessor())
-    if count == 0:
-        raise ValueError(f"{type(transformer).__name__} has no transformer blocks to window.")
-    return count
 
 
 class PixArtDenoiser(TextDenoiser):

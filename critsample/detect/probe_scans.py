@@ -20,14 +20,13 @@ import torch
 
 from .. import report
 from ..denoisers import NULL
-from ..metrics import bootstrap, frechet_distance
+from ..judges import fd_bootstrap
 from ..probes.windows import baseline_plan, window_plan
 from ..sampling import Plan, sample
 from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
-from .gaps import common_config
-from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
+from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, common_config, series_json
 
 if TYPE_CHECKING:
     from .context import Detection
@@ -37,12 +36,10 @@ STRIP = 8  # samples per window position kept as images for the sample strips
 
 
 def fid_from_features(real: np.ndarray, fake: np.ndarray, *, seed: int = 0) -> tuple[float, float]:
-    """FID between feature sets (metrics.frechet_distance: torchmetrics, float64) and its bootstrap one-sigma over
-    resamples of the fake set, the always-conditioned baseline being the fixed reference (as metrics.fid_with_bootstrap).
-    100 resamples for features of dimension <= 256, 20 above (each resample is an eigen-decomposition in d)."""
-    real_t, fake_t = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
-    n_boot = 100 if real_t.shape[1] <= 256 else 20
-    return bootstrap(lambda f: frechet_distance(real_t, f), fake_t, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    """FID between feature sets and its bootstrap one-sigma over resamples of the fake set, the always-conditioned
+    baseline being the fixed reference (``judges.fd_bootstrap``: torchmetrics, float64). 100 resamples for features
+    of dimension <= 256, 20 above (each resample is an eigen-decomposition in d)."""
+    return fd_bootstrap(real, fake, n_boot=100 if np.shape(real)[1] <= 256 else 20, seed=seed)
 
 
 class _Scan(Probe):

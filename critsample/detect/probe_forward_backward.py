@@ -29,8 +29,21 @@ from ..sampling import sample
 from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
-from .gaps import common_config, data_config, localities, locality_match, strict_copies, window_name
-from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, series_json
+from .protocol import (
+    Outputs,
+    Probe,
+    ProbeOutput,
+    Results,
+    batches,
+    bernoulli,
+    common_config,
+    data_config,
+    localities,
+    locality_match,
+    series_json,
+    strict_copies,
+    window_name,
+)
 
 if TYPE_CHECKING:
     from .context import Detection

@@ -21,7 +21,20 @@ from ..sampling import step_times
 from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
 from . import estimators
-from .protocol import Outputs, Probe, ProbeOutput, Results, batches, series_json
+from .protocol import (
+    Outputs,
+    Probe,
+    ProbeOutput,
+    Results,
+    batches,
+    common_config,
+    data_config,
+    localities,
+    locality_match,
+    series_json,
+    strict_copies,
+    window_name,
+)
 
 if TYPE_CHECKING:
     from .context import Detection
@@ -70,35 +83,6 @@ class _Gaps(Probe):
             states, times, _ = sampling_states(m, plan, cond, det.generators(lo, hi))
         out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch, locality=p.get("locality", "window"))
         return {k: v.cpu().numpy() for k, v in out.items()}
-
-
-def strict_copies(det: Detection, radii: list) -> list[int]:
-    """Forwards per local row of the strictly local denoiser at each radius (``Denoiser.strict_copies``)."""
-    return [det.model.strict_copies(det.model.token_grid, r) for r in radii]
-
-
-def localities(det: Detection) -> list[str]:
-    """The local denoisers a run measures, in summary order (``--locality``)."""
-    return {"window": ["window"], "strict": ["strict"], "both": ["window", "strict"]}[det.cfg.locality]
-
-
-def locality_match(locality: str) -> dict:
-    """``Results.units`` filter of the units of one local denoiser (window units carry no ``locality`` param)."""
-    return {"locality": None if locality == "window" else locality}
-
-
-def window_name(name: str, det: Detection, locality: str) -> str:
-    """The summary name of a nonlocality window: ``name``, or ``name_strict`` for the strict one beside a window one."""
-    return f"{name}_strict" if locality == "strict" and det.cfg.locality == "both" else name
-
-
-def common_config(det: Detection) -> dict:
-    """What every stored unit's numbers depend on besides its own settings."""
-    return {"sampler": det.cfg.sampler, "guidance": det.guidance, "class": det.class_id, "prompt": det.cfg.prompt}
-
-
-def data_config(det: Detection) -> dict:
-    return {"data": det.cfg.data, "data_id": det.data_id}
 
 
 def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "window") -> dict:
