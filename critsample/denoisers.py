@@ -23,6 +23,7 @@ from torch import nn
 from .errors import UserError
 from .local_attention import center_blocks, window_blocks
 from .noise import Kind, Schedule, convert
+from .options import is_global
 
 NULL = -1  # user-facing "no class" label; each model maps it to its own null row
 LOCALITIES = ("window", "strict")  # truncated attention (the paper's local denoiser) / strictly local (module docstring)
@@ -154,7 +155,7 @@ class Denoiser(nn.Module):
     def strict_copies(self, grid: tuple[int, int], radius: int | None) -> int:
         """Network forwards per row of the strictly local denoiser of ``radius`` (None = global: 1) on ``grid``."""
         h, w = grid
-        if radius is None or self.strict_layout == "exact" or radius >= max(h, w) - 1:
+        if self.strict_layout == "exact" or is_global(radius, grid):
             return 1
         if self.strict_layout == "center":
             return h * w
@@ -163,7 +164,7 @@ class Denoiser(nn.Module):
     def _strict_layout(self, grid: tuple[int, int], radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(blocks (K, h w), copy (h w,)): the K copies' token blocks and the copy whose output each token takes."""
         h, w = grid
-        if self.strict_layout == "center" and radius < max(h, w) - 1:
+        if self.strict_layout == "center" and not is_global(radius, grid):
             return center_blocks(h, w, radius, device), torch.arange(h * w, device=device)
         return window_blocks(h, w, radius, device)  # a covering radius is one copy with one block: the global model
 

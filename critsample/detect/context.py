@@ -13,6 +13,7 @@ import torch
 from ..attention import check_radius
 from ..denoisers import Cond, Denoiser, tile_rows
 from ..errors import UserError
+from ..options import global_radius, is_global
 from ..probes.rows import class_rows
 from ..sampling import sample_generator
 from ..store import Store, model_fingerprint, stable_hash, unit_generator
@@ -24,9 +25,9 @@ if TYPE_CHECKING:
 
 def auto_radii(grid: int, preset: str) -> list[int]:
     """Default radii on a grid x grid token grid (grid - 1 is already global)."""
-    pow2 = [r for r in (2**k for k in range(12)) if r < grid - 1]
+    pow2 = [r for r in (2**k for k in range(12)) if not is_global(r, grid)]
     if preset == "paper" and grid <= 8:
-        return list(range(0, min(5, grid - 1)))
+        return list(range(0, min(5, global_radius(grid))))
     return ([0] if preset == "paper" else []) + pow2
 
 

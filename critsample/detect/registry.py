@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .config import PROBE_NAMES
 from .forward_backward import ForwardBackward
 from .gaps import CondGap, LocalityGap
 from .protocol import Probe
@@ -14,3 +15,4 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     WindowCond(),
     WindowLocality(),
 )}
+assert tuple(PROBES) == PROBE_NAMES, "detect.config.PROBE_NAMES must list the registry's probes in report order"

@@ -48,6 +48,7 @@ from ..attention import check_radius
 from ..denoisers import NULL, Denoiser
 from ..errors import UserError
 from ..noise import Schedule
+from ..options import is_global
 
 PRESETS: dict[str, dict[str, float]] = {
     "gmm-mixture": {"N": 8, "mu": 0.5, "s2": 1.0},
@@ -160,7 +161,7 @@ def window_index(N: int, r: int) -> torch.Tensor:
 def box_sum(img: torch.Tensor, r: int) -> torch.Tensor:
     """(B, N, N) sums of img over each pixel's truncated Chebyshev window of radius r (integral image, O(N^2))."""
     N = img.shape[-1]
-    if r >= N - 1:
+    if is_global(r, N):
         return img.sum((-2, -1), keepdim=True).expand_as(img)
     S = F.pad(img.cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # S[i, j] = sum of img[:i, :j]
     i = torch.arange(N, device=img.device)
