@@ -24,10 +24,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import Cond, Denoiser, is_guided
 from .errors import UserError
+from .options import SAMPLER_CHOICES, SAMPLERS  # noqa: F401  (SAMPLERS: re-exported)
 from .store import stable_hash, unit_generator
 
 Mode = Literal["cond", "uncond", "guided"]
-SAMPLERS = ("ddim", "dpm", "euler")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class Plan:
     def __post_init__(self):
         if not self.steps:
             raise ValueError("A plan needs at least one step.")
-        if self.sampler not in ("auto", *SAMPLERS):
-            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {('auto', *SAMPLERS)}.")
+        if self.sampler not in SAMPLER_CHOICES:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {SAMPLER_CHOICES}.")
         for s in self.steps:
             if s.mode not in ("cond", "uncond", "guided"):
                 raise ValueError(f"Unknown step mode {s.mode!r}; use cond, uncond or guided.")

@@ -45,7 +45,7 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
     steps: int = 50
     """Integrator steps of every plan (``critsample sample --steps`` must match to use the certified plan)."""
     seed: int = 0
-    """Seed of the paired noise (any integer): sample i of every plan starts from a hash of (seed, i)."""
+    """Seed of the paired noise: sample i of every plan starts from a hash of (seed, i)."""
     accuracy_tolerance: float = 1.0
     """Largest accepted drop of class accuracy vs full guidance, in percentage points."""
     fd_tolerance: float = 0.10
