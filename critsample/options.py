@@ -54,7 +54,7 @@ def check_device(device: str) -> None:
         return
     if text.startswith("mps"):
         raise UserError(f"--device {device}: Apple MPS is not supported by critsample; use --device cpu (or auto).")
-    raise UserError(f"Unknown device {device!r}; use {DEVICES}.")
+    raise UserError(f"--device {device} is not a device critsample runs on; use {DEVICES}.")
 
 
 # -- sections -----------------------------------------------------------------------------------------------------

@@ -103,6 +103,10 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
     grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval)
     candidates = search(model, summary, cfg.steps, w, grid, cfg.sampler)
     baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
+    if all((p.sampler, tuple(p.steps)) == (baseline.sampler, tuple(baseline.steps)) for p in candidates):
+        window = summary_windows(summary)["guidance"][0]
+        raise UserError(f"--shifts {cfg.shifts} and --scales {cfg.scales} leave no plan to certify around the guidance window {window} "
+                        "(every window moves outside [0, 1] or covers it whole, i.e. full guidance); use shifts within +-1 and smaller scales.")
     store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
     result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot, store=store,
                                     tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, measure=cfg.measure,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from ..generate import SampleConfig, run
@@ -21,10 +23,12 @@ def run_sample(argv: list[str]) -> int:
                        aliases={"--class": "--classes"}, lists=("--classes", "--prompt"), nonempty=("--classes", "--prompt"))
     record = run(cfg, device=pick_device(cfg.device), progress=True)
     c = record["cost"]
+    flops = c["flops_per_sample"]
+    gflops = f"{flops['total'] / 1e9:.3g} GFLOPs/sample" if math.isfinite(flops["total"]) else flops.get("note", "no FLOPs count")
     print(f"{record['plan_description']}")
     print(
         f"wrote {record['config']['out']}: {record['config']['num']} samples, "
-        f"{c['model_evaluations']} model evaluations, {c['flops_per_sample']['total'] / 1e9:.3g} GFLOPs/sample, "
+        f"{c['model_evaluations']} model evaluations, {gflops}, "
         f"{c['wall_seconds']:.1f} s"
     )
     return 0

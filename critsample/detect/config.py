@@ -52,6 +52,8 @@ class GapArgs:
 
     def __post_init__(self):
         _at_least_one(self, "gaps.", ("steps", "samples", "batch"))
+        if not self.trajectories:
+            raise UserError(f"--gaps.trajectories is empty; give at least one of {', '.join(TRAJECTORIES)} (omit it for all three).")
         bad = [t for t in self.trajectories if t not in TRAJECTORIES]
         if bad:
             raise UserError(f"Unknown trajectory {bad[0]!r}; choose from {', '.join(TRAJECTORIES)}.")

@@ -15,7 +15,7 @@ from ..denoisers import Cond, Denoiser, tile_rows
 from ..errors import UserError
 from ..options import global_radius, is_global
 from ..probes.rows import class_rows
-from ..sampling import sample_generator
+from ..sampling import check_steps, sample_generator
 from ..store import Store, model_fingerprint, stable_hash, unit_generator
 from .data import classifier_name, load_classifier_for, load_data
 
@@ -62,13 +62,15 @@ class Detection:
     # -- checks and conditioning --------------------------------------------------------------
     def _check_model(self) -> None:
         cfg, m = self.cfg, self.model
+        for section in ("gaps", "fb", "windows"):
+            check_steps(m, getattr(cfg, section).steps, f"--{section}.steps")
         if self.text:
             if cfg.class_id is not None:
                 raise UserError(f"{m.name} is text-conditional: use --prompt, not --class.")
             if not cfg.prompt:
                 raise UserError(f"{m.name} is text-conditional: give --prompt TEXT.")
         else:
-            if cfg.prompt:
+            if cfg.prompt is not None:
                 raise UserError(f"{m.name} is class-conditional: use --class N, not a text prompt.")
             if cfg.class_id is not None and not 0 <= cfg.class_id < m.num_classes:
                 raise UserError(f"Class {cfg.class_id} is outside {m.name}'s classes 0..{m.num_classes - 1}.")
