@@ -287,7 +287,7 @@ def test_fit_user_errors_are_one_sentence(tmp_path, capsys, monkeypatch, args, n
         real = tempfile.mkstemp
 
         def mkstemp(*a, dir=None, **kw):  # chmod cannot show a read-only folder to root
-            if dir is not None and Path(dir).resolve() == readonly.resolve():
+            if dir is not None and readonly.resolve() in (Path(dir).resolve(), *Path(dir).resolve().parents):
                 raise PermissionError(13, "Permission denied")
             return real(*a, dir=dir, **kw)
 
