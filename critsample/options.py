@@ -163,6 +163,14 @@ def numpy_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"critsample-negative-seed:{seed}".encode()).digest()[:8], "big")
 
 
+def torch_seed(seed: int) -> int:
+    """``seed`` as ``torch.Generator.manual_seed`` takes it (-2**63 .. 2**64 - 1): itself in that range, so no result
+    changes, and a 63-bit hash of it outside (critsample's per-sample noise takes any integer)."""
+    if -(2**63) <= seed < 2**64:
+        return int(seed)
+    return int.from_bytes(hashlib.sha256(f"critsample-large-seed:{seed}".encode()).digest()[:8], "big") >> 1
+
+
 # -- values that are more than a type -----------------------------------------------------------------------------
 
 

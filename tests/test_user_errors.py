@@ -21,7 +21,7 @@ import critsample.models as models
 import critsample.tune as tune
 from critsample.cli import main
 from critsample.errors import UserError
-from critsample.options import TimeWindow, is_global, numpy_seed
+from critsample.options import TimeWindow, is_global, numpy_seed, torch_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,16 +87,18 @@ def test_detect_refuses_an_empty_prompt_on_a_class_model(folder, tmp_path, capsy
     assert not list(tmp_path.rglob("*.npz"))
 
 
-def test_detect_takes_a_negative_seed_like_sample(folder, tmp_path, capsys):
-    assert main(_detect(folder, tmp_path, "--seed", "-3", "--probes", "cond_gap")) == 0
+@pytest.mark.parametrize("seed, probe", [(-3, "cond_gap"), (10**30, "window_cond")])
+def test_detect_takes_any_integer_seed_like_sample(folder, tmp_path, seed, probe):
+    assert main(_detect(folder, tmp_path, "--seed", str(seed), "--probes", probe)) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["seed"] == -3
+    assert summary["seed"] == seed
 
 
 def test_numpy_seeds_keep_non_negative_seeds_and_separate_negative_ones():
     assert [numpy_seed(s) for s in (0, 1, 7, 10**30)] == [0, 1, 7, 10**30]
     mapped = {numpy_seed(s) for s in range(-50, 0)}
     assert len(mapped) == 50 and all(m >= 0 for m in mapped)
+    assert [torch_seed(s) for s in (-3, 0, 2**64 - 1)] == [-3, 0, 2**64 - 1] and 0 <= torch_seed(10**30) < 2**63
 
 
 # -- list and window syntax with negative numbers ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from .. import report
 from ..denoisers import NULL
 from ..metrics import bootstrap, frechet_distance
+from ..options import torch_seed
 from ..probes.windows import baseline_plan, window_plan
 from ..sampling import Plan, sample
 from ..store import Unit
@@ -42,7 +43,7 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray, *, seed: int = 0) -> t
     100 resamples for features of dimension <= 256, 20 above (each resample is an eigen-decomposition in d)."""
     real_t, fake_t = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
     n_boot = 100 if real_t.shape[1] <= 256 else 20
-    return bootstrap(lambda f: frechet_distance(real_t, f), fake_t, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    return bootstrap(lambda f: frechet_distance(real_t, f), fake_t, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
 
 
 class _Scan(Probe):
