@@ -46,7 +46,7 @@ CHECKPOINT_SECONDS = 10.0  # how often the state of a batch in progress is store
 SINGLE_STEP = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")  # no history: a checkpointed state resumes exactly
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, ModelOptions):
     """Options of ``critsample sample`` (the shared sections: :mod:`critsample.options`)."""
 

@@ -13,8 +13,8 @@
 A config lists its sections last-first (``class SampleConfig(WandbOptions, ..., ModelOptions)``): dataclass fields
 follow the reversed MRO, so ``--model`` comes first in the help. A section's attribute docstrings are the CLI help (litgpt style) and its ``check_<section>`` method its validation;
 :func:`validate_sections` runs every section a config inherits, in a fixed order, from the config's ``validate()``,
-i.e. when the config is built: before any model is loaded. The sections are keyword-only, so a command's own required
-fields (tune's ``summary``) stay positional.
+i.e. when the config is built: before any model is loaded. The sections and the configs are keyword-only dataclasses
+(so a command's fields may follow a section's defaults, and the help lists the shared options first).
 
 Values that need the model (a radius against its token grid, ``--steps`` against its scheduler, a class against its
 classes) are checked where the model is known, by the one owner of each rule (``attention.check_radius``,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,13 +31,12 @@ from .report import plot_frontier
 from .store import Store, check_writable, model_fingerprint
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, ModelOptions):
     """Options of ``critsample tune`` (the shared sections: :mod:`critsample.options`)."""
 
     summary: str
     """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is written into it."""
-    _: KW_ONLY
     model: str = "dit-digits"
     """Registry name or local folder of a digits model (quality is judged with the bundled digits classifier)."""
     num: int = 1000

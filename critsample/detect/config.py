@@ -119,7 +119,7 @@ class WindowArgs:
             raise UserError(f"--windows.t0_step must lie in (0, 1); got {self.t0_step}.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, ModelOptions):
     """Options of ``critsample detect`` (the shared sections: :mod:`critsample.options`)."""
 
