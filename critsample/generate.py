@@ -35,8 +35,17 @@ from .denoisers import NULL, Cond, Denoiser
 from .errors import UserError
 from .flops import plan_flops
 from .models import load
+from .options import (
+    GuidanceOptions,
+    ModelOptions,
+    OutputOptions,
+    SeedOptions,
+    StepsOptions,
+    TimeWindow,
+    WandbOptions,
+    validate_sections,
+)
 from .report import image_grid, save_png
-from .options import GuidanceOptions, ModelOptions, OutputOptions, SeedOptions, StepsOptions, TimeWindow, WandbOptions, validate_sections
 from .sampling import Plan, make_scheduler, sample, sample_generator
 from .store import CorruptUnit, Store, check_writable, model_fingerprint
 from .tracking import log_sample_run

@@ -10,11 +10,12 @@
 * :class:`OutputOptions`: ``--out`` (all three; each command sets its own default folder);
 * :class:`WandbOptions`: ``--wandb`` / ``--no-wandb`` (sample, detect).
 
-A config lists its sections last-first (``class SampleConfig(WandbOptions, ..., ModelOptions)``): dataclass fields
-follow the reversed MRO, so ``--model`` comes first in the help. A section's attribute docstrings are the CLI help (litgpt style) and its ``check_<section>`` method its validation;
-:func:`validate_sections` runs every section a config inherits, in a fixed order, from the config's ``validate()``,
-i.e. when the config is built: before any model is loaded. The sections and the configs are keyword-only dataclasses
-(so a command's fields may follow a section's defaults, and the help lists the shared options first).
+A section's attribute docstrings are the CLI help (litgpt style; a command may redefine a field to change its default
+and help, as each does for ``--out``) and its ``check_<section>`` method its validation; :func:`validate_sections`
+runs every section a config inherits, in a fixed order, from the config's ``validate()``, i.e. when the config is
+built: before any model is loaded. Sections and configs are keyword-only dataclasses, and a config lists its sections
+last-first (``class SampleConfig(WandbOptions, ..., ModelOptions)``: fields follow the reversed MRO), so the help
+starts with ``--model``.
 
 Values that need the model (a radius against its token grid, ``--steps`` against its scheduler, a class against its
 classes) are checked where the model is known, by the one owner of each rule (``attention.check_radius``,
@@ -230,7 +231,7 @@ class TimeWindow(_Pair):
         return super().__new__(cls, t0, t1)
 
     @classmethod
-    def parse(cls, value, option: str | None = None) -> "TimeWindow":
+    def parse(cls, value, option: str | None = None) -> TimeWindow:
         """'t0:t1', a (t0, t1) pair or a TimeWindow -> a checked TimeWindow; ``option`` names the option in errors."""
         if isinstance(value, TimeWindow):
             return value
@@ -250,7 +251,7 @@ class TimeWindow(_Pair):
             raise UserError(f"{option} {value} needs 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise).") from None
 
     @classmethod
-    def from_record(cls, record) -> "TimeWindow | None":
+    def from_record(cls, record) -> TimeWindow | None:
         """The window of a summary record ({"t_start", "t_end"}, optionally "valid"), or None when it has none."""
         if not isinstance(record, dict) or not record.get("valid", True):
             return None

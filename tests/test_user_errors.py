@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,9 +15,7 @@ from test_probes import tiny_digit_dit
 
 import critsample.commands.tune as tune_command
 import critsample.detect.run as detect_run
-import critsample.generate as generate
-import critsample.models as models
-import critsample.tune as tune
+from critsample import generate, models, tune
 from critsample.cli import main
 from critsample.errors import UserError
 from critsample.options import TimeWindow, is_global, numpy_seed, torch_seed

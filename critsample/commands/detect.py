@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import config_path, option_value, parse_config as _parse, pick_device, read_config_file
+from .args import config_path, option_value, pick_device, read_config_file
+from .args import parse_config as _parse
 
 LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 import wandb
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
