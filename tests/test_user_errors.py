@@ -13,7 +13,6 @@ import yaml
 from test_detect_cli import SMALL
 from test_probes import tiny_digit_dit
 
-import critsample.commands.tune as tune_command
 import critsample.detect.run as detect_run
 from critsample import generate, models, tune
 from critsample.cli import main
@@ -101,17 +100,12 @@ def test_numpy_seeds_keep_non_negative_seeds_and_separate_negative_ones():
 # -- list and window syntax with negative numbers ----------------------------------------------------------------------
 
 
-def test_list_options_take_negative_numbers(tmp_path, monkeypatch):
-    seen = {}
-
-    def capture(cfg, **kw):
-        seen["cfg"] = cfg
-        raise UserError("captured.")
-
-    monkeypatch.setattr(tune_command, "run", capture)
-    assert main(_tune(tmp_path, "--shifts", "-0.25", "0", "--scales", "0.5", "1", "--radii", "1", "2")) == 2
-    cfg = seen["cfg"]
-    assert cfg.shifts == [-0.25, 0.0] and cfg.scales == [0.5, 1.0] and cfg.radii == [1, 2]
+def test_list_options_take_negative_numbers(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*_tune(tmp_path, "--shifts", "-0.25", "0", "--scales", "0.5", "1", "--radii", "1", "2"), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["shifts"] == [-0.25, 0.0] and cfg["scales"] == [0.5, 1.0] and cfg["radii"] == [1, 2]
 
 
 def test_a_window_starting_with_a_minus_is_parsed_and_refused_before_loading(tmp_path, capsys, no_load):

@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..options import GuidanceOptions, ModelOptions, OutputOptions, SeedOptions, WandbOptions, validate_sections
 
 PROBE_NAMES = ("cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality")
-"""The probes by name, in report order (``detect.registry`` maps each name to its implementation)."""
+"""The built-in probes by name, in report order: the default of --probes. ``detect.registry`` maps each name to its
+implementation and checks a run's names (a probe added there at run time is accepted too)."""
 TRAJECTORIES = ("train", "sample_cond", "sample_uncond")
 LOCALITY = ("window", "strict", "both")
 
@@ -175,9 +176,10 @@ class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, Mo
             raise UserError(f"Unknown preset {self.preset!r}; choose {' or '.join(PRESETS)}.")
         if not self.probes:
             raise UserError(f"--probes is empty; choose from {', '.join(PROBE_NAMES)}.")
-        bad = [p for p in self.probes if p not in PROBE_NAMES]
+        bad = [p for p in self.probes if not isinstance(p, str) or not p]
         if bad:
             raise UserError(f"Unknown probe {bad[0]!r}; choose from {', '.join(PROBE_NAMES)}.")
+        # the names are checked against the registry (which may hold more probes) by detect.run, before loading
         _at_least_one(self, "", ("max_batch", "devices"))
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (or omitted); got {self.threads}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from .config import PROBE_NAMES
 from .forward_backward import ForwardBackward
 from .gaps import CondGap, LocalityGap
@@ -16,3 +17,10 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     WindowLocality(),
 )}
 assert tuple(PROBES) == PROBE_NAMES, "detect.config.PROBE_NAMES must list the registry's probes in report order"
+
+
+def check_probes(names: list[str]) -> None:
+    """Every name is a registered probe (built in, or added to PROBES at run time); one sentence otherwise."""
+    bad = [p for p in names if p not in PROBES]
+    if bad:
+        raise UserError(f"Unknown probe {bad[0]!r}; choose from {', '.join(PROBES)}.")
