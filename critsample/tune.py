@@ -95,6 +95,7 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
 
 def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None, progress: bool = False) -> dict:
     """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
+    cfg.validate()  # a config may be changed after construction
     out = check_writable(cfg.out)
     model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     summary = summary_io.read(cfg.summary, model.name, require_window=False)
