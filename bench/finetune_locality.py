@@ -134,14 +134,14 @@ def main() -> None:
 
     from critsample import summary
     from critsample.errors import UserError
-    from critsample.plans import parse_window
+    from critsample.options import TimeWindow
 
     torch.set_num_threads(1)  # one thread is much faster than two on a shared 2-core machine
     try:
         if args.summary:
             window = summary.critical_window(summary.read(args.summary), args.summary)
         else:
-            window = parse_window(args.window)
+            window = TimeWindow.parse(args.window, "--window")
     except UserError as e:
         print(f"finetune_locality: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,18 +28,13 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .errors import UserError
 from .local_attention import block_attention, local_attention
+from .options import global_radius, is_global, parse_radius
 
 Radius = int | torch.Tensor | list | None
 
 
 def _is_global(radius: Radius, grid: tuple[int, int] | None) -> bool:
-    if radius is None or grid is None:
-        return True
-    h, w = grid
-    if isinstance(radius, int):
-        return radius >= max(h, w) - 1
-    r = torch.as_tensor(radius)
-    return bool((r < 0).logical_not().all() and (r >= max(h, w) - 1).all())
+    return is_global(radius, grid)
 
 
 def _attend(q, k, v, grid, radius, num_extra: int = 0, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,13 +268,10 @@ def check_radius(radius: Radius, grid: tuple[int, int], *, bound: str = "any", m
     if radius is None:
         return
     h, w = grid
-    top = {"any": None, "grid": max(h, w) - 1, "local": max(h, w) - 2}[bound]
+    top = {"any": None, "grid": global_radius(grid), "local": global_radius(grid) - 1}[bound]
     values = radius if isinstance(radius, (list, tuple)) else torch.as_tensor(radius).reshape(-1).tolist()
     for r in values:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not float(r).is_integer():
-            raise UserError(f"An attention radius must be a non-negative integer or None (global); got {r!r}.")
-        if top is None and r < 0:
-            raise UserError(f"Radius {int(r)} is out of range: an attention radius is a non-negative integer (None = global).")
+        r = parse_radius(r)
         if top is not None and not 0 <= r <= top:
-            extra = f" ({max(h, w) - 1} or more is already global)" if bound == "local" else " (omit it for global attention)"
+            extra = f" ({global_radius(grid)} or more is already global)" if bound == "local" else " (omit it for global attention)"
             raise UserError(f"Radius {int(r)} is out of range: it does not fit {model}'s {h}x{w} token grid; use a radius in 0..{top}{extra}.")

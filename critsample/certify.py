@@ -49,6 +49,7 @@ from . import summary as summary_io
 from .denoisers import Denoiser
 from .errors import UserError
 from .flops import plan_flops
+from .options import TimeWindow, is_global
 from .sampling import Plan
 from .seeded import sample_images
 from .store import Store
@@ -86,14 +87,12 @@ class Grid:
 # -- candidate windows --------------------------------------------------------------------------------------------
 
 
-def _window(summary: dict, *names: str) -> tuple[tuple[float, float], str] | None:
+def _window(summary: dict, *names: str) -> tuple[TimeWindow, str] | None:
     """The first valid window among ``names`` (keys of ``summary["windows"]`` or top-level windows) and its name."""
     for name in names:
-        w = (summary.get("windows") or {}).get(name) or summary.get(name)
-        if isinstance(w, dict) and w.get("valid", True) and w.get("t_start") is not None and w.get("t_end") is not None:
-            t0, t1 = float(w["t_start"]), float(w["t_end"])
-            if 0.0 <= t0 < t1 <= 1.0:
-                return (t0, t1), name
+        w = TimeWindow.from_record((summary.get("windows") or {}).get(name) or summary.get(name))
+        if w is not None:
+            return w, name
     return None
 
 
@@ -126,7 +125,7 @@ def search(model: Denoiser, summary: dict, steps: int, guidance: float, grid: Gr
     wins = summary_windows(summary)
     attention = wins["attention"][0] if wins["attention"] else None
     suggested = summary_io.suggested_radius(summary)
-    local = tuple(r for r in DEFAULT_RADII if r < max(model.token_grid)) or DEFAULT_RADII[:1]  # radii below the grid's side
+    local = tuple(r for r in DEFAULT_RADII if not is_global(r, model.token_grid)) or DEFAULT_RADII[:1]
     radii = grid.radii or ((suggested,) if suggested else local)
     out = []
     for window in grid_windows(wins["guidance"][0], grid):

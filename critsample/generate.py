@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,18 @@ from .denoisers import NULL, Cond, Denoiser
 from .errors import UserError
 from .flops import plan_flops
 from .models import load
+from .options import (
+    GuidanceOptions,
+    ModelOptions,
+    OutputOptions,
+    SeedOptions,
+    StepsOptions,
+    TimeWindow,
+    WandbOptions,
+    validate_sections,
+)
 from .report import image_grid, save_png
-from .sampling import SAMPLERS, Plan, make_scheduler, sample
+from .sampling import Plan, make_scheduler, sample
 from .seeded import SeededBatch, decode, one_at_a_time, seeded_batches
 from .store import CorruptUnit, Store, Unit, atomic_write, check_writable, model_fingerprint, save_npz
 from .tracking import log_sample_run
@@ -47,28 +56,18 @@ CHECKPOINT_SECONDS = 10.0  # how often the state of a batch in progress is store
 SINGLE_STEP = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")  # no history: a checkpointed state resumes exactly
 
 
-@dataclass
-class SampleConfig:
-    """Options of ``critsample sample``."""
+@dataclass(kw_only=True)
+class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, ModelOptions):
+    """Options of ``critsample sample`` (the shared sections: :mod:`critsample.options`)."""
 
-    model: str = "dit-digits"
-    """Registry name (dit-digits, dit-xl, dit-xl-512, sd3-medium, gmm-...) or a local diffusers folder."""
     classes: list[int] = field(default_factory=list)
     """Class ids to sample (``--class 3`` or ``--class 0 1 2``), cycled over --num; -1 = unconditional; empty = all classes."""
     prompt: list[str] = field(default_factory=list)
     """Text prompts for text models (cycled over --num)."""
     num: int = 16
     """Number of samples."""
-    seed: int = 0
-    """Seed of the initial noise: sample i draws it from a hash of (seed, i), whatever the batch size."""
     out: str = "out/sample"
     """Output folder."""
-    steps: int = 50
-    """Integrator steps."""
-    sampler: str = "auto"
-    """ddim or dpm (DDPM models), euler (flow models); auto picks ddim / euler."""
-    guidance: float | None = None
-    """Classifier-free guidance scale w (None: the model's default)."""
     adaptive: bool = False
     """Adaptive plan: guided global inside the critical window, cheaper denoiser outside."""
     summary: str | None = None
@@ -91,31 +90,24 @@ class SampleConfig:
     (~1e-6: matrix kernels round differently for different batch sizes)."""
     batch_size: int = 100
     """Samples per batch (a killed run keeps its finished batches and, with ddim / euler, the last checkpoint of the one in flight)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 or auto."""
-    trust_pickled_weights: bool = False
-    """Also load a model folder whose weights are only pickled (.bin): only for files you trust, since unpickling can
-    run code (the default reads safetensors only)."""
-    wandb: bool = True
-    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Checks that need no model; options that would be ignored are errors (one sentence each)."""
-        for name in ("num", "batch_size", "steps"):
+        validate_sections(self)
+        for name in ("num", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"--{name} must be an integer >= 1; got {v!r}.")
-        if self.sampler not in ("auto", *SAMPLERS):
-            raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise UserError(f"--guidance must be a finite number >= 0 (1 = plain conditional); got {self.guidance}.")
-        if not str(self.out).strip():
-            raise UserError("--out is empty; give an output folder.")
         if self.outside is not None and self.outside not in plans.OUTSIDE:
             raise UserError(f"--outside must be one of {', '.join(plans.OUTSIDE)}; got {self.outside!r}.")
+        if self.radius is not None:
+            check_radius(self.radius, (0, 0))  # an integer >= 0; the model's token grid bounds it once loaded
+        for name in ("window", "interval"):
+            if getattr(self, name) is not None:
+                TimeWindow.parse(getattr(self, name), f"--{name}")
         if not self.adaptive:
             given = [f"--{n}" for n in ("summary", "window", "radius", "outside") if getattr(self, n) is not None]
             if given:

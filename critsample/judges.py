@@ -33,6 +33,7 @@ import torch
 from .errors import UserError
 from .metrics import FrechetReference, bootstrap, digits_features, digits_real, extract_features
 from .models.classifiers import load_classifier
+from .options import torch_seed
 
 
 @dataclass
@@ -101,7 +102,7 @@ def fd_bootstrap(reference: FrechetReference | torch.Tensor | np.ndarray, featur
     if not isinstance(reference, FrechetReference):
         reference = FrechetReference(torch.as_tensor(reference, dtype=torch.float64))
     features = torch.as_tensor(features, dtype=torch.float64)
-    return bootstrap(reference, features, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    return bootstrap(reference, features, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
 
 
 def absolute(judge: Judge, scores: Scores, n_boot: int, seed: int) -> dict:
@@ -128,8 +129,8 @@ def paired(judge: Judge, baseline: Scores, scores: Scores, n_boot: int, seed: in
             cache[key] = (cb[j].mean() - cp[j].mean(), judge.fd(fp[i]) / judge.fd(fb[i]))
         return cache[key]
 
-    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
-    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(seed))
+    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
+    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
     return {"accuracy_drop": drop, "accuracy_drop_sigma": drop_sigma, "fd_ratio": ratio, "fd_ratio_sigma": ratio_sigma}
 
 

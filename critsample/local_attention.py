@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import UserError
+from .options import global_radius, is_global, parse_radius
 
 IMPLS = ("auto", "dense", "masked", "tiled")
 
@@ -278,8 +279,7 @@ def local_attention(
         raise UserError(f"impl must be one of {IMPLS}; got {impl!r}.")
     radii = _per_row_radii(radius, q.shape[0])
     # A window at least max(h, w) - 1 wide covers the grid: clip it so every row with a global window runs alike.
-    full = max(h, w) - 1
-    radii = [None if r is None or r >= full else r for r in radii]
+    radii = [None if is_global(r, (h, w)) else r for r in radii]
     groups: dict = {}
     for row, r in enumerate(radii):
         groups.setdefault(r, []).append(row)
@@ -300,30 +300,19 @@ def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -
     if impl == "dense":
         if r is not None:
             raise UserError(
-                f"impl='dense' needs a global radius (None or >= {max(h, w) - 1} on a {h}x{w} grid); got {r}, "
+                f"impl='dense' needs a global radius (None or >= {global_radius((h, w))} on a {h}x{w} grid); got {r}, "
                 "use impl='masked' or 'tiled'."
             )
         return F.scaled_dot_product_attention(q, k, v)
     if impl == "masked":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(h, w, r, num_extra, q.device))
-    return _tiled(q, k, v, h, w, max(h, w) - 1 if r is None else r, num_extra)
+    return _tiled(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
 
 
 # -- input checks: one clear sentence each -----------------------------------------------------------------------
 
 
-def _as_radius(r) -> int | None:
-    if r is None:
-        return None
-    if isinstance(r, torch.Tensor):
-        if r.numel() != 1:
-            raise UserError(f"A radius must be a single integer here; got a tensor of shape {tuple(r.shape)}.")
-        r = r.item()
-    if isinstance(r, bool) or not isinstance(r, (numbers.Integral, float)) or not float(r).is_integer():
-        raise UserError(f"Attention radius must be a non-negative integer or None (global); got {r!r}.")
-    if r < 0:
-        raise UserError(f"Attention radius must be a non-negative integer or None (global); got {r}.")
-    return int(r)
+_as_radius = parse_radius
 
 
 def _per_row_radii(radius, batch: int) -> list[int | None]:

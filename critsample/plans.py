@@ -19,21 +19,11 @@ from __future__ import annotations
 from .attention import check_radius
 from .denoisers import Denoiser
 from .errors import UserError
+from .options import TimeWindow
 from .sampling import Plan, Step
 
 OUTSIDE = ("local-cond", "local-uncond", "global-uncond")
 DEFAULT_OUTSIDE = "local-cond"  # measured, see the module docstring
-
-
-def parse_window(text: str | tuple[float, float]) -> tuple[float, float]:
-    """'t0:t1' (critsample time, 0 = clean, 1 = noise) -> (t0, t1), checked to lie in [0, 1] and be non-empty."""
-    try:
-        t0, t1 = (float(v) for v in (text.split(":") if isinstance(text, str) else text))
-    except (ValueError, TypeError):
-        raise UserError(f"A window is written t0:t1 with numbers in [0, 1], e.g. 0.3:0.6; got {text!r}.") from None
-    if not (0.0 <= t0 < t1 <= 1.0):
-        raise UserError(f"A window [t0, t1] needs 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); got [{t0}, {t1}].")
-    return t0, t1
 
 
 def full_guidance(denoiser: Denoiser, steps: int, guidance: float, sampler: str = "auto") -> Plan:
@@ -41,10 +31,10 @@ def full_guidance(denoiser: Denoiser, steps: int, guidance: float, sampler: str 
 
 
 def interval_guidance(denoiser: Denoiser, steps: int, guidance: float, interval, sampler: str = "auto") -> Plan:
-    t0, t1 = parse_window(interval)
+    t0, t1 = win = TimeWindow.parse(interval)
 
     def rule(t: float) -> Step:
-        return Step.conditional(guidance) if t0 <= t <= t1 else Step("cond")
+        return Step.conditional(guidance) if t in win else Step("cond")
 
     return Plan.from_rule(denoiser, steps, rule, sampler, name=f"interval[{t0:g},{t1:g}](w={guidance:g})")
 
@@ -63,8 +53,8 @@ def adaptive(
 
     ``attention`` (optional t0:t1, the attention window): steps outside the guidance window but inside it keep global
     attention with the outside conditioning (one forward); local attention is used only outside both windows."""
-    t0, t1 = parse_window(window)
-    a0, a1 = parse_window(attention) if attention is not None else (t0, t1)
+    t0, t1 = guided = TimeWindow.parse(window)
+    a0, a1 = att_window = TimeWindow.parse(attention) if attention is not None else guided
     if outside not in OUTSIDE:
         raise UserError(f"--outside must be one of {', '.join(OUTSIDE)}; got {outside!r}.")
     r = None if outside == "global-uncond" else radius
@@ -75,9 +65,9 @@ def adaptive(
     out_global = Step(out_step.mode, None, 1.0)
 
     def rule(t: float) -> Step:
-        if t0 <= t <= t1:
+        if t in guided:
             return Step.conditional(guidance)
-        return out_global if a0 <= t <= a1 else out_step
+        return out_global if t in att_window else out_step
 
     att = f", attention[{a0:g},{a1:g}]" if attention is not None and r is not None else ""
     name = f"adaptive[{t0:g},{t1:g}](w={guidance:g}, outside={outside}" + (f", r={r}{att})" if r is not None else ")")

@@ -24,10 +24,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .denoisers import Cond, Denoiser, is_guided
 from .errors import UserError
+from .options import SAMPLER_CHOICES, SAMPLERS  # noqa: F401  (SAMPLERS: re-exported)
 from .store import stable_hash, unit_generator
 
 Mode = Literal["cond", "uncond", "guided"]
-SAMPLERS = ("ddim", "dpm", "euler")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class Plan:
     def __post_init__(self):
         if not self.steps:
             raise ValueError("A plan needs at least one step.")
-        if self.sampler not in ("auto", *SAMPLERS):
-            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {('auto', *SAMPLERS)}.")
+        if self.sampler not in SAMPLER_CHOICES:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {SAMPLER_CHOICES}.")
         for s in self.steps:
             if s.mode not in ("cond", "uncond", "guided"):
                 raise ValueError(f"Unknown step mode {s.mode!r}; use cond, uncond or guided.")
@@ -148,10 +148,21 @@ def step_times(denoiser: Denoiser, num_steps: int, sampler: str = "auto") -> lis
     return [_time_of(denoiser, sch, i) for i in range(len(sch.timesteps))]
 
 
+def check_steps(denoiser: Denoiser, num_steps: int, option: str = "--steps") -> None:
+    """A DDPM model's integrator takes at most its training timesteps (``num_train_timesteps``, 1000 for DiT): more is
+    one sentence naming ``option``, raised before any sampling (diffusers' schedulers raise a ValueError deep inside)."""
+    if denoiser.schedule.kind == "flow":
+        return
+    top = int(denoiser.schedule.num_train_timesteps)
+    if num_steps > top:
+        raise UserError(f"{option} {num_steps} is more than the {top} training timesteps of {denoiser.name}; use at most {top}.")
+
+
 def set_timesteps(denoiser: Denoiser, scheduler, num_steps: int, device=None, x: torch.Tensor | None = None) -> None:
     """``scheduler.set_timesteps`` as the model's own pipeline calls it. A model whose pipeline passes more than the
     step count (FLUX: its own sigmas and the resolution shift ``mu``) says so through ``denoiser.timestep_kwargs(
     num_steps, grid)``, ``grid`` being the (h, w) token grid of the state ``x`` sampled (default: the model's own)."""
+    check_steps(denoiser, num_steps)
     extra = getattr(denoiser, "timestep_kwargs", None)
     kwargs = extra(num_steps, denoiser.token_grid if x is None else denoiser.grid(x)) if extra is not None else {}
     scheduler.set_timesteps(num_steps, device=device, **kwargs)

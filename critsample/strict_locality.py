@@ -22,12 +22,13 @@ import torch
 
 from .errors import UserError
 from .local_attention import center_blocks, window_blocks
+from .options import is_global
 
 
 def copies(layout: str | None, grid: tuple[int, int], radius: int | None) -> int:
     """Network forwards per row of the strictly local denoiser of ``radius`` (None = global: 1) on ``grid``."""
     h, w = grid
-    if radius is None or layout == "exact" or radius >= max(h, w) - 1:
+    if layout == "exact" or is_global(radius, grid):
         return 1
     if layout == "center":
         return h * w
@@ -37,7 +38,7 @@ def copies(layout: str | None, grid: tuple[int, int], radius: int | None) -> int
 def layout_blocks(layout: str | None, grid: tuple[int, int], radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks (K, h w), copy (h w,)): the K copies' token blocks and the copy whose output each token takes."""
     h, w = grid
-    if layout == "center" and radius < max(h, w) - 1:
+    if layout == "center" and not is_global(radius, grid):
         return center_blocks(h, w, radius, device), torch.arange(h * w, device=device)
     return window_blocks(h, w, radius, device)  # a covering radius is one copy with one block: the global model
 

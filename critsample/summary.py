@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .options import TimeWindow
 from .store import atomic_write
 
 VERSION = 1
@@ -79,17 +80,19 @@ def read(path: str | Path, model: str | None = None, *, require_window: bool = T
     return summary
 
 
-def critical_window(summary: dict, path: str | Path = "the summary") -> tuple[float, float]:
-    """The combined critical window (t_start, t_end) in critsample t."""
+def critical_window(summary: dict, path: str | Path = "the summary") -> TimeWindow:
+    """The combined critical window [t_start, t_end] in critsample t."""
     w = summary.get("critical_window")
     try:
         t0, t1 = float(w["t_start"]), float(w["t_end"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} has no critical_window.t_start / t_end: none was detected, or it is not a critsample summary; "
                         "give an explicit window.") from None
-    if not (0.0 <= t0 < t1 <= 1.0):
-        raise UserError(f"{path} has a critical window [{t0}, {t1}] outside 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); give an explicit window.")
-    return t0, t1
+    try:
+        return TimeWindow(t0, t1)
+    except UserError:
+        raise UserError(f"{path} has a critical window [{t0}, {t1}] outside 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); "
+                        "give an explicit window.") from None
 
 
 def suggested_radius(summary: dict) -> int | None:

@@ -22,17 +22,18 @@ import torch
 
 from . import plans
 from . import summary as summary_io
+from .attention import check_radius
 from .certify import Certification, Grid, Tolerance, certify, search, summary_windows
 from .errors import UserError
 from .models import load
+from .options import GuidanceOptions, ModelOptions, OutputOptions, SeedOptions, StepsOptions, validate_sections
 from .report import plot_frontier
-from .sampling import SAMPLERS
 from .store import Store, atomic_write, check_writable, model_fingerprint
 
 
-@dataclass
-class TuneConfig:
-    """Options of ``critsample tune``."""
+@dataclass(kw_only=True)
+class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, ModelOptions):
+    """Options of ``critsample tune`` (the shared sections: :mod:`critsample.options`)."""
 
     summary: str
     """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is written into it."""
@@ -44,10 +45,6 @@ class TuneConfig:
     """Integrator steps of every plan (``critsample sample --steps`` must match to use the certified plan)."""
     seed: int = 0
     """Seed of the paired noise: sample i of every plan starts from a hash of (seed, i)."""
-    guidance: float | None = None
-    """Classifier-free guidance scale w of the guided steps (None: the model's default)."""
-    sampler: str = "auto"
-    """ddim or dpm (DDPM models), euler (flow models); auto picks ddim / euler."""
     accuracy_tolerance: float = 1.0
     """Largest accepted drop of class accuracy vs full guidance, in percentage points."""
     fd_tolerance: float = 0.10
@@ -71,25 +68,26 @@ class TuneConfig:
     """Samples per network batch."""
     out: str = "out/tune"
     """Output folder (frontier.json, frontier.png, .units/ of stored samples)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1 or auto."""
-    trust_pickled_weights: bool = False
-    """Also load a model folder whose weights are only pickled (.bin): only for files you trust."""
 
     def __post_init__(self):
-        for name in ("num", "steps", "n_boot", "batch_size"):
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that need no model (one sentence each)."""
+        validate_sections(self)
+        for name in ("num", "n_boot", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name in ("num", "n_boot") else 1):
                 raise UserError(f"--{name} must be an integer >= {2 if name in ('num', 'n_boot') else 1}; got {v!r}.")
-        if self.sampler not in ("auto", *SAMPLERS):
-            raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, {', '.join(SAMPLERS)}.")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise UserError(f"--guidance must be a finite number >= 0; got {self.guidance}.")
         bad = [m for m in self.outside if m not in plans.OUTSIDE]
         if bad or not (self.outside or self.interval):
             raise UserError(f"--outside takes modes among {', '.join(plans.OUTSIDE)} (or none with --interval); got {self.outside!r}.")
         if not self.shifts or not self.scales or any(s <= 0 for s in self.scales):
             raise UserError(f"--shifts needs at least one value and --scales positive values; got {self.shifts!r}, {self.scales!r}.")
+        if not all(math.isfinite(v) for v in (*self.shifts, *self.scales)):
+            raise UserError(f"--shifts and --scales take finite numbers; got {self.shifts!r}, {self.scales!r}.")
+        for r in self.radii:
+            check_radius(r, (0, 0))  # an integer >= 0; the model's token grid bounds it once loaded
         if self.measure not in ("all", "cheapest"):
             raise UserError(f"--measure is all or cheapest; got {self.measure!r}.")
         Tolerance(self.accuracy_tolerance, self.fd_tolerance)
@@ -97,6 +95,7 @@ class TuneConfig:
 
 def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None, progress: bool = False) -> dict:
     """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
+    cfg.validate()  # a config may be changed after construction
     out = check_writable(cfg.out)
     model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     summary = summary_io.read(cfg.summary, model.name, require_window=False)
@@ -104,6 +103,10 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
     grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval)
     candidates = search(model, summary, cfg.steps, w, grid, cfg.sampler)
     baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
+    if all((p.sampler, tuple(p.steps)) == (baseline.sampler, tuple(baseline.steps)) for p in candidates):
+        window = summary_windows(summary)["guidance"][0]
+        raise UserError(f"--shifts {cfg.shifts} and --scales {cfg.scales} leave no plan to certify around the guidance window {window} "
+                        "(every window moves outside [0, 1] or covers it whole, i.e. full guidance); use shifts within +-1 and smaller scales.")
     store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
     result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot, store=store,
                                     tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, measure=cfg.measure,

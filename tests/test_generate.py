@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import inspect
 import itertools
 import shutil
@@ -196,10 +197,14 @@ def test_sd3_text_encoders_must_be_safetensors(sd3_folder, tmp_path):
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass, read from its source."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in itertools.pairwise(body)
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    """Attribute docstrings of a dataclass and of the option sections it inherits (critsample.options), read from
+    their source; a redefined field takes the subclass's docstring."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        docs.update({a.target.id: b.value.value for a, b in itertools.pairwise(body)
+                     if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)})
+    return docs
 
 
 def test_sample_help_documents_every_option(capsys):

@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: shell habits -> jsonargparse, its errors -> one sentence, and the device option."""
+"""The one argv -> config path of every command (:func:`parse_config`): shell habits -> jsonargparse, its errors -> one
+sentence, the config class's own checks (:mod:`critsample.options`) before anything is loaded; and the device option."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ import yaml
 from jsonargparse import ArgumentError
 
 from ..errors import UserError
+from ..options import check_device
+
+_NUMBER = re.compile(r"^-(\d|\.\d)")  # a negative number (or a window such as -0.2:0.5), not an option
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def normalize_argv(argv: list[str], flags: tuple[str, ...], aliases: dict[str, str]) -> list[str]:
@@ -43,14 +55,17 @@ def expand_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
         if name in options and not eq:
             vals = []
             i += 1
-            while i < len(argv) and not (argv[i].startswith("--") or (argv[i].startswith("-") and not argv[i][1:].isdigit())):
+            while i < len(argv) and not (argv[i].startswith("-") and not _NUMBER.match(argv[i])):
                 vals.append(argv[i])
                 i += 1
             if len(vals) == 1 and vals[0].lstrip().startswith("["):  # already a list
                 out += [a, vals[0]]
+            elif vals and all(v.lstrip("-").isdigit() for v in vals):
+                out += [a, json.dumps([int(v) for v in vals])]
+            elif vals and all(_is_number(v) for v in vals):
+                out += [a, json.dumps([float(v) for v in vals])]
             else:
-                ints = all(v.lstrip("-").isdigit() for v in vals) and vals
-                out += [a, json.dumps([int(v) for v in vals] if ints else vals)]
+                out += [a, json.dumps(vals)]
             continue
         out.append(a)
         i += 1
@@ -77,6 +92,21 @@ def one_sentence(message: str) -> str:
     return f"--{key.group(1)} expects {wanted}{got}."
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--option -0.2:0.5`` -> ``--option=-0.2:0.5``: argparse reads a value that starts with a dash and is not a plain
+    negative number as an option ("expected one argument")."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and _NUMBER.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def parse(parser, argv: list[str]):
     """Parse with jsonargparse, turning its (multi-line) errors into one-sentence UserErrors."""
     try:
@@ -96,6 +126,29 @@ def instantiate(parser, ns):
         if cause is None:
             raise
         raise cause from None
+
+
+def parse_config(argv: list[str], cls, parser, *, flags: tuple[str, ...] = (), aliases: dict[str, str] | None = None,
+                 lists: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()):
+    """The one argv -> config path of ``sample``, ``tune`` and ``detect``: shell habits (``normalize_argv``), list
+    values as users type them (``expand_lists``, ``lists`` naming the list options), negative values
+    (``join_negative_values``), the ``--config`` file checked (one sentence with file and line), jsonargparse's parse
+    with its errors as one sentence, and the config class built, which validates every option that needs no model
+    (:func:`critsample.options.validate_sections` and the command's own checks). ``parser`` is an ArgumentParser or a
+    function of the normalized argv returning one (detect's preset fills its defaults). A list option in ``nonempty``
+    given with no value is an error (omitting it gives the default)."""
+    argv = expand_lists(normalize_argv(list(argv), flags, aliases or {}), lists)
+    for option in nonempty:
+        if option in argv and argv[argv.index(option) + 1] == "[]":
+            shown = next((k for k, v in (aliases or {}).items() if v == option), option)
+            raise UserError(f"{shown} needs at least one value (omit it for the default).")
+    argv = join_negative_values(argv)
+    config = config_path(argv)
+    if config is not None:
+        read_config_file(config)  # a missing file or a YAML error: one sentence with the file and line
+    p = parser(argv) if callable(parser) and not hasattr(parser, "parse_args") else parser
+    ns = instantiate(p, parse(p, argv))
+    return cls(**{k: getattr(ns, k) for k in cls.__dataclass_fields__})
 
 
 def read_config_file(path: str) -> dict:
@@ -131,13 +184,12 @@ def config_path(argv: list[str]) -> str | None:
 
 
 def pick_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; spelling checked by
+    :func:`critsample.options.check_device`, availability here (before any model is loaded)."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from None
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto).")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -20,16 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import detect
 from ..detect import PRESETS, DetectConfig
 from ..errors import UserError
-from .args import (
-    config_path,
-    expand_lists,
-    instantiate,
-    normalize_argv,
-    option_value,
-    parse,
-    pick_device,
-    read_config_file,
-)
+from .args import config_path, option_value, pick_device, read_config_file
+from .args import parse_config as _parse
 
 LIST_OPTIONS = ("--probes", "--gaps.trajectories", "--gaps.radii", "--fb.radii", "--windows.radii")
 
@@ -61,11 +53,8 @@ def parser(preset: str = "fast") -> ArgumentParser:
 
 def parse_config(argv: list[str]) -> DetectConfig:
     """The config of a ``critsample detect`` command line (presets fill every size not given)."""
-    argv = normalize_argv(list(argv), ("dry_run", "wandb", "windows.complement", "trust_pickled_weights"), {"--class": "--class_id"})
-    argv = expand_lists(argv, LIST_OPTIONS)
-    p = parser(_preset_of(argv))
-    cfg = instantiate(p, parse(p, argv))
-    return DetectConfig(**{k: getattr(cfg, k) for k in DetectConfig.__dataclass_fields__})
+    return _parse(argv, DetectConfig, lambda argv: parser(_preset_of(argv)), flags=("dry_run", "wandb", "windows.complement", "trust_pickled_weights"),
+                  aliases={"--class": "--class_id"}, lists=LIST_OPTIONS)
 
 
 class _Bar:

@@ -4,8 +4,11 @@ DataModules of ``critsample.finetune.data`` (``--config``, ``--print_config``) -
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
+from pathlib import Path
 
+import torch
 import wandb
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
@@ -23,6 +26,53 @@ def _user_error(e: BaseException) -> UserError | None:
     return cause
 
 
+CKPT_WORDS = ("last", "best", "hpc", "registry")  # Lightning's named checkpoints; anything else is a path
+
+
+def _get(ns, key: str):
+    """``ns[key]`` of a jsonargparse namespace, None when absent."""
+    try:
+        return ns[key]
+    except (KeyError, TypeError):
+        return None
+
+
+def check_trainer(cfg) -> None:
+    """The fit options Lightning would reject with a traceback (or take silently), one sentence each, before any
+    class is instantiated: ``cfg`` is the ``fit`` namespace (trainer.*, data.*, ckpt_path)."""
+    max_steps = _get(cfg, "trainer.max_steps")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < -1):
+        raise UserError(f"--trainer.max_steps must be an integer >= 0, or -1 for no limit; got {max_steps!r}.")
+    accelerator = _get(cfg, "trainer.accelerator")
+    if isinstance(accelerator, str):
+        if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is available here; use --trainer.accelerator cpu (or auto).")
+        if accelerator == "mps":
+            raise UserError("--trainer.accelerator mps: Apple MPS is not supported by critsample; use --trainer.accelerator cpu (or auto).")
+    batch_size = _get(cfg, "data.init_args.batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"--data.batch_size must be an integer >= 1; got {batch_size!r}.")
+    ckpt = _get(cfg, "ckpt_path")
+    if ckpt is not None and str(ckpt) not in CKPT_WORDS:
+        path = Path(str(ckpt)).expanduser()
+        if not path.is_file():
+            raise UserError(f"--ckpt_path {ckpt} does not exist or is not a file; give a checkpoint written by `critsample fit`, or last.")
+        try:  # tensors only: a pickled object in a checkpoint could run code when loaded (mmap: no second copy in memory)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001  (any failure to read it as tensors is the same answer for the user)
+            what = "holds pickled objects besides tensors, which could run code when loaded" if isinstance(e, pickle.UnpicklingError) else "is not a readable checkpoint"
+            raise UserError(f"--ckpt_path {ckpt} {what}; give a checkpoint written by `critsample fit`.") from None
+
+
+class _CLI(LightningCLI):
+    """LightningCLI whose options are checked (:func:`check_trainer`) right after parsing, before anything is read or built."""
+
+    def _parse_ckpt_path(self) -> None:  # Lightning reads --ckpt_path's hyperparameters first of all: check it before
+        sub = self.config.get("subcommand")
+        check_trainer(self.config[sub] if sub else self.config)
+        super()._parse_ckpt_path()
+
+
 def run_fit(args: list[str]) -> int:
     """Train or fine-tune. Weights & Biases runs offline unless the user sets WANDB_MODE."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -32,7 +82,7 @@ def run_fit(args: list[str]) -> int:
     if config is not None:
         read_config_file(config)  # a missing file or a YAML error: one sentence with the file and line
     try:
-        LightningCLI(
+        _CLI(
             DiTModule,
             subclass_mode_data=True,
             args=["fit", *args],

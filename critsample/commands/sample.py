@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from ..errors import UserError
 from ..generate import SampleConfig, run
-from .args import config_path, expand_lists, instantiate, normalize_argv, parse, pick_device, read_config_file
+from .args import parse_config, pick_device
 
 
 def parser() -> ArgumentParser:
@@ -18,22 +19,16 @@ def parser() -> ArgumentParser:
 
 
 def run_sample(argv: list[str]) -> int:
-    argv = expand_lists(normalize_argv(argv, ("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"), {"--class": "--classes"}), ("--classes", "--prompt"))
-    for option in ("--classes", "--prompt"):
-        if option in argv and argv[argv.index(option) + 1] == "[]":
-            raise UserError(f"{'--class' if option == '--classes' else option} needs at least one value (omit it for the default).")
-    config = config_path(argv)
-    if config is not None:
-        read_config_file(config)  # a missing file or a YAML error: one sentence with the file and line
-    p = parser()
-    ns = instantiate(p, parse(p, argv))
-    cfg = SampleConfig(**{k: getattr(ns, k) for k in SampleConfig.__dataclass_fields__})
+    cfg = parse_config(argv, SampleConfig, parser(), flags=("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"),
+                       aliases={"--class": "--classes"}, lists=("--classes", "--prompt"), nonempty=("--classes", "--prompt"))
     record = run(cfg, device=pick_device(cfg.device), progress=True)
     c = record["cost"]
+    flops = c["flops_per_sample"]
+    gflops = f"{flops['total'] / 1e9:.3g} GFLOPs/sample" if math.isfinite(flops["total"]) else flops.get("note", "no FLOPs count")
     print(f"{record['plan_description']}")
     print(
         f"wrote {record['config']['out']}: {record['config']['num']} samples, "
-        f"{c['model_evaluations']} model evaluations, {c['flops_per_sample']['total'] / 1e9:.3g} GFLOPs/sample, "
+        f"{c['model_evaluations']} model evaluations, {gflops}, "
         f"{c['wall_seconds']:.1f} s"
     )
     return 0

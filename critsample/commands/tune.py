@@ -7,7 +7,7 @@ import sys
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from ..tune import TuneConfig, run
-from .args import config_path, expand_lists, instantiate, normalize_argv, parse, pick_device, read_config_file
+from .args import parse_config, pick_device
 
 LIST_OPTIONS = ("--shifts", "--scales", "--radii", "--outside")
 
@@ -21,13 +21,7 @@ def parser() -> ArgumentParser:
 
 
 def run_tune(argv: list[str]) -> int:
-    argv = expand_lists(normalize_argv(argv, ("interval", "trust_pickled_weights"), {}), LIST_OPTIONS)
-    config = config_path(argv)
-    if config is not None:
-        read_config_file(config)
-    p = parser()
-    ns = instantiate(p, parse(p, argv))
-    cfg = TuneConfig(**{k: getattr(ns, k) for k in TuneConfig.__dataclass_fields__})
+    cfg = parse_config(argv, TuneConfig, parser(), flags=("interval", "trust_pickled_weights"), lists=LIST_OPTIONS)
 
     def on_plan(plan, computed: bool) -> None:
         print(f"  {'measured' if computed else 'stored  '} {plan.name}", file=sys.stderr, flush=True)

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
 from ..errors import UserError
-from .registry import PROBES
+from ..options import GuidanceOptions, ModelOptions, OutputOptions, SeedOptions, WandbOptions, validate_sections
 
+PROBE_NAMES = ("cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality")
+"""The built-in probes by name, in report order: the default of --probes. ``detect.registry`` maps each name to its
+implementation and checks a run's names (a probe added there at run time is accepted too)."""
 TRAJECTORIES = ("train", "sample_cond", "sample_uncond")
-SAMPLERS = ("auto", "ddim", "dpm", "euler")
 LOCALITY = ("window", "strict", "both")
 
 
@@ -51,6 +53,8 @@ class GapArgs:
 
     def __post_init__(self):
         _at_least_one(self, "gaps.", ("steps", "samples", "batch"))
+        if not self.trajectories:
+            raise UserError(f"--gaps.trajectories is empty; give at least one of {', '.join(TRAJECTORIES)} (omit it for all three).")
         bad = [t for t in self.trajectories if t not in TRAJECTORIES]
         if bad:
             raise UserError(f"Unknown trajectory {bad[0]!r}; choose from {', '.join(TRAJECTORIES)}.")
@@ -116,31 +120,24 @@ class WindowArgs:
             raise UserError(f"--windows.t0_step must lie in (0, 1); got {self.t0_step}.")
 
 
-@dataclass
-class DetectConfig:
-    """Options of ``critsample detect``."""
+@dataclass(kw_only=True)
+class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, ModelOptions):
+    """Options of ``critsample detect`` (the shared sections: :mod:`critsample.options`)."""
 
-    model: str = "dit-digits"
-    """Registry name (dit-digits, dit-xl, dit-xl-512, sd3-medium, gmm-...) or a local diffusers folder."""
     preset: str = "fast"
     """Named sizes: fast (a first look, minutes on CPU for dit-digits) or paper (App. C-like grids)."""
-    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    probes: list[str] = field(default_factory=lambda: list(PROBE_NAMES))
     """Subset of cond_gap, locality_gap, forward_backward, window_cond, window_locality."""
     seed: int = 0
-    """Run seed; every unit derives its generator from (seed, unit key)."""
+    """Run seed (any integer); every unit derives its generator from (seed, unit key)."""
     out: str = "runs/detect"
     """Output folder (also holds the stored units: rerun the same command to resume)."""
     dry_run: bool = False
     """Print the number of model evaluations and a time estimate, then exit."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto."""
     devices: int = 1
     """Processes to shard the units over (Lightning Fabric, DDP); 1 = this process."""
     threads: Optional[int] = None
     """CPU intra-op threads (None: torch's default). On a busy shared CPU, 1 is often several times faster than 2."""
-    trust_pickled_weights: bool = False
-    """Also load a model folder whose weights are only pickled (.bin): only for files you trust, since unpickling can
-    run code (the default reads safetensors only)."""
     classifier: Optional[str] = None
     """digits, resnet-50, or module.path:callable (None: digits for 8x8 digit models, resnet-50 for DiT-XL, the Bayes classifier for oracles)."""
     data: Optional[str] = None
@@ -149,10 +146,6 @@ class DetectConfig:
     """Prompt of text models (SD3)."""
     class_id: Optional[int] = None
     """Class of class models (--class); None: each data image's own label, generated samples cycle through the classes (DiT-XL: 207)."""
-    guidance: Optional[float] = None
-    """Classifier-free guidance w of conditioned steps (None: the model's default)."""
-    sampler: str = "auto"
-    """Integrator: ddim or dpm (DDPM models), euler (flow models); auto = ddim / euler."""
     max_batch: int = 128
     """Rows per network forward."""
     locality: str = "window"
@@ -165,8 +158,6 @@ class DetectConfig:
     concurrence_tolerance: float = 1.0
     """Tolerance Delta of the concurrence test, in nats of log-SNR: concurrent when the 95% interval of the center
     difference lies inside [-Delta, Delta], not concurrent when outside, inconclusive otherwise."""
-    wandb: bool = True
-    """Log to Weights & Biases (offline unless WANDB_MODE is set); --no-wandb switches it off."""
     gaps: GapArgs = field(default_factory=GapArgs)
     """Conditioning and locality gaps."""
     fb: ForwardBackwardArgs = field(default_factory=ForwardBackwardArgs)
@@ -180,13 +171,15 @@ class DetectConfig:
     def validate(self) -> None:
         """Input checks that need no model (one sentence each, raised as UserError); also run by ``detect.run``,
         since a config may be changed after construction."""
+        validate_sections(self)
         if self.preset not in PRESETS:
             raise UserError(f"Unknown preset {self.preset!r}; choose {' or '.join(PRESETS)}.")
         if not self.probes:
-            raise UserError(f"--probes is empty; choose from {', '.join(PROBES)}.")
-        bad = [p for p in self.probes if p not in PROBES]
+            raise UserError(f"--probes is empty; choose from {', '.join(PROBE_NAMES)}.")
+        bad = [p for p in self.probes if not isinstance(p, str) or not p]
         if bad:
-            raise UserError(f"Unknown probe {bad[0]!r}; choose from {', '.join(PROBES)}.")
+            raise UserError(f"Unknown probe {bad[0]!r}; choose from {', '.join(PROBE_NAMES)}.")
+        # the names are checked against the registry (which may hold more probes) by detect.run, before loading
         _at_least_one(self, "", ("max_batch", "devices"))
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (or omitted); got {self.threads}.")
@@ -194,8 +187,6 @@ class DetectConfig:
             raise UserError(f"--concurrence_tolerance must be a positive number of nats; got {self.concurrence_tolerance}.")
         if self.locality not in LOCALITY:
             raise UserError(f"Unknown --locality {self.locality!r}; choose window, strict or both.")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"Unknown sampler {self.sampler!r}; choose auto, ddim, dpm or euler.")
         for section in (self.gaps, self.fb, self.windows):
             section.__post_init__()
 

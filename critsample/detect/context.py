@@ -13,8 +13,9 @@ import torch
 from ..attention import check_radius
 from ..denoisers import Cond, Denoiser, tile_rows
 from ..errors import UserError
+from ..options import global_radius, is_global
 from ..probes.rows import class_rows
-from ..sampling import sample_generators
+from ..sampling import check_steps, sample_generators
 from ..store import Store, model_fingerprint
 from .data import classifier_name, load_classifier_for, load_data
 
@@ -24,9 +25,9 @@ if TYPE_CHECKING:
 
 def auto_radii(grid: int, preset: str) -> list[int]:
     """Default radii on a grid x grid token grid (grid - 1 is already global)."""
-    pow2 = [r for r in (2**k for k in range(12)) if r < grid - 1]
+    pow2 = [r for r in (2**k for k in range(12)) if not is_global(r, grid)]
     if preset == "paper" and grid <= 8:
-        return list(range(0, min(5, grid - 1)))
+        return list(range(0, min(5, global_radius(grid))))
     return ([0] if preset == "paper" else []) + pow2
 
 
@@ -61,13 +62,15 @@ class Detection:
     # -- checks and conditioning --------------------------------------------------------------
     def _check_model(self) -> None:
         cfg, m = self.cfg, self.model
+        for section in ("gaps", "fb", "windows"):
+            check_steps(m, getattr(cfg, section).steps, f"--{section}.steps")
         if self.text:
             if cfg.class_id is not None:
                 raise UserError(f"{m.name} is text-conditional: use --prompt, not --class.")
             if not cfg.prompt:
                 raise UserError(f"{m.name} is text-conditional: give --prompt TEXT.")
         else:
-            if cfg.prompt:
+            if cfg.prompt is not None:
                 raise UserError(f"{m.name} is class-conditional: use --class N, not a text prompt.")
             if cfg.class_id is not None and not 0 <= cfg.class_id < m.num_classes:
                 raise UserError(f"Class {cfg.class_id} is outside {m.name}'s classes 0..{m.num_classes - 1}.")

@@ -50,6 +50,7 @@ import torch
 from scipy import stats
 
 from ..noise import Schedule
+from ..options import numpy_seed
 from ..summary import jsonable
 
 N_BOOT = 200
@@ -124,7 +125,7 @@ def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: in
     n = rows.shape[0]
     if n < 2 or n_boot < 1:
         return np.array([]), 1.0
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(numpy_seed(seed))
     centers = np.array([rule(rows[rng.integers(0, n, n)]) for _ in range(n_boot)], dtype=np.float64)
     return centers, float(np.isfinite(centers).mean())
 
@@ -345,7 +346,7 @@ def fid_minimum(probe: str, family: str, t0s, fid, sigma, width: float, schedule
     t0s, fid, sigma = t0s[order], np.asarray(fid, dtype=np.float64)[order], np.nan_to_num(np.asarray(sigma, dtype=np.float64))[order]
     lam_start, lam_end, lam_mid = scan_positions(schedule, t0s, width)
     c, k = _extremum(lam_mid, fid, 1.0)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(numpy_seed(seed))
     boot = np.array([_extremum(lam_mid, fid + sigma * rng.standard_normal(len(fid)), 1.0)[0] for _ in range(n_boot)])
     half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))
     reason = "the argmin is on the edge of the scan" if k in (0, len(fid) - 1) else ""

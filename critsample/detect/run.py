@@ -17,7 +17,7 @@ from .assemble import build_summary, write_outputs
 from .config import DetectConfig
 from .context import Detection
 from .protocol import Outputs, Probe, Results
-from .registry import PROBES
+from .registry import PROBES, check_probes
 
 
 class Progress(Protocol):
@@ -30,6 +30,7 @@ class Progress(Protocol):
 def prepare(cfg: DetectConfig, model: Denoiser, device: torch.device | None = None, *, classifier=None) -> tuple[Detection, list[Unit]]:
     """The configured detection and its units (deduplicated by key, in probe order); nothing is computed."""
     cfg.validate()
+    check_probes(cfg.probes)
     device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
     det = Detection(cfg, model, device, classifier=classifier)
     probes = selected(cfg)
@@ -79,6 +80,7 @@ def run(
     ``fabric`` (Lightning Fabric) shards the units over its processes.
     """
     cfg.validate()
+    check_probes(cfg.probes)
     check_writable(cfg.out)  # before the model loads or any unit is computed
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -137,6 +139,8 @@ def time_forward(model: Denoiser, device, rows: int, radius: int | None, repeats
 def estimate(cfg: DetectConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None, classifier=None) -> dict:
     """The dry run: model evaluations per probe, how many are already stored, and a time estimate from a timed
     forward. Writes nothing."""
+    cfg.validate()
+    check_probes(cfg.probes)
     if model is None:
         model = load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
     det, units = prepare(cfg, model, device, classifier=classifier)

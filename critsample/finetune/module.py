@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..noise import Schedule
 from ..report import image_grid
 from ..sampling import Plan
 from ..seeded import SeededBatch, sample_batch
-from ..store import atomic_write
+from ..store import atomic_write, check_writable
 from .schedules import LossWeighting, RadiusSchedule
 
 DIGITS_DIT = dict(
@@ -42,6 +43,39 @@ DIGITS_DIT = dict(
     num_embeds_ada_norm=10,
     norm_num_groups=1,
 )
+
+
+POSITIVE_SIZES = ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size", "patch_size", "in_channels",
+                  "out_channels", "num_embeds_ada_norm")
+
+
+def check_options(model: dict | None, num_classes: int | None, lr: float, weight_decay: float, warmup_steps: int,
+                  class_dropout: float, val_steps: int, export_dir: str | None) -> None:
+    """The module's options that need no data, one sentence each (``critsample fit`` names them ``--model.*``)."""
+    model = {**DIGITS_DIT, **model} if model is not None else {}  # None: fine-tuning, the loaded model's own config
+    for k in POSITIVE_SIZES:
+        v = model.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"--model.model.{k} must be an integer >= 1; got {v!r}.")
+    if model and model["sample_size"] % model["patch_size"]:
+        raise UserError(f"--model.model.sample_size {model['sample_size']} must be a multiple of --model.model.patch_size {model['patch_size']}.")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise UserError(f"--model.num_classes must be an integer >= 1 (or omitted: the model's num_embeds_ada_norm); got {num_classes!r}.")
+    rows = model.get("num_embeds_ada_norm")
+    if num_classes is not None and rows is not None and num_classes > rows:
+        raise UserError(f"--model.num_classes {num_classes} is more than the model's {rows} class rows (--model.model.num_embeds_ada_norm).")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"--model.lr must be a positive number; got {lr}.")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise UserError(f"--model.weight_decay must be a number >= 0; got {weight_decay}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise UserError(f"--model.warmup_steps must be an integer >= 0; got {warmup_steps!r}.")
+    if not (isinstance(class_dropout, (int, float)) and 0.0 <= class_dropout <= 1.0):
+        raise UserError(f"--model.class_dropout is a probability in [0, 1]; got {class_dropout}.")
+    if isinstance(val_steps, bool) or not isinstance(val_steps, int) or val_steps < 1:
+        raise UserError(f"--model.val_steps must be an integer >= 1; got {val_steps!r}.")
+    if export_dir is not None:
+        check_writable(export_dir, "--model.export_dir")
 
 
 class DiTModule(L.LightningModule):
@@ -74,6 +108,7 @@ class DiTModule(L.LightningModule):
             export_dir: where ``on_train_end`` writes the (EMA) transformer with ``save_pretrained``.
         """
         super().__init__()
+        check_options(None if init_from else (model or {}), num_classes, lr, weight_decay, warmup_steps, class_dropout, val_steps, export_dir)
         self.save_hyperparameters()
         # Plain dicts (a checkpoint's hyperparameters) become schedules; the logged hyperparameters hold the resolved
         # schedules, so a window seeded from a summary.json is visible in the checkpoint and the logger's config.
@@ -119,6 +154,11 @@ class DiTModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def _loss(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        size = self.transformer.config.sample_size
+        if tuple(x0.shape[-2:]) != (size, size):
+            what = "latents" if self.vae is not None else "images"
+            raise UserError(f"--model.model.sample_size {size} does not match the data's {x0.shape[-2]}x{x0.shape[-1]} {what}; "
+                            f"set it to {x0.shape[-1]} (or change the data's resolution).")
         b = x0.shape[0]
         T = self.schedule.num_train_timesteps
         k = torch.randint(0, T, (b,), device=x0.device, generator=generator)

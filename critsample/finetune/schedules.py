@@ -18,23 +18,22 @@ import torch
 from .. import summary
 from ..attention import check_radius
 from ..errors import UserError
-from ..plans import parse_window
+from ..options import TimeWindow, global_radius
 
 GLOBAL_RADIUS = 1 << 20  # any radius >= grid size - 1 is global attention
 
 
 def _check_window(window) -> tuple[float, float]:
-    return parse_window(window)
+    return tuple(TimeWindow.parse(window))
 
 
 def window_from_summary(path: str | Path) -> tuple[float, float]:
     """The combined critical window [t0, t1] written by ``critsample detect`` into ``summary.json``."""
-    return summary.critical_window(summary.read(path), path)
+    return tuple(summary.critical_window(summary.read(path), path))
 
 
 def _inside(t: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
-    t0, t1 = window
-    return (t >= t0) & (t <= t1)
+    return TimeWindow(*window).contains(t)
 
 
 @dataclass
@@ -70,7 +69,7 @@ class RadiusSchedule:
         n = grid_size or self.grid_size
         if n is None:
             raise UserError("A radius curriculum (anneal_steps > 0) needs the token grid size; set grid_size.")
-        full = n - 1
+        full = global_radius(n)
         return int(round(full + (self.radius - full) * step / self.anneal_steps))
 
     def radii(self, t: torch.Tensor, step: int = 0, grid_size: int | None = None,

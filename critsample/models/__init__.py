@@ -6,7 +6,6 @@ and ``HF_TOKEN`` apply; what is fetched and its size are printed before fetching
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..errors import UserError
 from ..store import record_weight_files
 from .flux import load_flux
 from .hub import fetch_snapshot
-from .loaders import load_dit, trusting_pickled_weights
+from .loaders import load_dit, read_json, trusting_pickled_weights
 from .oracles import load_oracle
 from .pixart import load_pixart
 from .sd3 import load_sd3
@@ -82,7 +81,7 @@ def family_of(folder: Path) -> str:
     """'dit', 'sd3', 'pixart' or 'flux' from a diffusers pipeline folder (model_index.json) or a bare transformer folder."""
     index = folder / "model_index.json"
     if index.exists():
-        cls = json.loads(index.read_text()).get("_class_name", "")
+        cls = read_json(index).get("_class_name", "")
         if "StableDiffusion3" in cls:
             return "sd3"
         if cls in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
@@ -93,7 +92,7 @@ def family_of(folder: Path) -> str:
             return "flux"
     for cfg in (folder / "transformer" / "config.json", folder / "config.json"):
         if cfg.exists():
-            cls = json.loads(cfg.read_text()).get("_class_name", "")
+            cls = read_json(cfg).get("_class_name", "")
             if cls.startswith("SD3"):
                 return "sd3"
             if cls == "PixArtTransformer2DModel":

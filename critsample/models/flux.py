@@ -28,7 +28,6 @@ center's window (``strict_layout = "center"``), with the tokens' original RoPE c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from ..attention import check_radius, install_flux_window_attention
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Schedule
-from .loaders import load_parts, load_text_pipeline
+from .loaders import load_parts, load_text_pipeline, read_json
 
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: the distilled guidance FLUX.1-dev samples with
 DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size (1024 px through the 8x VAE)
@@ -191,7 +190,7 @@ def _default_latent(folder: Path, vae: AutoencoderKL | None) -> int:
     """Latent side: ``critsample.json``'s ``sample_size``, else the VAE's native resolution (1024 px for FLUX.1),
     else FluxPipeline's default 128."""
     meta_file = folder / "critsample.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta = read_json(meta_file) if meta_file.exists() else {}
     if "sample_size" in meta:
         return int(meta["sample_size"])
     if vae is not None and getattr(vae.config, "sample_size", None):

@@ -55,6 +55,30 @@ def require_safetensors(folder: Path, cls_name: str) -> None:
         )
 
 
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file (config, scheduler, critsample.json, model_index.json) as a dict; a file that is not
+    a JSON object is one sentence naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or replace the file.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON (not UTF-8 text); fix or replace the file.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not valid JSON for a model folder (a JSON object is needed, got a {type(data).__name__}); fix or replace the file.")
+    return data
+
+
+def check_complete(module: torch.nn.Module, folder: Path) -> None:
+    """Every parameter of a loaded part has weights: diffusers leaves the ones its config asks for and its weight files
+    lack (a config.json saying 6 layers over 4 layers of weights) on the meta device, to fail much later."""
+    missing = [name for name, p in [*module.named_parameters(), *module.named_buffers()] if p.is_meta]
+    if missing:
+        raise UserError(f"The weights in {folder} do not match its config.json: {len(missing)} tensors the config asks for are "
+                        f"missing from the weight files (e.g. {missing[0]}); fix config.json or export the model again.")
+
+
 def load_pipeline(cls, folder: Path, **kwargs):
     """``cls.from_pretrained(folder, **kwargs)`` for a diffusers pipeline (the text parts of SD3, PixArt, FLUX) without
     diffusers' "Loading pipeline components..." bar, which would land on stderr before a command's own output and
@@ -84,12 +108,15 @@ def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_schedu
         transformer = cls.from_pretrained(tdir, torch_dtype=dtype, use_safetensors=safetensors_only())
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load {label} transformer from {tdir}: {str(e).splitlines()[0]}") from None
+    check_complete(transformer, tdir)
     try:
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=safetensors_only()) if has_vae else None
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: {str(e).splitlines()[0]}") from None
+    if vae is not None:
+        check_complete(vae, folder / "vae")
     sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else dict(default_scheduler or {})
+    sched_cfg = read_json(sched_file) if sched_file.exists() else dict(default_scheduler or {})
     return transformer, vae, sched_cfg
 
 
@@ -102,7 +129,7 @@ def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32, guide_
     folder = Path(folder)
     transformer, vae, sched_cfg = load_parts(folder, DiTTransformer2DModel, dtype, "a DiT")
     meta_file = folder / "critsample.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta = read_json(meta_file) if meta_file.exists() else {}
     model = DiTDenoiser(
         transformer, Schedule.from_scheduler_config(sched_cfg), vae,
         num_classes=meta.get("num_classes"), guide_channels=guide_channels, name=name, scheduler_config=sched_cfg,
@@ -127,7 +154,7 @@ def load_text_pipeline(cls_name: str, folder: Path, label: str, transformer, vae
     import diffusers
 
     folder = Path(folder)
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json(folder / "model_index.json")
     for k, spec in index.items():
         if k.startswith("text_encoder") and parts.get(k, True) is not None and (folder / k).exists():
             require_safetensors(folder / k, (spec or [None, "the part's transformers class"])[-1])

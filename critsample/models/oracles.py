@@ -48,6 +48,7 @@ from ..attention import check_radius
 from ..denoisers import NULL, Denoiser
 from ..errors import UserError
 from ..noise import Schedule
+from ..options import global_radius, is_global
 
 PRESETS: dict[str, dict[str, float]] = {
     "gmm-mixture": {"N": 8, "mu": 0.5, "s2": 1.0},
@@ -160,7 +161,7 @@ def window_index(N: int, r: int) -> torch.Tensor:
 def box_sum(img: torch.Tensor, r: int) -> torch.Tensor:
     """(B, N, N) sums of img over each pixel's truncated Chebyshev window of radius r (integral image, O(N^2))."""
     N = img.shape[-1]
-    if r >= N - 1:
+    if is_global(r, N):
         return img.sum((-2, -1), keepdim=True).expand_as(img)
     S = F.pad(img.cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # S[i, j] = sum of img[:i, :j]
     i = torch.arange(N, device=img.device)
@@ -258,13 +259,13 @@ class GaussianOracle(Denoiser):
         cond = torch.as_tensor(cond).detach().cpu()
         c = torch.where(cond == NULL, 0.0, 1.0 - 2.0 * cond.double())  # class 0 -> +1, class 1 -> -1, NULL -> 0
         if radius is None:
-            r = torch.full((B,), self.N - 1)
+            r = torch.full((B,), global_radius(self.N))
         else:
             r = torch.as_tensor(radius).detach().cpu().long().reshape(-1)
             if r.numel() not in (1, B):
                 raise ValueError(f"Got {r.numel()} radii for a batch of {B}; give one radius or one per row.")
             r = r.expand(B)
-        r = r.clamp(max=self.N - 1)
+        r = r.clamp(max=global_radius(self.N))  # every global radius is the global score
         score = self._score(x.reshape(B, self.d).double(), k, c.to(x.device), r)
         sigma = (1.0 - self._abar(k)).sqrt().to(x.device)
         return (-sigma[:, None] * score).reshape(x.shape).to(x.dtype)  # eps = -sigma score

@@ -12,7 +12,6 @@ cross-attention to the text stays dense, as text tokens in SD3's joint attention
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from ..attention import check_radius, install_pixart_window_attention
 from ..denoisers import PromptCond, TextDenoiser, autocast
 from ..errors import UserError
 from ..noise import Kind, Schedule
-from .loaders import load_parts, load_text_pipeline
+from .loaders import load_parts, load_text_pipeline, read_json
 
 # The pipelines' ``max_sequence_length`` defaults: T5 tokens per prompt (PixArt-alpha paper sec. 3.1; Sigma raised it).
 MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -149,7 +148,7 @@ class PixArtDenoiser(TextDenoiser):
 def _pipeline_class(folder: Path) -> str:
     """``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` from model_index.json (alpha for a bare transformer)."""
     index = folder / "model_index.json"
-    cls = json.loads(index.read_text()).get("_class_name", "") if index.exists() else ""
+    cls = read_json(index).get("_class_name", "") if index.exists() else ""
     return cls if cls in MAX_TOKENS else "PixArtAlphaPipeline"
 
 
