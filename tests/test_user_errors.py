@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_detect_cli import SMALL
-from test_probes import tiny_digit_dit
+from conftest import SMALL, tiny_digit_dit
 
 import critsample.detect.run as detect_run
 from critsample import generate, models, tune
@@ -55,7 +54,7 @@ def _sample(tmp_path, *extra):
 
 
 def _detect(folder, tmp_path, *extra):
-    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", "test_probes:tiny_classifier",
+    return ["detect", "--model", str(folder), "--preset", "fast", *SMALL, "--classifier", "conftest:tiny_classifier",
             "--no-wandb", "--out", str(tmp_path / "d"), *extra]
 
 
