@@ -11,6 +11,7 @@ and the tokenizers of the tiny SD3 pipeline are built from in-memory vocabularie
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +19,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# critsample's weight-digest cache (store._DigestCache) goes to a folder of this session, not the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="critsample-tests-cache-")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
