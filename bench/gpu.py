@@ -2,14 +2,17 @@
 a DiT-XL/2-size and an SD3-medium-size network at 1024 px, ``critsample detect --model dit-digits --preset fast``, and
 the peak memory of each.
 
-    timeout 900 python bench/gpu.py --device cuda --out runs/bench-gpu 2>&1 | tee runs/bench-gpu.log   # the GPU check
+    timeout 480 python bench/gpu.py --device cuda --out runs/bench-gpu 2>&1 | tee runs/bench-gpu.log   # the GPU check
     python bench/gpu.py --device cpu --tiny                                                            # CPU smoke run
 
-The GPU command is budgeted at ~6 minutes on one H100/H200-class GPU (torch.compile of FlexAttention for two grids,
-forward and backward, is most of it; building the two full-depth random networks on the device takes seconds); the
-900 s timeout leaves room for a slow first compile, and a second run reuses nothing. ``--tiny`` (tests/test_gpu_bench.py)
-shrinks every part (16x16 and 32x32 grids, narrow one-layer networks at 128 px, a detect run of a few units) and runs in
-well under a minute on a CPU core; its numbers only show that every part runs.
+On a lent device machine (one H200, 15 minutes of device time for everything, 10 a command) the same check is
+``python bench/gpu.py --device cuda --out $OUT`` with ``timeout_s=480``: estimated at 4-5 minutes from its parts
+(not yet measured: no GPU was lent), most of it torch.compile of FlexAttention (per grid and head size, forward and
+backward; one compiled kernel serves every radius); that leaves a rerun with ``--skip sparsity detect --repeats 10``
+inside the budget. After every part the results so far are written to ``OUT/bench-gpu.partial.json``, so a run cut
+by its timeout still returns what it finished. ``--tiny`` (tests/test_gpu_bench.py) shrinks every part (16x16 and
+32x32 grids, narrow one-layer networks at 128 px, a detect run of a few units): ~25 s of CPU on one core (a minute
+of wall time on the loaded 2-core machine); its numbers only show that every part runs.
 
 Parts:
 1. Block sparsity of the window in flex's 128-token blocks (fraction of (query block, kv block) pairs skipped) at
@@ -307,10 +310,12 @@ def main() -> None:
     part_s: dict[str, float] = {}
     mark = time.perf_counter()
 
-    def lap(part: str) -> None:
+    def lap(part: str) -> None:  # a run killed by its timeout still leaves the parts it finished in --out
         nonlocal mark
         part_s[part] = round(time.perf_counter() - mark, 1)
         mark = time.perf_counter()
+        if out:
+            (out / "bench-gpu.partial.json").write_text(json.dumps({**res, "part_s": part_s}, indent=1))
 
     if "sparsity" not in args.skip:
         res["block_sparsity"] = block_sparsity(device)

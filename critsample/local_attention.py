@@ -312,6 +312,9 @@ def _flex(q, k, v, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
             f"impl='flex' has no backward on {q.device.type} (torch's FlexAttention refuses it); "
             "use impl='tiled' or 'masked' to train there."
         )
+    if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: qk-normed fp32 q, k meet a bf16 v (SD3.5)
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     mask = _flex_block_mask(h, w, r, num_extra, q.device)
     if q.device.type == "cuda":
         return _compiled_flex()(q, k, v, block_mask=mask)
