@@ -274,6 +274,7 @@ def _flex_block_mask(h: int, w: int, r: int, num_extra: int, device: torch.devic
     return create_block_mask(window, None, None, L, L, device=device, BLOCK_SIZE=FLEX_BLOCK)
 
 
+@functools.lru_cache(maxsize=256)  # asked at every attention call on CUDA (impl="auto")
 def kv_block_density(h: int, w: int, r: int | None, num_extra: int = 0, block: int = FLEX_BLOCK) -> float:
     """Fraction of (query block, kv block) pairs the window visits in row-major order: 1 - flex's block sparsity.
 
@@ -328,7 +329,8 @@ def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "c
 
     CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior until bench/gpu.py
     has run on a GPU), else masked. Other devices: the CPU rule below, measured on a 2-core CPU (bench/attention.py).
-    flex is not offered on CPU: its compiled kernel takes ~15 s to build and its eager path computes every score.
+    flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over a minute (loaded) to build per shape,
+    and its eager path computes every score (~13x dense SDPA at 32x32 and 64x64, README "GPU path").
     """
     if r is None:
         return "dense"
