@@ -137,10 +137,10 @@ def tile_sparsity(h: int, w: int, r: int, device, th: int = 8, tw: int = 16) -> 
         return ((i[q] - i[k]).abs() <= r) & ((j[q] - j[k]).abs() <= r)
 
     bm = create_block_mask(window, None, None, h * w, h * w, device=device)
-    return 1.0 - skipped_fraction_complement(bm)
+    return 1.0 - visited_fraction(bm)
 
 
-def skipped_fraction_complement(bm) -> float:
+def visited_fraction(bm) -> float:
     """Fraction of (query block, kv block) pairs a BlockMask visits (partial or full)."""
     nq = bm.kv_num_blocks.shape[-1]
     nk = -(-bm.seq_lengths[1] // bm.BLOCK_SIZE[1])
@@ -151,7 +151,7 @@ def block_sparsity(device) -> dict:
     out = {}
     for g in (32, 64):
         for r in RADII:
-            raster = 1.0 - skipped_fraction_complement(la._flex_block_mask(g, g, r, 0, device))
+            raster = 1.0 - visited_fraction(la._flex_block_mask(g, g, r, 0, device))
             out[f"{g}x{g}_r{r}"] = {"row_major": round(raster, 4), "tiles_8x16": round(tile_sparsity(g, g, r, device), 4)}
     return out
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import critsample.local_attention as la
 from critsample.local_attention import local_attention, window_mask
-from tests.test_local_attention import naive_attention, qkv
+from test_local_attention import naive_attention, qkv
 
 CPU = torch.device("cpu")
 
