@@ -330,7 +330,7 @@ def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "c
     CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior until bench/gpu.py
     has run on a GPU), else masked. Other devices: the CPU rule below, measured on a 2-core CPU (bench/attention.py).
     flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over a minute (loaded) to build per shape,
-    and its eager path computes every score (~13x dense SDPA at 32x32 and 64x64, README "GPU path").
+    and its eager path computes every score (12-19x dense SDPA at 32x32 and 64x64, README "GPU path").
     """
     if r is None:
         return "dense"

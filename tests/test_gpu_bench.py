@@ -1,4 +1,4 @@
-"""bench/gpu.py --device cpu --tiny runs every part and ends with one JSON object (~25 s on a free core)."""
+"""bench/gpu.py --device cpu --tiny runs every part and ends with one JSON object (~35 s here with one core free)."""
 
 from __future__ import annotations
 
