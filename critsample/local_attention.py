@@ -5,27 +5,35 @@ Image tokens lie row-major on an h x w grid (token n = i * w + j). Image token (
 not shifted). The ``num_extra`` tokens after the h * w image tokens (SD3 text) are dense both ways. ``r = None`` or
 ``r >= max(h, w) - 1`` is exactly global attention. The scale is SDPA's 1 / sqrt(d).
 
-One computation, three implementations:
+One computation, four implementations:
 - ``dense``: stock SDPA; valid only for a global radius.
 - ``masked``: SDPA with the (L, L) boolean window mask; the reference path, costs as much as dense.
 - ``tiled``: queries in th x tw tiles, each attending to its (th + 2r) x (tw + 2r) key halo plus the extra keys, so
   the cost follows the window, not the grid, and nothing of size (L, L) is built. Differentiable.
+- ``flex``: ``torch.nn.attention.flex_attention`` with a block mask of the window (128 x 128 token blocks that no
+  query of one block can see in the other are skipped). Compiled on CUDA (forward and backward); on CPU the eager,
+  forward-only path, which is the reference math (it materializes every (L, L) score in fp32, ~masked's cost).
+
+``impl="auto"`` (:func:`_choose`): dense for a global window; on CUDA flex where the window skips most kv blocks,
+else masked; elsewhere tiled where a query's halo is under half of all keys, else masked.
 """
 
 from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .errors import UserError
 from .options import global_radius, is_global, parse_radius
 
-IMPLS = ("auto", "dense", "masked", "tiled")
+IMPLS = ("auto", "dense", "masked", "tiled", "flex")
 
 # Bytes of temporaries per tiled step and intra-op thread. On CPU a step should stay in cache: one big step costs
 # 2-3x more than the same work in ~2 MB steps, and big temporaries come back as freshly page-faulted memory.
@@ -237,14 +245,98 @@ def _tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, r:
     return torch.cat([img, F.scaled_dot_product_attention(q[:, :, n:], k, v)], dim=2)  # extra rows see every key
 
 
-def _choose(h: int, w: int, r: int | None, num_extra: int) -> str:
-    """The implementation ``impl="auto"`` runs, on any device (the crossover was measured on CPU only).
+# -- flex: the window as a block-sparse FlexAttention mask --------------------------------------------------------
 
-    flex_attention is not offered: on CPU it compiles for ~15 s, and in its 128-token blocks a 2-D window in raster
-    order is barely sparse.
+FLEX_BLOCK = 128  # flex_attention's default sparse block (tokens per side); its CUDA kernels tile in it
+# Devices whose FlexAttention has a backward; torch refuses CPU inputs that require grad.
+_FLEX_BACKWARD_DEVICES = ("cuda", "xpu")
+# impl="auto" on CUDA takes flex when at most this fraction of kv blocks is visited (a prior: flex's kernel runs
+# near FlashAttention's speed per visited block, partial blocks also pay the mask; bench/gpu.py measures it).
+_FLEX_MAX_DENSITY = 0.5
+
+
+@functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
+def _flex_block_mask(h: int, w: int, r: int, num_extra: int, device: torch.device) -> BlockMask:
+    """The window of radius r on the row-major h x w grid plus ``num_extra`` dense tokens, for ``flex_attention``.
+
+    Token order stays row-major: a 128-token block is 128 / w whole rows (w <= 128), already a compact 2-D tile,
+    and at 32 x 32 and 64 x 64 it skips more blocks than a permutation into 8 x 16 tiles for r <= 4 (bench/gpu.py
+    prints both; README "GPU path"). The grid sizes and radius are captured as tensors, so one compiled kernel serves
+    every radius of a grid instead of recompiling per value.
+    """
+    n, L = h * w, h * w + num_extra
+    n_t, w_t, r_t = (torch.tensor(x, device=device) for x in (n, w, r))
+
+    def window(b, head, q_idx, kv_idx):  # Chebyshev window, borders truncated; extra tokens dense both ways
+        near = ((q_idx // w_t - kv_idx // w_t).abs() <= r_t) & ((q_idx % w_t - kv_idx % w_t).abs() <= r_t)
+        return near | (q_idx >= n_t) | (kv_idx >= n_t)
+
+    return create_block_mask(window, None, None, L, L, device=device, BLOCK_SIZE=FLEX_BLOCK)
+
+
+@functools.lru_cache(maxsize=256)  # asked at every attention call on CUDA (impl="auto")
+def kv_block_density(h: int, w: int, r: int | None, num_extra: int = 0, block: int = FLEX_BLOCK) -> float:
+    """Fraction of (query block, kv block) pairs the window visits in row-major order: 1 - flex's block sparsity.
+
+    A query block spanning grid rows [a, b] can reach the key rows [a - r, b + r] and every extra token; a block that
+    holds an extra query reaches everything. Exact when a block is whole rows (w divides ``block``), else an upper
+    bound (a block's first and last rows are partial, so it may miss some columns of the reachable rows).
+    """
+    if r is None:
+        return 1.0
+    n, L = h * w, h * w + num_extra
+    nb = -(-L // block)
+    extra = set(range(n // block, nb)) if num_extra else set()  # kv blocks holding an extra token
+    visited = 0
+    for qb in range(nb):
+        lo, hi = qb * block, min(L, (qb + 1) * block) - 1
+        if hi >= n:
+            visited += nb
+            continue
+        a, b = lo // w, hi // w
+        first, last = max(0, a - r) * w, min(h - 1, b + r) * w + w - 1  # reachable image tokens
+        visited += len(set(range(first // block, last // block + 1)) | extra)
+    return visited / (nb * nb)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention)
+
+
+def _flex(q, k, v, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
+    """Window attention through FlexAttention; q, k, v (B, H, L, d) -> (B, H, L, dv)."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        q, k, v = q.detach(), k.detach(), v.detach()  # torch's CPU check looks at requires_grad, not at grad mode
+    elif q.device.type not in _FLEX_BACKWARD_DEVICES:
+        raise UserError(
+            f"impl='flex' has no backward on {q.device.type} (torch's FlexAttention refuses it); "
+            "use impl='tiled' or 'masked' to train there."
+        )
+    if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: qk-normed fp32 q, k meet a bf16 v (SD3.5)
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    mask = _flex_block_mask(h, w, r, num_extra, q.device)
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=mask)
+    with warnings.catch_warnings():  # eager on purpose: it is the reference math, see the module docstring
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=mask)
+
+
+def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "cpu") -> str:
+    """The implementation ``impl="auto"`` runs.
+
+    CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior until bench/gpu.py
+    has run on a GPU), else masked. Other devices: the CPU rule below, measured on a 2-core CPU (bench/attention.py).
+    flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over a minute (loaded) to build per shape,
+    and its eager path computes every score (12-19x dense SDPA at 32x32 and 64x64, README "GPU path").
     """
     if r is None:
         return "dense"
+    if device_type == "cuda":
+        return "flex" if kv_block_density(h, w, r, num_extra) <= _FLEX_MAX_DENSITY else "masked"
     t = _tile_size(r)
     halo = (min(t, h) + 2 * r) * (min(t, w) + 2 * r)
     # Tiles pay off while a query's halo and extra keys are under about half of all keys (measured crossover
@@ -296,7 +388,7 @@ def local_attention(
 
 def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -> torch.Tensor:
     if impl == "auto":
-        impl = _choose(h, w, r, num_extra)
+        impl = _choose(h, w, r, num_extra, q.device.type)
     if impl == "dense":
         if r is not None:
             raise UserError(
@@ -306,6 +398,8 @@ def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -
         return F.scaled_dot_product_attention(q, k, v)
     if impl == "masked":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(h, w, r, num_extra, q.device))
+    if impl == "flex":
+        return _flex(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
     return _tiled(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
 
 

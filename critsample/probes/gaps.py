@@ -83,7 +83,8 @@ def score_gaps(
     c = tile_rows(cond, T)
     null = denoiser.null(c)
     n = T * B
-    # Global cond and null rows in one forward (stock attention).
+    # Global cond and null rows in one forward (stock attention). Predictions arrive in fp32 or wider (predict_rows)
+    # and every difference below is taken in float64, also where the model ran in bf16.
     both = predict_rows(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat_rows([c, null]), kind="eps", max_batch=max_batch)
     g_cond, g_null = both[:n].double(), both[n:].double()
     _, sigma = denoiser.schedule.alpha_sigma(torch.as_tensor([float(v) for v in times], dtype=torch.float64))

@@ -45,6 +45,7 @@ def predict_rows(
     locality: str = "window",
 ) -> torch.Tensor:
     """Predictions of every row: x (N, ...), t (N,) float64, cond N rows, radius (N,) long codes (GLOBAL = -1) or None.
+    Returned in x's dtype promoted to at least fp32.
 
     Global rows and local rows are evaluated in separate chunks of at most ``max_batch`` rows; a chunk of local rows
     passes its per-row radii to the model, so rows of several radii share one forward. ``locality="strict"``: local
@@ -53,6 +54,9 @@ def predict_rows(
     n = x.shape[0]
     t = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
     t = t.expand(n) if t.numel() == 1 else t
+    # Predictions come back in at least fp32 whatever the model computes in (bf16 weights or autocast): the probes
+    # difference two forwards (eqs. 6, 7), and storing each in bf16 would round it before the difference.
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     out = torch.empty_like(x)
     if radius is None:
         groups = [(torch.arange(n), None)]
