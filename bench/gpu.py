@@ -243,9 +243,9 @@ def step_part(clock: Clock, sample_size: int, layers: dict, radii, repeats: int,
         model, cond = build(arch, sample_size, depth, clock.device, tiny)
         x = torch.randn(1, *model.sample_shape, device=clock.device)
         grid = model.grid(x)
-        fns = {"global": lambda: model.predict(x, 0.5, cond, radius=None)}
+        fns = {"global": lambda m=model: m.predict(x, 0.5, cond, radius=None)}
         for r in radii:
-            fns[f"r{r}"] = lambda r=r: model.predict(x, 0.5, cond, radius=r)
+            fns[f"r{r}"] = lambda r=r, m=model: m.predict(x, 0.5, cond, radius=r)
         with torch.inference_mode():
             med = clock.median(fns, repeats)
             memory = {k: round(clock.peak_mb(fn), 1) for k, fn in fns.items()}
