@@ -152,7 +152,8 @@ def block_sparsity(device) -> dict:
     for g in (32, 64):
         for r in RADII:
             raster = 1.0 - visited_fraction(la._flex_block_mask(g, g, r, 0, device))
-            out[f"{g}x{g}_r{r}"] = {"row_major": round(raster, 4), "tiles_8x16": round(tile_sparsity(g, g, r, device), 4)}
+            out[f"{g}x{g}_r{r}"] = {"row_major": round(raster, 4),
+                                    "tiles_8x16": round(tile_sparsity(g, g, r, device), 4)}
     return out
 
 
@@ -197,9 +198,11 @@ def attention_part(clock: Clock, grids, batch: int, heads: int, dim: int, dtype,
 
 # Widths of the real networks (diffusers configs, as bench/adaptive.py) and of the --tiny stand-ins.
 WIDTHS = {
-    "dit-xl": {"full": dict(num_attention_heads=16, attention_head_dim=72), "tiny": dict(num_attention_heads=4, attention_head_dim=16)},
+    "dit-xl": {"full": dict(num_attention_heads=16, attention_head_dim=72),
+               "tiny": dict(num_attention_heads=4, attention_head_dim=16)},
     "sd3-medium": {
-        "full": dict(num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096, caption_projection_dim=1536,
+        "full": dict(num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
+                     caption_projection_dim=1536,
                      pooled_projection_dim=2048, pos_embed_max_size=192, text_tokens=333),
         "tiny": dict(num_attention_heads=4, attention_head_dim=16, joint_attention_dim=32, caption_projection_dim=64,
                      pooled_projection_dim=16, pos_embed_max_size=16, text_tokens=13),
@@ -336,7 +339,8 @@ def main() -> None:
         else:
             steps = step_part(clock, 128, {"dit-xl": 28, "sd3-medium": 24}, (4, 8), repeats)
         res["steps"] = steps
-        res["local_over_global_step"] = {a: {k: round(v, 4) for k, v in s["local_over_global"].items()} for a, s in steps.items()}
+        res["local_over_global_step"] = {a: {k: round(v, 4) for k, v in s["local_over_global"].items()} for a,
+                                         s in steps.items()}
         lap("steps")
     if "detect" not in args.skip:
         det = detect_part(clock, args.tiny, out)
@@ -353,8 +357,10 @@ def main() -> None:
     if full_gpu and "attention" in res and "steps" in res and args.attention_dtype == "bfloat16":
         w = res["flex_over_dense"]["64x64_r4"]
         s = res["local_over_global_step"]["sd3-medium"]["r4"]
-        met = {"window_over_dense_64x64_r4": w <= TARGET_WINDOW_OVER_DENSE, "sd3_local_over_global_r4": s <= TARGET_LOCAL_OVER_GLOBAL}
-    res["targets"] = {"window_over_dense_64x64_r4": TARGET_WINDOW_OVER_DENSE, "sd3_local_over_global_r4": TARGET_LOCAL_OVER_GLOBAL}
+        met = {"window_over_dense_64x64_r4": w <= TARGET_WINDOW_OVER_DENSE,
+               "sd3_local_over_global_r4": s <= TARGET_LOCAL_OVER_GLOBAL}
+    res["targets"] = {"window_over_dense_64x64_r4": TARGET_WINDOW_OVER_DENSE,
+                      "sd3_local_over_global_r4": TARGET_LOCAL_OVER_GLOBAL}
     res["targets_met"] = met
     res["part_s"], res["wall_s"] = part_s, round(time.perf_counter() - t_start, 1)
     if out:

@@ -61,7 +61,8 @@ def main() -> None:
     n, diffs = compare(json.loads(args.first.read_text()), json.loads(args.second.read_text()))
     for line in diffs:
         print(line)
-    print(json.dumps({"equal": not diffs, "numbers": n, "differ": len(diffs), "first": str(args.first), "second": str(args.second)}))
+    print(json.dumps({"equal": not diffs, "numbers": n, "differ": len(diffs), "first": str(args.first),
+                      "second": str(args.second)}))
     sys.exit(1 if diffs else 0)
 
 

@@ -180,7 +180,8 @@ def install_pixart_window_attention(transformer: torch.nn.Module) -> int:
 # -- FLUX.1: [text; image] tokens in double- and single-stream blocks, RoPE --------------------------------------------
 
 
-def _attend_text_first(q, k, v, grid, radius: Radius, num_text: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
+def _attend_text_first(q, k, v, grid, radius: Radius, num_text: int,
+                       blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, L, d) attention over [text; image] tokens: the strict blocks when given (``attention`` module
     docstring), else stock SDPA when global, else the window on image pairs.
 
@@ -228,14 +229,16 @@ class FluxWindowAttnProcessor:
             eq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
             ek = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
             ev = heads(attn.add_v_proj(encoder_hidden_states))
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)  # (B, T + N, H, d)
+            # (B, T + N, H, d)
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
             num_text = encoder_hidden_states.shape[1]
         else:  # single-stream: hidden_states is already [text; image]; without a grid the call is global
             num_text = q.shape[1] - grid[0] * grid[1] if grid is not None else 0
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = _attend_text_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid, radius, num_text, blocks)
+        out = _attend_text_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid, radius, num_text,
+                                 blocks)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, T + N, H * d)
         if not joint:
             return out

@@ -70,7 +70,8 @@ class Tolerance:
         return drop <= self.accuracy_points / 100 + 1e-12 and ratio <= 1 + self.fd_relative + 1e-12
 
 
-DEFAULT_RADII = (1, 2)  # searched when the summary suggests no radius (dit-digits: r = 1 lost 14-27 points where r = 2 held)
+# searched when the summary suggests no radius (dit-digits: r = 1 lost 14-27 points where r = 2 held)
+DEFAULT_RADII = (1, 2)
 
 
 @dataclass
@@ -120,7 +121,8 @@ def grid_windows(window: tuple[float, float], grid: Grid) -> list[tuple[float, f
     return out
 
 
-def search(model: Denoiser, summary: dict, steps: int, guidance: float, grid: Grid = Grid(), sampler: str = "auto") -> list[Plan]:
+def search(model: Denoiser, summary: dict, steps: int, guidance: float, grid: Grid = Grid(),
+           sampler: str = "auto") -> list[Plan]:
     """Candidate plans around the summary's windows (module docstring), distinct by their steps."""
     wins = summary_windows(summary)
     attention = wins["attention"][0] if wins["attention"] else None
@@ -171,7 +173,8 @@ def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_s
     """``num`` images of ``plan`` (sample i: class i % K, noise from (seed, i): :mod:`critsample.seeded`) and the
     seconds taken. ``on_batch(n)`` runs after each batch of n samples (progress)."""
     labels = torch.arange(num) % model.num_classes
-    out = sample_images(model, plan, labels, seed, batch_size, on_batch=None if on_batch is None else lambda b: on_batch(len(b)))
+    out = sample_images(model, plan, labels, seed, batch_size,
+                        on_batch=None if on_batch is None else lambda b: on_batch(len(b)))
     return {"images": out.images, "labels": labels, "seconds": out.seconds}
 
 
@@ -190,9 +193,11 @@ class Certification:
         return Plan.from_dict(self.chosen["plan"])
 
     def to_dict(self) -> dict:
-        tol = {**asdict(self.tolerance), "rule": "accuracy drop <= accuracy_points / 100 and FD / FD_baseline <= 1 + fd_relative, "
+        tol = {**asdict(self.tolerance),
+               "rule": "accuracy drop <= accuracy_points / 100 and FD / FD_baseline <= 1 + fd_relative, "
                "on the paired point estimates; cheapest certified plan by analytic FLOPs (forwards when none)"}
-        return {"plan": self.chosen["plan"], "name": self.chosen["name"], "quality": self.chosen["quality"], "cost": self.chosen["cost"],
+        return {"plan": self.chosen["plan"], "name": self.chosen["name"], "quality": self.chosen["quality"],
+                "cost": self.chosen["cost"],
                 "tolerance": tol, "baseline": self.baseline, "candidates": self.candidates, "setup": self.setup}
 
 
@@ -228,12 +233,15 @@ def certify(
     if measure not in ("all", "cheapest"):
         raise UserError(f"measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first certified); got {measure!r}.")
     grid = model.grid(torch.empty(1, *model.sample_shape))
-    others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler, tuple(baseline.steps))]
+    others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler,
+                                                                                 tuple(baseline.steps))]
     costs = [_cost(model, p, grid) for p in [baseline] + others]
-    order = sorted(range(1, len(costs)), key=lambda i: (_price(costs[i]), costs[i]["forwards"], i))  # candidates, cheapest first
+    # candidates, cheapest first
+    order = sorted(range(1, len(costs)), key=lambda i: (_price(costs[i]), costs[i]["forwards"], i))
 
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"certifying {len(others)} plans + full guidance, {num} samples each", total=num * (1 + len(others)))
+        task = bar.add_task(f"certifying {len(others)} plans + full guidance, {num} samples each",
+                            total=num * (1 + len(others)))
 
         def measured(plan: Plan) -> tuple[dict, bool]:
             def compute(_g=None):
@@ -241,7 +249,8 @@ def certify(
 
             if store is None:
                 return compute(), True
-            unit = store.unit("certify", {"plan": plan.to_dict(), "num": num, "batch_size": batch_size}, forwards=num * plan.forwards)
+            unit = store.unit("certify", {"plan": plan.to_dict(), "num": num, "batch_size": batch_size},
+                              forwards=num * plan.forwards)
             before = store.computed
             out = {k: torch.as_tensor(v) for k, v in store.get_or_compute(unit, compute).items()}
             if store.computed == before:
@@ -261,8 +270,10 @@ def certify(
                 cost["forwards_ratio"] = cost["forwards"] / bc["forwards"]
                 cost["speedup_seconds"] = bc["seconds_per_sample"] / cost["seconds_per_sample"]
             else:
-                cost.update(flops_ratio=1.0 if math.isfinite(cost["flops"]) else float("nan"), forwards_ratio=1.0, speedup_seconds=1.0)
-            e = {"name": plan.name, "kind": kind(plan), "plan": plan.to_dict(), "description": plan.describe(), "quality": q,
+                cost.update(flops_ratio=1.0 if math.isfinite(cost["flops"]) else float("nan"), forwards_ratio=1.0,
+                            speedup_seconds=1.0)
+            e = {"name": plan.name, "kind": kind(plan), "plan": plan.to_dict(), "description": plan.describe(),
+                 "quality": q,
                  "cost": cost, "certified": tolerance.passes(q["accuracy_drop"], q["fd_ratio"])}
             return {"entry": e, "scores": scores}
 
@@ -274,7 +285,8 @@ def certify(
             if measure == "cheapest" and entries[i]["certified"]:
                 break
     listed = [base["entry"]] + [entries[i] for i in sorted(measured_ids)]  # candidates in the caller's order
-    for key, good in (("pareto_accuracy", lambda e: e["quality"]["accuracy"]), ("pareto_fd", lambda e: -e["quality"]["fd"])):
+    for key, good in (("pareto_accuracy", lambda e: e["quality"]["accuracy"]),
+                      ("pareto_fd", lambda e: -e["quality"]["fd"])):
         for e, on in zip(listed, _pareto([(_price(e["cost"]), good(e)) for e in listed])):
             e[key] = on
     chosen = next((entries[i] for i in order if i in entries and entries[i]["certified"]), base["entry"])

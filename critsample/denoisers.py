@@ -25,7 +25,8 @@ from .errors import UserError
 from .noise import Kind, Schedule, convert
 
 NULL = -1  # user-facing "no class" label; each model maps it to its own null row
-LOCALITIES = ("window", "strict")  # truncated attention (the paper's local denoiser) / strictly local (critsample.strict_locality)
+# truncated attention (the paper's local denoiser) / strictly local (critsample.strict_locality)
+LOCALITIES = ("window", "strict")
 
 
 @dataclass
@@ -41,7 +42,8 @@ class PromptCond:
         return self.embeds.shape[0]
 
     def to(self, device) -> "PromptCond":
-        return PromptCond(self.embeds.to(device), self.pooled.to(device), None if self.mask is None else self.mask.to(device))
+        return PromptCond(self.embeds.to(device), self.pooled.to(device),
+                          None if self.mask is None else self.mask.to(device))
 
     def __getitem__(self, idx) -> "PromptCond":
         """Rows ``idx`` (an int range, a slice, or an index tensor), as tensors of class ids are indexed."""
@@ -155,7 +157,8 @@ class Denoiser(nn.Module):
         """Network forwards per row of the strictly local denoiser of ``radius`` (None = global: 1) on ``grid``."""
         return strict_locality.copies(self.strict_layout, grid, radius)
 
-    def _strict_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, radius=None, max_batch: int = 256) -> torch.Tensor:
+    def _strict_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, radius=None,
+                        max_batch: int = 256) -> torch.Tensor:
         """The strictly local prediction of every row (:func:`critsample.strict_locality.strict_forward`)."""
         return strict_locality.strict_forward(self, x, t, cond, radius=radius, max_batch=max_batch)
 
@@ -188,7 +191,9 @@ class Denoiser(nn.Module):
         else:
             run = self
         b = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(b) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(t, device=x.device)
+        t = torch.as_tensor(t, dtype=torch.float64,
+                            device=x.device).expand(b) if torch.as_tensor(t).ndim == 0 else torch.as_tensor(
+                                t, device=x.device)
         self.check_cond(cond, b)
         if not is_guided(guidance):
             out = run(x, t, cond, radius=radius)

@@ -27,7 +27,8 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
+def generate(model: Denoiser, plan: Plan, labels: torch.Tensor, seed: int = 0, batch_size: int = 250,
+             progress: bool = True) -> Generated:
     """Sample one image per label; sample i draws its noise from (seed, i) alone (:mod:`critsample.seeded`), so neither
     the batch size nor timing changes the results, and different seeds never share noise."""
     n_batches = -(-len(labels) // batch_size)

@@ -186,15 +186,18 @@ def _batches(cfg: SampleConfig, plan: Plan, model: Denoiser, out: Path) -> Store
     """The store of finished batches. Their keys hold every option a sample depends on (not ``--num``: sample i is the
     same in a longer run), the plan, and the model's weights (a retrained model of the same name never reuses them)."""
     options = {k: v for k, v in vars(cfg).items() if k not in ("out", "wandb", "device", "num")}
-    return Store(out / ".batches", model_fingerprint(model, model.name), cfg.seed, {"sample": {"options": options, "plan": plan.to_dict()}})
+    return Store(out / ".batches", model_fingerprint(model, model.name), cfg.seed,
+                 {"sample": {"options": options, "plan": plan.to_dict()}})
 
 
-def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None, progress: bool = False) -> dict:
+def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None,
+        progress: bool = False) -> dict:
     """Sample as configured; returns the run record (also written to ``out/run.json``). ``model`` defaults to
     ``load(cfg.model)`` on ``device`` (default: CPU); ``progress`` shows a progress bar over batches."""
     cfg.validate()
     check_writable(cfg.out)
-    model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
+    model = model if model is not None else load(cfg.model, device=device or "cpu",
+                                                 trust_pickled_weights=cfg.trust_pickled_weights)
     device = next(model.parameters(), torch.empty(0)).device
     if cfg.radius is not None:
         check_radius(cfg.radius, model.token_grid, bound="grid", model=model.name)
@@ -228,7 +231,8 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
                 store.save(ckpt, {"x": d["x"].detach().cpu(), "next_step": d["i"] + 1})
                 last = time.perf_counter()
 
-        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else batch.generators(), start=first, callback=checkpoint,
+        x = sample(model, plan, cond[lo:hi], x=x, generator=None if x is not None else batch.generators(), start=first,
+                   callback=checkpoint,
                    predict=one_at_a_time(model) if cfg.batch_invariant else None)
         images = decode(model, x, cfg.batch_invariant)
         store.discard(ckpt)
@@ -245,7 +249,8 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
             chunks.append(store.get_or_compute(unit, lambda _g, unit=unit, batch=batch: compute(unit, batch)))
             bar.advance(task)
     images = torch.from_numpy(np.concatenate([c["images"] for c in chunks]))
-    grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(1, min(10, len(cfg.classes) or model.num_classes))
+    grid_rows = min(10, cfg.num) if model.num_classes is None or len(set(labels.tolist())) == 1 else max(
+        1, min(10, len(cfg.classes) or model.num_classes))
     arr = images.numpy().astype(np.float32)
     save_npz(out / "samples.npz", compressed=True, images=arr[:, 0] if arr.shape[1] == 1 else arr, labels=labels)
     save_png(image_grid(images, nrow=grid_rows), out / "grid.png", scale=max(1, 64 // images.shape[-1]))

@@ -96,7 +96,8 @@ def for_model(model) -> Judge:
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
-def fd_bootstrap(reference: FrechetReference | torch.Tensor | np.ndarray, features, n_boot: int, seed: int = 0) -> tuple[float, float]:
+def fd_bootstrap(reference: FrechetReference | torch.Tensor | np.ndarray, features, n_boot: int,
+                 seed: int = 0) -> tuple[float, float]:
     """(FD, one-sigma) of ``features`` to ``reference`` (a :class:`FrechetReference` or its (M, d) features): the bar is
     the bootstrap standard deviation over ``n_boot`` resamples of ``features``, indices from ``seed``."""
     if not isinstance(reference, FrechetReference):
@@ -129,8 +130,10 @@ def paired(judge: Judge, baseline: Scores, scores: Scores, n_boot: int, seed: in
             cache[key] = (cb[j].mean() - cp[j].mean(), judge.fd(fp[i]) / judge.fd(fb[i]))
         return cache[key]
 
-    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
-    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot, generator=torch.Generator().manual_seed(torch_seed(seed)))
+    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot,
+                                 generator=torch.Generator().manual_seed(torch_seed(seed)))
+    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot,
+                                   generator=torch.Generator().manual_seed(torch_seed(seed)))
     return {"accuracy_drop": drop, "accuracy_drop_sigma": drop_sigma, "fd_ratio": ratio, "fd_ratio_sigma": ratio_sigma}
 
 

@@ -483,7 +483,8 @@ def block_mask(blocks: torch.Tensor, num_extra: int = 0, extra_first: bool = Fal
         return img[:, None]
     B, n = blocks.shape
     to_text = img.new_ones(B, n, num_extra)
-    text_row = torch.cat([blocks[:, None, :] == 0, img.new_ones(B, 1, num_extra)], dim=2).expand(B, num_extra, n + num_extra)
+    text_row = torch.cat([blocks[:, None, :] == 0, img.new_ones(B, 1, num_extra)], dim=2).expand(B, num_extra,
+                                                                                                 n + num_extra)
     mask = torch.cat([torch.cat([img, to_text], dim=2), text_row], dim=1)  # [image; text] order
     if extra_first:
         mask = torch.roll(mask, (num_extra, num_extra), dims=(1, 2))

@@ -118,7 +118,8 @@ class Schedule:
         lam = torch.as_tensor(log_snr, dtype=torch.float64)
         grid = np.linspace(0.0, 1.0, _INVERSE_POINTS)
         lg = self.log_snr(torch.from_numpy(grid)).numpy()
-        return torch.from_numpy(np.asarray(np.interp(-lam.detach().cpu().numpy(), -lg, grid))).reshape(lam.shape)  # -lambda increases with t
+        # -lambda increases with t
+        return torch.from_numpy(np.asarray(np.interp(-lam.detach().cpu().numpy(), -lg, grid))).reshape(lam.shape)
 
     def log_snr_slope(self, t: float, h: float = 1e-3) -> float:
         """|d log_snr / dt| at ``t`` (central difference, one-sided at the ends): maps a t-uncertainty to nats."""

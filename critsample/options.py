@@ -103,7 +103,8 @@ class GuidanceOptions:
         if self.sampler not in SAMPLER_CHOICES:
             raise UserError(f"Unknown sampler {self.sampler!r}; choose {', '.join(SAMPLER_CHOICES)}.")
         g = self.guidance
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and g >= 0)):
+        if g is not None and (isinstance(g, bool) or not isinstance(g,
+                                                                    (int, float)) or not (math.isfinite(g) and g >= 0)):
             raise UserError(f"--guidance must be a finite number >= 0 (1 = plain conditional); got {g}.")
 
 

@@ -103,7 +103,8 @@ class SD3PlanCallback(PlanCallback):
 
     def _rows(self, step: Step) -> dict:
         if _guided(step):
-            return {"guidance_scale": step.guidance, "prompt_embeds": self.cond.embeds, "pooled_prompt_embeds": self.cond.pooled,
+            return {"guidance_scale": step.guidance, "prompt_embeds": self.cond.embeds,
+                    "pooled_prompt_embeds": self.cond.pooled,
                     "negative_prompt_embeds": self.null.embeds, "negative_pooled_prompt_embeds": self.null.pooled}
         rows = self.null if step.mode == "uncond" else self.cond
         return {"guidance_scale": 1.0, "prompt_embeds": rows.embeds, "pooled_prompt_embeds": rows.pooled}
@@ -143,16 +144,19 @@ class FluxPlanCallback(PlanCallback):
     def _rows(self, step: Step) -> dict:
         kw = {} if self.distilled_guidance is None else {"guidance_scale": float(self.distilled_guidance)}
         if _guided(step):  # true CFG: the pipeline runs the prompt and the negative rows as two forwards
-            return {**kw, "true_cfg_scale": step.guidance, "prompt_embeds": self.cond.embeds, "pooled_prompt_embeds": self.cond.pooled,
+            return {**kw, "true_cfg_scale": step.guidance, "prompt_embeds": self.cond.embeds,
+                    "pooled_prompt_embeds": self.cond.pooled,
                     "negative_prompt_embeds": self.null.embeds, "negative_pooled_prompt_embeds": self.null.pooled}
         rows = self.null if step.mode == "uncond" else self.cond
         return {**kw, "true_cfg_scale": 1.0, "prompt_embeds": rows.embeds, "pooled_prompt_embeds": rows.pooled}
 
 
-CALLBACKS: dict[str, type[PlanCallback]] = {"StableDiffusion3Pipeline": SD3PlanCallback, "FluxPipeline": FluxPlanCallback}
+CALLBACKS: dict[str, type[PlanCallback]] = {"StableDiffusion3Pipeline": SD3PlanCallback,
+                                            "FluxPipeline": FluxPlanCallback}
 
 
-def plan_callback(pipe, plan: Plan, cond: PromptCond, null: PromptCond, grid: tuple[int, int], **kwargs) -> PlanCallback:
+def plan_callback(pipe, plan: Plan, cond: PromptCond, null: PromptCond, grid: tuple[int, int],
+                  **kwargs) -> PlanCallback:
     """The plan callback of ``pipe``'s class (``kwargs`` go to it, e.g. FLUX's ``distilled_guidance``); a
     :class:`UserError` for a pipeline that cannot run plans (PixArt's: no ``callback_on_step_end``)."""
     name = type(pipe).__name__

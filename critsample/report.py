@@ -107,7 +107,8 @@ def plot_curves(t, series: dict, path, *, title: str, ylabel: str, schedule=None
     return _finish(fig, ax, path, title)
 
 
-def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: str = "t (0 = clean, 1 = noise)", schedule=None,
+def plot_errorbars(x, series: dict, path, *, title: str, ylabel: str, xlabel: str = "t (0 = clean, 1 = noise)",
+                   schedule=None,
                    windows=None, theory: dict | None = None, marks: dict | None = None):
     """Points with one-sigma error bars: ``series`` = {label: (mean, err)}; ``theory`` = {label: (x, y)} exact curves
     drawn as lines over them (analytic oracles); ``marks`` = {label: t} vertical lines (e.g. the speciation time)."""
@@ -155,7 +156,8 @@ def plot_heatmaps(t, radii, panels: dict, path, *, title: str | None = None, lab
                             [tt[-1] + (tt[-1] - tt[-2]) / 2 if len(tt) > 1 else tt[0] + 0.01]])
     for ax, (name, values) in zip(axes, panels.items()):
         v = np.asarray(values, dtype=float).T[:, order]  # (R, T)
-        mesh = ax.pcolormesh(edges, np.arange(len(radii) + 1) - 0.5, np.where(v > 0, v, np.nan), norm=norm, cmap="viridis")
+        mesh = ax.pcolormesh(edges, np.arange(len(radii) + 1) - 0.5, np.where(v > 0, v, np.nan), norm=norm,
+                             cmap="viridis")
         ax.set_yticks(range(len(radii)), [str(r) for r in radii])
         ax.set_xlabel("t (0 = clean, 1 = noise)")
         ax.set_title(name, fontsize=10)
@@ -184,11 +186,13 @@ def plot_frontier(certification: dict, path):
         for kind, color in colors.items():
             idx = [i for i, e in enumerate(entries) if e["name"].startswith(kind)]
             if idx:
-                ax.errorbar(cost[idx], [entries[i]["quality"][key] for i in idx], yerr=[entries[i]["quality"][f"{key}_sigma"] for i in idx],
+                ax.errorbar(cost[idx], [entries[i]["quality"][key] for i in idx],
+                            yerr=[entries[i]["quality"][f"{key}_sigma"] for i in idx],
                             fmt="o", ms=4, capsize=2, color=color, alpha=0.7, label=kind)
         on = sorted((cost[i], e["quality"][key]) for i, e in enumerate(entries) if e.get(front))
         if on:
-            ax.step(*zip(*on), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none", label="Pareto front")
+            ax.step(*zip(*on), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none",
+                    label="Pareto front")
         ax.axhline(bound, color="tab:red", ls="--", lw=1, label="tolerance bound")
         ax.plot(cost[0], base[key], "s", ms=9, mfc="none", color="k", label="baseline")
         chosen = next(i for i, e in enumerate(entries) if e.get("chosen"))

@@ -82,7 +82,8 @@ class Plan:
         return cls([Step.conditional(guidance, radius)] * num_steps, sampler=sampler, name=f"guided(w={guidance:g})")
 
     @classmethod
-    def from_rule(cls, denoiser: Denoiser, num_steps: int, rule: Callable[[float], Step], sampler: str = "auto", name: str = "custom") -> "Plan":
+    def from_rule(cls, denoiser: Denoiser, num_steps: int, rule: Callable[[float], Step], sampler: str = "auto",
+                  name: str = "custom") -> "Plan":
         """A plan whose step at time t is ``rule(t)``, with t read off the integrator's own timesteps."""
         times = step_times(denoiser, num_steps, sampler)
         return cls([rule(t) for t in times], sampler=sampler, name=name, times=times)
@@ -133,7 +134,8 @@ def make_scheduler(denoiser: Denoiser, sampler: str = "auto"):
     if flow:
         return FlowMatchEulerDiscreteScheduler.from_config(config) if config else FlowMatchEulerDiscreteScheduler()
     s = denoiser.schedule
-    base = dict(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end, beta_schedule=s.beta_schedule)
+    base = dict(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+                beta_schedule=s.beta_schedule)
     config = {**base, **{k: v for k, v in config.items() if not k.startswith("_")}}
     if sampler == "ddim":
         return DDIMScheduler.from_config(config)
@@ -195,14 +197,16 @@ def sample_generators(seed: int, lo: int, hi: int, stream: str = "") -> list[tor
     return [sample_generator(seed, i, stream) for i in range(lo, hi)]
 
 
-def noise(denoiser: Denoiser, generator: torch.Generator | list[torch.Generator] | None, batch: int | None = None, sampler: str = "auto") -> torch.Tensor:
+def noise(denoiser: Denoiser, generator: torch.Generator | list[torch.Generator] | None, batch: int | None = None,
+          sampler: str = "auto") -> torch.Tensor:
     """Initial state (B, *sample_shape), float32 on the denoiser's device: diffusers' ``randn_tensor`` from one
     ``generator`` for ``batch`` rows, or from a list of generators, row i drawn alone from ``generator[i]``; scaled by
     the integrator's ``init_noise_sigma``."""
     device = next(denoiser.parameters(), torch.empty(0)).device
     batch = len(generator) if isinstance(generator, list) else batch
     x = randn_tensor((batch, *denoiser.sample_shape), generator=generator, device=device, dtype=torch.float32)
-    return x * getattr(make_scheduler(denoiser, sampler), "init_noise_sigma", 1.0)  # FlowMatchEuler has none (its sigma_max is 1)
+    # FlowMatchEuler has none (its sigma_max is 1)
+    return x * getattr(make_scheduler(denoiser, sampler), "init_noise_sigma", 1.0)
 
 
 StepCallback = Callable[[dict], None]
@@ -249,7 +253,8 @@ def sample(
         if i > start and step != plan.steps[i - 1] and plan.on_switch == "reset":
             _reset_history(scheduler)
         t = _time_of(denoiser, scheduler, i)
-        xin = scheduler.scale_model_input(x, ts) if hasattr(scheduler, "scale_model_input") else x  # not on FlowMatchEuler
+        # not on FlowMatchEuler
+        xin = scheduler.scale_model_input(x, ts) if hasattr(scheduler, "scale_model_input") else x
         if step.mode == "uncond":
             null = denoiser.null(cond) if null is None else null
             c = null
@@ -258,7 +263,8 @@ def sample(
         if predict is not None:
             pred = predict(xin, t, step, c)
         else:
-            pred = denoiser.predict(xin, t, c, radius=step.radius, guidance=step.guidance if step.mode == "guided" else None)
+            pred = denoiser.predict(xin, t, c, radius=step.radius,
+                                    guidance=step.guidance if step.mode == "guided" else None)
         x_in, x = x, scheduler.step(pred, ts, x).prev_sample
         if callback is not None:
             callback({"i": i, "t": t, "timestep": ts, "x_in": x_in, "x": x, "prediction": pred, "step": step})

@@ -59,7 +59,8 @@ def one_at_a_time(model: Denoiser):
 
     def predict(x: torch.Tensor, t: float, step, cond: Cond) -> torch.Tensor:
         guidance = step.guidance if step.mode == "guided" else None
-        return torch.cat([model.predict(x[i : i + 1], t, cond[i : i + 1], radius=step.radius, guidance=guidance) for i in range(len(x))])
+        return torch.cat([model.predict(x[i : i + 1], t, cond[i : i + 1], radius=step.radius,
+                                        guidance=guidance) for i in range(len(x))])
 
     return predict
 
@@ -71,12 +72,14 @@ def decode(model: Denoiser, x: torch.Tensor, batch_invariant: bool = False) -> t
 
 
 @torch.no_grad()
-def sample_batch(model: Denoiser, plan: Plan, cond: Cond, batch: SeededBatch, *, batch_invariant: bool = False) -> torch.Tensor:
+def sample_batch(model: Denoiser, plan: Plan, cond: Cond, batch: SeededBatch, *,
+                 batch_invariant: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1], on the CPU, of the batch's samples under ``plan``; ``cond`` holds the batch's rows.
     ``batch_invariant``: the network and the decoder see one sample at a time (bitwise the same for any batch size)."""
     if len(cond) != len(batch):
         raise ValueError(f"Conditioning has {len(cond)} rows for a batch of {len(batch)} samples.")
-    x = sample(model, plan, cond, generator=batch.generators(), predict=one_at_a_time(model) if batch_invariant else None)
+    x = sample(model, plan, cond, generator=batch.generators(),
+               predict=one_at_a_time(model) if batch_invariant else None)
     return decode(model, x, batch_invariant)
 
 

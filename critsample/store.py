@@ -140,7 +140,8 @@ def model_fingerprint(model: torch.nn.Module, name: str = "") -> str:
     cache = cache_key = digest = None
     if files is not None and files["tensors"] == _tensor_identity(tensors):
         cache = _DigestCache()
-        cache_key = stable_hash({"files": files["digest"], "layout": [[k, list(v.shape), str(v.dtype)] for k, v in tensors.items()]})
+        cache_key = stable_hash({"files": files["digest"],
+                                 "layout": [[k, list(v.shape), str(v.dtype)] for k, v in tensors.items()]})
         digest = cache.weights.get(cache_key)
     if not isinstance(digest, str):
         digest = weights_digest(tensors)
@@ -181,7 +182,8 @@ def record_weight_files(model: torch.nn.Module, folder: str | Path) -> None:
     ``folder`` (its top level and its parts' subfolders), as loaded now, for :func:`model_fingerprint`. Call it at the
     end of a load, after any ``.to(device)``."""
     folder = Path(folder)
-    files = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.suffix in (".safetensors", ".json") and p.is_file())
+    files = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.suffix in (".safetensors",
+                                                                                       ".json") and p.is_file())
     if not any(p.suffix == ".safetensors" for p in files):
         return
     cache = _DigestCache()
@@ -189,7 +191,8 @@ def record_weight_files(model: torch.nn.Module, folder: str | Path) -> None:
     for p in files:
         h.update(f"{p.relative_to(folder).as_posix()}:{cache.digest(p)};".encode())
     cache.save()
-    model._critsample_weight_files = {"digest": h.hexdigest(), "tensors": _tensor_identity(model.state_dict(keep_vars=True))}
+    model._critsample_weight_files = {"digest": h.hexdigest(),
+                                      "tensors": _tensor_identity(model.state_dict(keep_vars=True))}
 
 
 class _DigestCache:
@@ -211,7 +214,8 @@ class _DigestCache:
 
     def digest(self, path: Path) -> str:
         real = path.resolve()
-        if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):  # a Hugging Face cache blob: its sha256
+        # a Hugging Face cache blob: its sha256
+        if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
             return real.name
         st = real.stat()
         entry = self.files.get(str(real))
@@ -308,7 +312,8 @@ class Store:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         data = buf.getvalue()
-        meta = json.dumps({"key": unit.key, "probe": unit.probe, "params": unit.params, "model": self.model_id, "seed": self.seed,
+        meta = json.dumps({"key": unit.key, "probe": unit.probe, "params": unit.params, "model": self.model_id,
+                           "seed": self.seed,
                            "sha256": hashlib.sha256(data).hexdigest()}, default=_jsonable, indent=1)
         atomic_write(path.with_suffix(".json"), meta)
         atomic_write(path, data)
@@ -318,7 +323,8 @@ class Store:
         self.path(unit).unlink(missing_ok=True)
         self.path(unit).with_suffix(".json").unlink(missing_ok=True)
 
-    def get_or_compute(self, unit: Unit, compute: Callable[[torch.Generator], dict], device="cpu") -> dict[str, np.ndarray]:
+    def get_or_compute(self, unit: Unit, compute: Callable[[torch.Generator], dict], device="cpu") -> dict[str,
+                                                                                                           np.ndarray]:
         """The stored result of ``unit``, or ``compute(unit_generator(key))`` stored and returned. A corrupt stored
         unit is reported (one warning line naming the file) and computed again."""
         if self.has(unit):
@@ -384,7 +390,8 @@ class Ranks:
             return store.computed, store.loaded
         folder = store.root / "units"
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / f".counts-rank{self.rank}.json", json.dumps({"computed": store.computed, "loaded": store.loaded}))
+        atomic_write(folder / f".counts-rank{self.rank}.json",
+                     json.dumps({"computed": store.computed, "loaded": store.loaded}))
         self.barrier()
         if not self.is_main:
             return store.computed, store.loaded

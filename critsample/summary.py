@@ -111,7 +111,8 @@ def certified_plan(summary: dict) -> dict | None:
     p = summary.get("plan")
     if p is None:
         return None
-    if not isinstance(p, dict) or not isinstance(p.get("plan"), dict) or not isinstance(p["plan"].get("steps"), list) or not p["plan"]["steps"]:
+    if not isinstance(p, dict) or not isinstance(p.get("plan"), dict) or not isinstance(p["plan"].get("steps"),
+                                                                                        list) or not p["plan"]["steps"]:
         raise UserError("The summary's 'plan' is not a certified plan (an object whose 'plan' has 'steps'); run `critsample tune` again "
                         "or remove it.")
     return p

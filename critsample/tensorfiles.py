@@ -73,7 +73,8 @@ def check_samples(x, path, option: str = "--data", kind: str = "latents") -> tor
     space); a warning line when latents look out of the model's range. Read in chunks (a memory-mapped file stays so)."""
     name = f"{option} {path}"
     x = torch.as_tensor(x) if not isinstance(x, np.ndarray) or x.dtype.kind in "biuf" else None
-    if x is None or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+    if x is None or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                              torch.int64)):
         raise UserError(f"{name} holds {kind} that are not numbers; store a float array or tensor.")
     if x.ndim < 2 or x.shape[0] == 0:
         raise UserError(f"{name} holds {x.shape[0] if x.ndim else 0} samples ({kind} of shape {tuple(x.shape)}); store (N, C, H, W) with N >= 1.")

@@ -43,11 +43,13 @@ def start(out: str | Path, *, name: str, config: dict, job_type: str, project: s
 
     out = Path(out)
     (out / "wandb").mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, name=name, job_type=job_type, dir=str(out), config=config, reinit="finish_previous")
+    return wandb.init(project=project, name=name, job_type=job_type, dir=str(out), config=config,
+                      reinit="finish_previous")
 
 
 @guarded
-def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curves: dict[str, dict], config: dict) -> str | None:
+def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curves: dict[str, dict],
+               config: dict) -> str | None:
     """Log a detection: the config, every curve as a table and a line plot, figures (heatmaps, scans, strips) as
     images, the window table and the summary scalars. Returns the run's local folder."""
     import wandb
@@ -56,22 +58,27 @@ def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curv
     try:
         payload = {}
         for name, c in curves.items():  # c = {"x": [...], "x_label": str, "series": {label: (mean, err)}}
-            rows = [[float(x), label, float(m), float(e)] for label, (mean, err) in c["series"].items() for x, m, e in zip(c["x"], mean, err)]
+            rows = [[float(x), label, float(m), float(e)] for label, (mean, err) in c["series"].items() for x, m,
+                    e in zip(c["x"], mean, err)]
             table = wandb.Table(columns=[c.get("x_label", "t"), "series", "mean", "err"], data=rows)
             payload[f"tables/{name}"] = table
             for label, (mean, _) in c["series"].items():
-                t = wandb.Table(columns=[c.get("x_label", "t"), "mean"], data=[[float(x), float(m)] for x, m in zip(c["x"], mean)])
-                payload[f"curves/{name}/{label}"] = wandb.plot.line(t, c.get("x_label", "t"), "mean", title=f"{name} {label}")
+                t = wandb.Table(columns=[c.get("x_label", "t"), "mean"],
+                                data=[[float(x), float(m)] for x, m in zip(c["x"], mean)])
+                payload[f"curves/{name}/{label}"] = wandb.plot.line(t, c.get("x_label", "t"), "mean",
+                                                                    title=f"{name} {label}")
         for name, path in figures.items():
             if path is not None and Path(path).exists():
                 payload[f"figures/{name}"] = wandb.Image(str(path))
         cols = ["probe", "family", "t_start", "t_end", "center", "uncertainty", "log_snr_start", "log_snr_end", "valid"]
-        payload["windows"] = wandb.Table(columns=cols, data=[[w.get(k) for k in cols] for w in summary.get("windows", {}).values()])
+        payload["windows"] = wandb.Table(columns=cols,
+                                         data=[[w.get(k) for k in cols] for w in summary.get("windows", {}).values()])
         run.log(payload)
         cw = summary.get("critical_window") or {}
         run.summary.update({f"critical_window/{k}": v for k, v in cw.items() if isinstance(v, (int, float))})
         for pair, v in (summary.get("concurrence") or {}).items():
-            run.summary.update({f"concurrence/{pair}/{k}": v[k] for k in ("overlap_fraction", "distance_in_sigma", "concurrent") if k in v})
+            run.summary.update({f"concurrence/{pair}/{k}": v[k] for k in ("overlap_fraction", "distance_in_sigma",
+                                                                          "concurrent") if k in v})
         return str(Path(run.dir).parent)
     finally:
         run.finish()

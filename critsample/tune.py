@@ -93,11 +93,13 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
         Tolerance(self.accuracy_tolerance, self.fd_tolerance)
 
 
-def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None, progress: bool = False) -> dict:
+def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None,
+        progress: bool = False) -> dict:
     """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
     cfg.validate()  # a config may be changed after construction
     out = check_writable(cfg.out)
-    model = model if model is not None else load(cfg.model, device=device or "cpu", trust_pickled_weights=cfg.trust_pickled_weights)
+    model = model if model is not None else load(cfg.model, device=device or "cpu",
+                                                 trust_pickled_weights=cfg.trust_pickled_weights)
     summary = summary_io.read(cfg.summary, model.name, require_window=False)
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
     grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval)
@@ -108,17 +110,22 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
         raise UserError(f"--shifts {cfg.shifts} and --scales {cfg.scales} leave no plan to certify around the guidance window {window} "
                         "(every window moves outside [0, 1] or covers it whole, i.e. full guidance); use shifts within +-1 and smaller scales.")
     store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
-    result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot, store=store,
-                                    tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance), batch_size=cfg.batch_size, measure=cfg.measure,
+    result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot,
+                                    store=store,
+                                    tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance),
+                                    batch_size=cfg.batch_size, measure=cfg.measure,
                                     on_plan=on_plan, progress=progress)
     record = result.to_dict()
     windows = {k: v and {"t": list(v[0]), "source": v[1]} for k, v in summary_windows(summary).items()}
     record["setup"].update(guidance=w, sampler=cfg.sampler, windows=windows,
-                           grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside, "interval": cfg.interval,
+                           grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside,
+                                 "interval": cfg.interval,
                                  "measure": cfg.measure},
                            units_computed_this_run=store.computed, units_loaded=store.loaded)
     atomic_write(out / "frontier.json", json.dumps(summary_io.jsonable(record), indent=1))
     plot_frontier(summary_io.jsonable(record), out / "frontier.png")
     summary_path = Path(cfg.summary)
-    summary_io.write_plan(summary_path, {**{k: v for k, v in record.items() if k != "candidates"}, "frontier": str(out / "frontier.json")})
+    summary_io.write_plan(summary_path,
+                          {**{k: v for k, v in record.items() if k != "candidates"},
+                           "frontier": str(out / "frontier.json")})
     return record

@@ -38,7 +38,8 @@ def test_flex_matches_masked_and_naive(h, w, r, num_extra, b, heads, d, dv, seed
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, h, w, r, num_extra), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("h,w,r,num_extra", [(12, 12, 1, 0), (12, 12, 2, 5), (16, 9, 0, 3), (9, 20, 2, 0), (24, 24, 2, 7)])
+@pytest.mark.parametrize("h,w,r,num_extra",
+                         [(12, 12, 1, 0), (12, 12, 2, 5), (16, 9, 0, 3), (9, 20, 2, 0), (24, 24, 2, 7)])
 def test_flex_multi_block_grids(h, w, r, num_extra):
     """Grids of several 128-token blocks (square and not, blocks straddling rows and the text), radii 0, 1, 2."""
     q, k, v = qkv(2, 2, h * w + num_extra, 8, seed=h * w)
@@ -59,7 +60,8 @@ def test_flex_per_row_radii(radii):
     h, w, num_extra = 12, 11, 2
     q, k, v = qkv(4, 2, h * w + num_extra, 6, seed=7)
     out = local_attention(q, k, v, (h, w), radii, num_extra, impl="flex")
-    torch.testing.assert_close(out, local_attention(q, k, v, (h, w), radii, num_extra, impl="masked"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, local_attention(q, k, v, (h, w), radii, num_extra, impl="masked"), atol=1e-5,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("h,w,r,num_extra", [(12, 12, 1, 0), (11, 13, 2, 4), (6, 5, 1, 2), (8, 8, 0, 3)])
@@ -94,7 +96,8 @@ def block_level(mask, num_blocks, indices, nq: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("h,w,r,num_extra", [(32, 32, 2, 0), (24, 20, 3, 5), (16, 16, 1, 0), (12, 30, 0, 130), (8, 64, 1, 3)])
+@pytest.mark.parametrize("h,w,r,num_extra",
+                         [(32, 32, 2, 0), (24, 20, 3, 5), (16, 16, 1, 0), (12, 30, 0, 130), (8, 64, 1, 3)])
 def test_block_mask_skips_exactly_the_empty_blocks(h, w, r, num_extra):
     """What the compiled kernels rely on: a listed partial block holds a window pair, a listed full block holds only
     window pairs, and every block holding a window pair is listed (kv order; the backward's q order likewise)."""
@@ -103,7 +106,8 @@ def test_block_mask_skips_exactly_the_empty_blocks(h, w, r, num_extra):
     nb = -(-L // B)
     mask = F.pad(window_mask(h, w, r, num_extra), (0, nb * B - L, 0, nb * B - L))
     blocks = mask.view(nb, B, nb, B).permute(0, 2, 1, 3)  # (q block, kv block, B, B)
-    valid = F.pad(torch.ones(L, L, dtype=torch.bool), (0, nb * B - L, 0, nb * B - L)).view(nb, B, nb, B).permute(0, 2, 1, 3)
+    valid = F.pad(torch.ones(L, L, dtype=torch.bool), (0, nb * B - L, 0, nb * B - L)).view(nb, B, nb, B).permute(0, 2,
+                                                                                                                 1, 3)
     any_pair, all_pairs = blocks.any((-1, -2)), (blocks | ~valid).all((-1, -2))
     partial = block_level(bm, bm.kv_num_blocks, bm.kv_indices, nb)
     full = block_level(bm, bm.full_kv_num_blocks, bm.full_kv_indices, nb)

@@ -50,7 +50,8 @@ def _small_detect(out, **kw) -> DetectConfig:
     return cfg
 
 
-DETECT = ["detect", "--model", "dit-digits", "--preset", "fast", "--probes", "cond_gap", "--gaps.steps", "4", "--gaps.samples", "2",
+DETECT = ["detect", "--model", "dit-digits", "--preset", "fast", "--probes", "cond_gap", "--gaps.steps", "4",
+          "--gaps.samples", "2",
           "--gaps.batch", "1", "--gaps.radii", "[1]"]
 
 
@@ -89,7 +90,8 @@ def _killed_after_step_3(monkeypatch):
     return real
 
 
-@pytest.mark.parametrize("other", [{"classes": [5]}, {"steps": 8}, {"guidance": 2.0}, {"interval": "0.2:0.6"}, {"seed": 4}])
+@pytest.mark.parametrize("other",
+                         [{"classes": [5]}, {"steps": 8}, {"guidance": 2.0}, {"interval": "0.2:0.6"}, {"seed": 4}])
 def test_a_mid_batch_checkpoint_is_never_resumed_by_another_command(digits, tmp_path, monkeypatch, other):
     """`sample --class 3 --steps 6` killed mid-batch, then another command in the same --out (another class, steps,
     guidance, plan, seed): it samples from the start and equals a fresh run bitwise; the first command still resumes."""
@@ -105,7 +107,8 @@ def test_a_mid_batch_checkpoint_is_never_resumed_by_another_command(digits, tmp_
     resumed = generate.run(SampleConfig(**b, out=str(tmp_path / "ck")), digits)
     fresh = generate.run(SampleConfig(**b, out=str(tmp_path / "fresh")), digits)
     assert resumed["cost"]["model_evaluations_this_run"] == fresh["cost"]["model_evaluations"]  # nothing of A reused
-    np.testing.assert_array_equal(np.load(tmp_path / "ck" / "samples.npz")["images"], np.load(tmp_path / "fresh" / "samples.npz")["images"])
+    np.testing.assert_array_equal(np.load(tmp_path / "ck" / "samples.npz")["images"],
+                                  np.load(tmp_path / "fresh" / "samples.npz")["images"])
 
     again = generate.run(SampleConfig(**a, out=str(tmp_path / "ck")), digits)  # A's own checkpoint is still its own
     plan = generate.build_plan(SampleConfig(**a, out=str(tmp_path)), digits)
@@ -127,7 +130,8 @@ def test_atomic_write_keeps_the_old_file_on_a_full_disk_or_an_error_mid_write(tm
     with pytest.raises(RuntimeError):
         store.atomic_write(path, half_then_fail)
     failed = _fail_writes_of(monkeypatch, "kept.json")
-    with pytest.raises(store.WriteError, match=f"Could not write {path} \\(No space left on device\\); the work finished so far is kept"):
+    with pytest.raises(store.WriteError,
+                       match=f"Could not write {path} \\(No space left on device\\); the work finished so far is kept"):
         store.atomic_write(path, '{"new": 2}' * 1000)
     assert failed and path.read_text() == '{"old": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no temporary file left behind
@@ -135,7 +139,8 @@ def test_atomic_write_keeps_the_old_file_on_a_full_disk_or_an_error_mid_write(tm
 
 def test_tune_writing_its_plan_on_a_full_disk_keeps_the_summary(tmp_path, monkeypatch, capsys):
     path = tmp_path / "summary.json"
-    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "big": list(range(20000))}, path)
+    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "big": list(range(20000))},
+                  path)
     before = path.read_bytes()
     _fail_writes_of(monkeypatch, "summary.json")
     with pytest.raises(store.WriteError, match=f"Could not write {path}"):
@@ -147,10 +152,12 @@ def test_tune_on_a_full_disk_is_one_sentence_and_keeps_the_summary(tmp_path, mon
     """`critsample tune` writing its plan into summary.json on a full disk: exit 2, one sentence naming the file; the
     summary is byte for byte the one before (it used to be cut at the point the disk filled)."""
     path = tmp_path / "summary.json"
-    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1}, path)
+    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1},
+                  path)
     before = path.read_bytes()
     failed = _fail_writes_of(monkeypatch, "summary.json")
-    argv = ["tune", "--summary", str(path), "--num", "4", "--steps", "2", "--n_boot", "2", "--shifts", "0", "--scales", "1",
+    argv = ["tune", "--summary", str(path), "--num", "4", "--steps", "2", "--n_boot", "2", "--shifts", "0", "--scales",
+            "1",
             "--outside", "local-uncond", "--out", str(tmp_path / "tune")]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()  # tune's progress lines, then the error
@@ -187,16 +194,20 @@ def test_no_file_is_written_in_place_in_critsample():
         if path.name == "store.py":
             continue
         tree = ast.parse(path.read_text())
-        allowed = {id(n) for call in ast.walk(tree) if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("atomic_write")
+        allowed = {id(n) for call in ast.walk(tree) if isinstance(
+            call, ast.Call) and ast.unparse(call.func).endswith("atomic_write")
                    for arg in call.args for n in ast.walk(arg)}
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call) or id(node) in allowed:
                 continue
             name = ast.unparse(node.func)
             last = name.rsplit(".", 1)[-1]
-            opens_for_writing = last == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
-                                                       for a in [*node.args[1:], *(k.value for k in node.keywords if k.arg == "mode")])
-            if (last in writers and name not in ("json.dumps", "yaml.safe_dump")) or name == "torch.save" or opens_for_writing:
+            opens_for_writing = last == "open" and any(isinstance(a, ast.Constant) and isinstance(
+                a.value, str) and set(a.value) & set("wax")
+                                                       for a in [*node.args[1:],
+                                                                 *(k.value for k in node.keywords if k.arg == "mode")])
+            if (last in writers and name not in ("json.dumps",
+                                                 "yaml.safe_dump")) or name == "torch.save" or opens_for_writing:
                 offenders.append(f"{path.relative_to(root)}:{node.lineno} {name}")
     assert not offenders, offenders
 
@@ -292,9 +303,11 @@ def test_changed_weights_recompute_sample_detect_and_tune_units(digits, tmp_path
     from critsample import tune
 
     ids = []
-    monkeypatch.setattr(tune, "certify", lambda *a, store, **kw: ids.append(store.model_id) or (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(tune, "certify", lambda *a, store,
+                        **kw: ids.append(store.model_id) or (_ for _ in ()).throw(KeyboardInterrupt))
     path = tmp_path / "summary.json"
-    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1}, path)
+    summary.write({"model": "dit-digits", "critical_window": {"t_start": 0.2, "t_end": 0.5}, "suggested_radius": 1},
+                  path)
     for model in (digits, other):
         with pytest.raises(KeyboardInterrupt):
             tune.run(tune.TuneConfig(summary=str(path), num=2, steps=2, out=str(tmp_path / "t")), model)
@@ -315,17 +328,20 @@ BAD_DATA = {
     "nan": ("x.npz", _latents(value=np.nan), "has 1 NaN or infinite value among its 192 latents values"),
     "inf": ("x.pt", {"images": torch.full((2, 1, 8, 8), float("inf"))}, "has 128 NaN or infinite values"),
     "1000x": ("x.npz", {"latents": _latents()["latents"] * 1000}, "far outside the model's range"),
-    "0..255": ("x.npz", {"images": np.full((2, 1, 8, 8), 255.0, np.float32)}, "images must be in [0, 1]; divide by 255"),
+    "0..255": ("x.npz", {"images": np.full((2, 1, 8, 8), 255.0, np.float32)},
+               "images must be in [0, 1]; divide by 255"),
     "text": ("x.pt", "not a tensor file at all\n", "is not a tensor file written by torch.save"),
     "text-npz": ("x.npz", "not a zip\n", "is not a .npz file"),
-    "labels": ("x.npz", _latents(labels=np.array([0, 10, 3])), "has 1 label outside the classes (e.g. 10); labels must be in 0..9"),
+    "labels": ("x.npz", _latents(labels=np.array([0, 10, 3])),
+               "has 1 label outside the classes (e.g. 10); labels must be in 0..9"),
     "negative-labels": ("x.npz", _latents(labels=np.array([0, -1, 3])), "labels must be in 0..9"),
     "string-labels": ("x.npz", _latents(labels=np.array(["a", "b", "c"])), "has labels of type <U1"),
     "fraction-labels": ("x.npz", _latents(labels=np.array([0.5, 1, 2])), "has labels of type float64"),
     "few-labels": ("x.npz", _latents(labels=np.array([1])), "has 1 labels for 3 samples"),
     "zero": ("x.npz", {"latents": np.zeros((0, 1, 8, 8), np.float32)}, "holds 0 samples"),
     "extension": ("x.txt", "1 2 3\n", "has the unknown extension '.txt'"),
-    "no-latents": ("x.npz", {"pixels": np.zeros((2, 1, 8, 8), np.float32)}, "has neither 'latents' nor 'images' (it has 'pixels')"),
+    "no-latents": ("x.npz", {"pixels": np.zeros((2, 1, 8, 8), np.float32)},
+                   "has neither 'latents' nor 'images' (it has 'pixels')"),
     "not-a-folder": ("missing", None, "does not exist"),
 }
 
@@ -366,8 +382,10 @@ def test_latents_somewhat_out_of_range_are_a_warning(caplog):
 def test_bad_fine_tuning_latents_are_one_sentence_and_exit_2(dit_folder, tmp_path, capsys, blob, needle):
     path = tmp_path / "latents.pt"
     torch.save(blob, path)
-    argv = ["fit", "--config", "configs/fit/dit-xl-latents.yaml", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path / "run"),
+    argv = ["fit", "--config", "configs/fit/dit-xl-latents.yaml", "--trainer.accelerator", "cpu", "--trainer.precision",
+            "32-true",
+            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir",
+            str(tmp_path / "run"),
             "--model.init_from", str(dit_folder), "--model.export_dir", str(tmp_path / "export"),
             "--data.path", str(path), "--data.num_workers", "0", "--ckpt_path", "null"]
     assert main(argv) == 2
@@ -459,5 +477,6 @@ def test_a_failing_wandb_is_a_warning_after_the_results_are_written(tmp_path, mo
         assert main(argv) == 0
     said = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
     assert len(said) == 1 and "W&B logging failed (PermissionError" in said[0] and f"the results are written under {out}" in said[0], said
-    for name in (["summary.json", "report.md", "config.yaml"] if command == "detect" else ["samples.npz", "run.json", "grid.png"]):
+    for name in (["summary.json", "report.md", "config.yaml"] if command == "detect" else ["samples.npz", "run.json",
+                                                                                           "grid.png"]):
         assert (out / name).stat().st_size > 0

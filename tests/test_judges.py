@@ -35,7 +35,8 @@ def test_digits_judge_scores_are_the_classifier_and_its_fd(judge, images):
     pred = judge.classifier.predict_logits(x).argmax(1)
     assert np.array_equal(s.rows, (pred == y).double().numpy()) and np.array_equal(s.predicted, pred.numpy())
     assert s.rows.mean() > 0.9 and s.features.shape == (40, 64) and s.features.dtype == torch.float64
-    assert judge.fd(s.features) == metrics.frechet_distance(metrics.extract_features(metrics.digits_real("test"), judge.features), s.features)
+    assert judge.fd(s.features) == metrics.frechet_distance(metrics.extract_features(metrics.digits_real("test"),
+                                                                                     judge.features), s.features)
 
 
 def test_fd_bars_are_those_of_the_metrics(judge, images):
@@ -68,5 +69,6 @@ def test_no_module_reaches_into_the_private_fid_metric():
     for path in (ROOT / "critsample").rglob("*.py"):
         if path.name == "metrics.py":
             continue
-        names = {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) for a in n.names}
+        names = {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n,
+                                                                                     ast.ImportFrom) for a in n.names}
         assert "_fid_metric" not in names, path

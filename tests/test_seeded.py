@@ -44,8 +44,10 @@ def test_generate_certify_evaluate_and_the_race_draw_the_same_samples(digits):
     plan = plans.full_guidance(digits, STEPS, 2.0)
     labels = torch.arange(5) % digits.num_classes
     ref = sample_images(digits, plan, labels, seed=3, batch_size=2).images
-    assert torch.allclose(certify.paired_samples(digits, plan, 5, seed=3, batch_size=5)["images"], ref, atol=1e-5, rtol=0)
-    assert torch.allclose(evaluate.generate(digits, plan, labels, seed=3, batch_size=3, progress=False).images, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(certify.paired_samples(digits, plan, 5, seed=3, batch_size=5)["images"], ref, atol=1e-5,
+                          rtol=0)
+    assert torch.allclose(evaluate.generate(digits, plan, labels, seed=3, batch_size=3, progress=False).images, ref,
+                          atol=1e-5, rtol=0)
     race = torch.cat([sample_batch(digits, plan, labels[b.lo : b.hi], b) for b in seeded_batches(5, 2, 3)])
     assert torch.equal(race, ref)
     with pytest.raises(ValueError):

@@ -60,12 +60,14 @@ def _detect(folder, tmp_path, *extra):
 
 def _summary(tmp_path, t0=0.3, t1=0.6) -> Path:
     path = tmp_path / "summary.json"
-    path.write_text(json.dumps({"model": "dit-digits", "critical_window": {"t_start": t0, "t_end": t1}, "suggested_radius": 2}))
+    path.write_text(json.dumps({"model": "dit-digits", "critical_window": {"t_start": t0, "t_end": t1},
+                                "suggested_radius": 2}))
     return path
 
 
 def _tune(tmp_path, *extra):
-    return ["tune", "--summary", str(_summary(tmp_path)), "--num", "2", "--n_boot", "2", "--steps", "2", "--out", str(tmp_path / "t"), *extra]
+    return ["tune", "--summary", str(_summary(tmp_path)), "--num", "2", "--n_boot", "2", "--steps", "2", "--out",
+            str(tmp_path / "t"), *extra]
 
 
 # -- detect checks what sample checks --------------------------------------------------------------------------------
@@ -101,7 +103,8 @@ def test_numpy_seeds_keep_non_negative_seeds_and_separate_negative_ones():
 
 def test_list_options_take_negative_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main([*_tune(tmp_path, "--shifts", "-0.25", "0", "--scales", "0.5", "1", "--radii", "1", "2"), "--print_config"])
+        main([*_tune(tmp_path, "--shifts", "-0.25", "0", "--scales", "0.5", "1", "--radii", "1", "2"),
+              "--print_config"])
     assert e.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["shifts"] == [-0.25, 0.0] and cfg["scales"] == [0.5, 1.0] and cfg["radii"] == [1, 2]
@@ -184,7 +187,9 @@ def test_a_folder_whose_config_does_not_match_its_weights(folder, tmp_path, caps
     assert str(bad / "transformer") in err and "do not match" in err
 
 
-@pytest.mark.parametrize("part", ["transformer/config.json", "critsample.json", "scheduler/scheduler_config.json", "model_index.json"])
+@pytest.mark.parametrize("part",
+                         ["transformer/config.json", "critsample.json", "scheduler/scheduler_config.json",
+                          "model_index.json"])
 def test_a_config_file_that_is_not_json(folder, tmp_path, capsys, part):
     bad = tmp_path / "bad"
     (bad / "transformer").mkdir(parents=True)
@@ -206,7 +211,8 @@ def test_an_empty_model_name_says_so(tmp_path, capsys, no_load):
 
 
 def test_generated_forward_backward_with_no_gap_trajectories(folder, tmp_path, capsys):
-    assert main(_detect(folder, tmp_path, "--fb.source", "generated", "--gaps.trajectories", "--probes", "cond_gap", "forward_backward")) == 2
+    assert main(_detect(folder, tmp_path, "--fb.source", "generated", "--gaps.trajectories", "--probes", "cond_gap",
+                        "forward_backward")) == 2
     assert one_sentence(capsys).startswith("--gaps.trajectories is empty")
 
 
@@ -214,7 +220,8 @@ def test_generated_forward_backward_with_no_gap_trajectories(folder, tmp_path, c
 
 
 def test_oracles_print_no_nan_flops(tmp_path, capsys):
-    assert main(["sample", "--model", "gmm-mixture", "--num", "2", "--steps", "2", "--no-wandb", "--out", str(tmp_path / "o")]) == 0
+    assert main(["sample", "--model", "gmm-mixture", "--num", "2", "--steps", "2", "--no-wandb", "--out",
+                 str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "nan GFLOPs" not in out and "analytic model: no transformer FLOPs" in out
 
@@ -271,7 +278,8 @@ def test_fit_user_errors_are_one_sentence(tmp_path, capsys, monkeypatch, args, n
     (tmp_path / "a-file").write_text("not a folder")
     readonly = tmp_path / "readonly"
     readonly.mkdir()
-    names = {"MISSING": str(tmp_path / "missing.ckpt"), "PICKLED": str(_pickled_ckpt(tmp_path)), "FILE": str(tmp_path / "a-file"),
+    names = {"MISSING": str(tmp_path / "missing.ckpt"), "PICKLED": str(_pickled_ckpt(tmp_path)),
+             "FILE": str(tmp_path / "a-file"),
              "READONLY": str(readonly / "export")}
     if "READONLY" in args:
         import tempfile

@@ -72,7 +72,8 @@ def expand_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
     return out
 
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "NoneType": "nothing (null)", "str": "text", "bool": "true or false",
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "NoneType": "nothing (null)", "str": "text",
+               "bool": "true or false",
                "list": "a list"}
 
 

@@ -44,7 +44,8 @@ def parser(preset: str = "fast") -> ArgumentParser:
         prog="critsample detect", exit_on_error=False,
         description=__doc__.splitlines()[0] + " Flags: --dry-run, --no-wandb, --class N. Presets fill every size not given.",
     )
-    p.add_argument("--config", action=ActionConfigFile, help="YAML of these options (configs/detect/*.yaml; make one with --print_config).")
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="YAML of these options (configs/detect/*.yaml; make one with --print_config).")
     p.add_class_arguments(DetectConfig, None, as_group=False)
     p.set_defaults({f"{sec}.{k}": v for sec, d in PRESETS[preset].items() for k, v in d.items()})
     p.set_defaults({"preset": preset})
@@ -53,7 +54,8 @@ def parser(preset: str = "fast") -> ArgumentParser:
 
 def parse_config(argv: list[str]) -> DetectConfig:
     """The config of a ``critsample detect`` command line (presets fill every size not given)."""
-    return _parse(argv, DetectConfig, lambda argv: parser(_preset_of(argv)), flags=("dry_run", "wandb", "windows.complement", "trust_pickled_weights"),
+    return _parse(argv, DetectConfig, lambda argv: parser(_preset_of(argv)),
+                  flags=("dry_run", "wandb", "windows.complement", "trust_pickled_weights"),
                   aliases={"--class": "--class_id"}, lists=LIST_OPTIONS)
 
 
@@ -61,7 +63,8 @@ class _Bar:
     """A rich progress bar over model evaluations (only on a terminal)."""
 
     def __init__(self):
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(),
                             disable=not sys.stderr.isatty(), transient=True)
 
     def __enter__(self):
@@ -75,7 +78,8 @@ class _Bar:
         self.task = self.bar.add_task(description, total=total_forwards)
 
     def advance(self, unit, computed: bool) -> None:
-        self.bar.update(self.task, advance=unit.forwards, description=f"{unit.probe} {'computed' if computed else 'stored'}")
+        self.bar.update(self.task, advance=unit.forwards,
+                        description=f"{unit.probe} {'computed' if computed else 'stored'}")
 
 
 def _fmt_s(s: float) -> str:
@@ -87,10 +91,12 @@ def print_estimate(est: dict, cfg: DetectConfig, name: str, file=None) -> None:
     print(f"critsample detect --dry-run: {name}, preset {cfg.preset}, probes {', '.join(cfg.probes)}", file=file)
     for probe, d in est["probes"].items():
         print(f"  {probe:18s} {d['units']:5d} units  {d['evaluations']:9d} model evaluations "
-              f"({d['local_evaluations']} local)  {d['stored_units']} units stored  ~{_fmt_s(d['estimated_seconds'])}", file=file)
+              f"({d['local_evaluations']} local)  {d['stored_units']} units stored  ~{_fmt_s(d['estimated_seconds'])}",
+              file=file)
     if "strict_forwards_per_local_row" in est:
         per = ", ".join(f"r={r}: {n}" for r, n in est["strict_forwards_per_local_row"].items())
-        print(f"  --locality {cfg.locality}: a strictly local row costs one forward per copy ({per}); counted above", file=file)
+        print(f"  --locality {cfg.locality}: a strictly local row costs one forward per copy ({per}); counted above",
+              file=file)
     spe = est["seconds_per_evaluation"]
     print(f"  total: {est['evaluations']} model evaluations, {est['remaining_evaluations']} still to run; "
           f"{1 / spe['global']:.0f} global / {1 / spe['local']:.0f} local evaluations per second "
@@ -104,7 +110,8 @@ def _fabric(cfg: DetectConfig) -> Fabric | None:
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else cfg.devices
     accelerator = "cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    fabric = Fabric(accelerator=accelerator, devices=local, num_nodes=max(1, world // local) if world > 1 else 1, strategy="ddp")
+    fabric = Fabric(accelerator=accelerator, devices=local, num_nodes=max(1, world // local) if world > 1 else 1,
+                    strategy="ddp")
     fabric.launch()
     return fabric
 

@@ -57,10 +57,12 @@ def check_trainer(cfg) -> None:
         path = Path(str(ckpt)).expanduser()
         if not path.is_file():
             raise UserError(f"--ckpt_path {ckpt} does not exist or is not a file; give a checkpoint written by `critsample fit`, or last.")
-        try:  # tensors only: a pickled object in a checkpoint could run code when loaded (mmap: no second copy in memory)
+        # tensors only: a pickled object in a checkpoint could run code when loaded (mmap: no second copy in memory)
+        try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001  (any failure to read it as tensors is the same answer for the user)
-            what = "holds pickled objects besides tensors, which could run code when loaded" if isinstance(e, pickle.UnpicklingError) else "is not a readable checkpoint"
+            what = "holds pickled objects besides tensors, which could run code when loaded" if isinstance(
+                e, pickle.UnpicklingError) else "is not a readable checkpoint"
             raise UserError(f"--ckpt_path {ckpt} {what}; give a checkpoint written by `critsample fit`.") from None
 
 

@@ -19,12 +19,15 @@ def parser() -> ArgumentParser:
 
 
 def run_sample(argv: list[str]) -> int:
-    cfg = parse_config(argv, SampleConfig, parser(), flags=("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"),
-                       aliases={"--class": "--classes"}, lists=("--classes", "--prompt"), nonempty=("--classes", "--prompt"))
+    cfg = parse_config(argv, SampleConfig, parser(),
+                       flags=("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"),
+                       aliases={"--class": "--classes"}, lists=("--classes", "--prompt"),
+                       nonempty=("--classes", "--prompt"))
     record = run(cfg, device=pick_device(cfg.device), progress=True)
     c = record["cost"]
     flops = c["flops_per_sample"]
-    gflops = f"{flops['total'] / 1e9:.3g} GFLOPs/sample" if math.isfinite(flops["total"]) else flops.get("note", "no FLOPs count")
+    gflops = f"{flops['total'] / 1e9:.3g} GFLOPs/sample" if math.isfinite(flops["total"]) else flops.get(
+        "note", "no FLOPs count")
     print(f"{record['plan_description']}")
     print(
         f"wrote {record['config']['out']}: {record['config']['num']} samples, "

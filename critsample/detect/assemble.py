@@ -23,7 +23,8 @@ from .estimators import Window
 from .protocol import ProbeOutput
 
 # Pairs of one symmetry-breaking and one nonlocality window that measure the same thing two ways (concurrence).
-PAIRS = (("instantaneous", "cond_gap", "locality_gap"), ("forward_backward", "forward_backward", "forward_backward_local"),
+PAIRS = (("instantaneous", "cond_gap", "locality_gap"),
+         ("forward_backward", "forward_backward", "forward_backward_local"),
          ("windowed", "window_cond", "window_locality"))
 # With --locality both: the strictly local denoiser's nonlocality windows, tested beside the window ones (never combined
 # into the critical window, which stays the paper's truncated-attention one).
@@ -40,7 +41,8 @@ def family_windows(windows: dict[str, Window], family: str) -> list[Window]:
     return [w for name, w in windows.items() if w.family == family and not _is_strict_extra(name)]
 
 
-def strict_concurrence(windows: dict[str, Window], schedule, tolerance: float, conc: dict, w_sb: Window | None) -> Window | None:
+def strict_concurrence(windows: dict[str, Window], schedule, tolerance: float, conc: dict,
+                       w_sb: Window | None) -> Window | None:
     """With ``--locality both``: the strict pairs' tests and ``overall_strict`` into ``conc``; returns the strict
     nonlocality window (the strict windows, and the windowed scan's, which has no strict version)."""
     strict = {name: w for name, w in windows.items() if _is_strict_extra(name)}
@@ -50,14 +52,16 @@ def strict_concurrence(windows: dict[str, Window], schedule, tolerance: float, c
         if a in windows and b in windows:
             conc[pair] = estimators.concurrence(windows[a], windows[b], tolerance)
     replaced = {name[: -len("_strict")] for name in strict}
-    nl = [w for name, w in windows.items() if w.family == "nonlocality" and not _is_strict_extra(name) and name not in replaced]
+    nl = [w for name,
+          w in windows.items() if w.family == "nonlocality" and not _is_strict_extra(name) and name not in replaced]
     w_nl = estimators.combine(list(strict.values()) + nl, schedule, "nonlocality")
     if w_sb is not None and w_nl is not None:
         conc["overall_strict"] = estimators.concurrence(w_sb, w_nl, tolerance)
     return w_nl
 
 
-def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_run: list[str]) -> tuple[dict, Window | None, Window | None, Window | None]:
+def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_run: list[str]) -> tuple[
+    dict, Window | None, Window | None, Window | None]:
     """Per-pair and overall three-outcome tests (``estimators.concurrence``), the two family windows and the combined
     critical window. A pair whose probes both ran is always reported ("no window" when a side is invalid)."""
     conc = {}
@@ -92,7 +96,8 @@ def suggested_radius(det: Detection, probes: dict) -> int | None:
     return min(r for r, (e, s) in best.items() if e <= e_min + 2 * max(s, 1e-9) + 1e-12)
 
 
-def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, counts: tuple[int, int], out: Path, wall: float) -> dict:
+def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, counts: tuple[int, int], out: Path,
+                  wall: float) -> dict:
     """The summary dict (schema: docs/summary-schema.md) from the probes' outputs; ``counts`` = (computed, loaded)
     units of this run over every rank."""
     cfg, model, sch = det.cfg, det.model, det.model.schedule
@@ -110,7 +115,8 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
         "model": model.name,
         "model_id": det.model_id,
         "schedule": {
-            "kind": sch.kind, "num_train_timesteps": sch.num_train_timesteps, "beta_start": sch.beta_start, "beta_end": sch.beta_end,
+            "kind": sch.kind, "num_train_timesteps": sch.num_train_timesteps, "beta_start": sch.beta_start,
+            "beta_end": sch.beta_end,
             "beta_schedule": sch.beta_schedule, "t_convention": T_CONVENTION, "log_snr_convention": LOG_SNR_CONVENTION,
         },
         "preset": cfg.preset,
@@ -136,7 +142,8 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
             "wall_seconds_this_run": wall,
         },
         "outputs": {"report": "report.md", "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
-                    "arrays": sorted(str(p.relative_to(out)) for p in (out / "arrays").glob("*.npz")), "units": "units/"},
+                    "arrays": sorted(str(p.relative_to(out)) for p in (out / "arrays").glob("*.npz")),
+                    "units": "units/"},
     }
 
 

@@ -214,7 +214,8 @@ PRESETS: dict[str, dict] = {
     "fast": {
         "gaps": {"steps": 20, "samples": 6, "batch": 6, "trajectories": ["train", "sample_cond", "sample_uncond"]},
         "fb": {"t_min": 0.05, "t_max": 0.95, "num_t": 10, "samples": 16, "steps": 20, "batch": 16},
-        "windows": {"steps": 20, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 12, "batch": 12, "complement": False},
+        "windows": {"steps": 20, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 12, "batch": 12,
+                    "complement": False},
     },
     # App. C-like grids: 50-step trajectories, 19 noise levels in [0.05, 0.95], windows w = 0.2 scanned by 0.1 with
     # their complements, 192 clean images per noise level (forward-backward sigma <= 0.5 nats on the oracles);
@@ -222,6 +223,7 @@ PRESETS: dict[str, dict] = {
     "paper": {
         "gaps": {"steps": 50, "samples": 32, "batch": 16, "trajectories": ["train", "sample_cond", "sample_uncond"]},
         "fb": {"t_min": 0.05, "t_max": 0.95, "num_t": 19, "samples": 192, "steps": 40, "batch": 32},
-        "windows": {"steps": 25, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 48, "batch": 24, "complement": True},
+        "windows": {"steps": 25, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 48, "batch": 24,
+                    "complement": True},
     },
 }

@@ -45,7 +45,8 @@ class Detection:
         self.text = model.is_text
         self._check_model()
         self.guidance = float(cfg.guidance if cfg.guidance is not None else model.default_guidance)
-        self.gap_radii = self._radii(cfg.gaps.radii, auto_radii(self.grid, cfg.preset)) if "locality_gap" in cfg.probes else []
+        self.gap_radii = self._radii(cfg.gaps.radii,
+                                     auto_radii(self.grid, cfg.preset)) if "locality_gap" in cfg.probes else []
         self.fb_radii = self._radii(cfg.fb.radii, auto_radii(self.grid, "fast"))
         self.win_radii = self._radii(cfg.windows.radii, auto_window_radii(self.grid, cfg.preset))
         self.t0s = [round(k * cfg.windows.t0_step, 10) for k in range(int(math.ceil(1.0 / cfg.windows.t0_step - 1e-9)))]
@@ -139,5 +140,6 @@ class Detection:
 
     def resolved(self) -> dict:
         """What the defaults resolved to (written next to the config)."""
-        return {"guidance": self.guidance, "gap_radii": self.gap_radii, "fb_radii": self.fb_radii, "window_radii": self.win_radii,
+        return {"guidance": self.guidance, "gap_radii": self.gap_radii, "fb_radii": self.fb_radii,
+                "window_radii": self.win_radii,
                 "t0s": self.t0s, "fb_times": self.fb_times, "class_id": self.class_id, "model_id": self.model_id}

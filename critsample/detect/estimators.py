@@ -90,7 +90,8 @@ def _lam(schedule: Schedule, t) -> np.ndarray:
 
 
 def _t(schedule: Schedule, lam: float) -> float:
-    return float(schedule.t_from_log_snr(torch.tensor(float(lam), dtype=torch.float64))) if math.isfinite(lam) else math.nan
+    return float(schedule.t_from_log_snr(torch.tensor(float(lam),
+                                                      dtype=torch.float64))) if math.isfinite(lam) else math.nan
 
 
 def _resolution(grid: np.ndarray, x: float) -> float:
@@ -103,7 +104,8 @@ def _resolution(grid: np.ndarray, x: float) -> float:
 
 
 def _window(
-    probe: str, family: str, schedule: Schedule, lam_start: float, lam_end: float, lam_grid: np.ndarray, boot: np.ndarray,
+    probe: str, family: str, schedule: Schedule, lam_start: float, lam_end: float, lam_grid: np.ndarray,
+    boot: np.ndarray,
     *, rule: str, reason: str = "", center: float | None = None, extra: dict | None = None,
 ) -> Window:
     """A Window from log-SNR edges (and center: default their midpoint), bootstrap centers and the probed grid."""
@@ -115,12 +117,14 @@ def _window(
     return Window(
         probe, family, t_start, t_end, t_c, t_end - t_start, unc / slope if slope and slope > 0 else math.nan,
         log_snr_start=lam_start, log_snr_end=lam_end, log_snr_center=c, log_snr_width=lam_start - lam_end,
-        log_snr_uncertainty=unc, rule=rule, valid=not reason and math.isfinite(c), reason=reason or ("" if math.isfinite(c) else "no window found"),
+        log_snr_uncertainty=unc, rule=rule, valid=not reason and math.isfinite(c),
+        reason=reason or ("" if math.isfinite(c) else "no window found"),
         extra={**(extra or {}), "bootstrap_resamples": int(boot.size)},
     )
 
 
-def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, float]:
+def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray,
+                                                                                                       float]:
     """Centers of ``rule`` on ``n_boot`` resamples of the rows (NaN = no window in that resample) and the fraction valid."""
     n = rows.shape[0]
     if n < 2 or n_boot < 1:
@@ -175,7 +179,8 @@ def _peak_z(curves: np.ndarray, k: int) -> float:
 
 
 def half_max_window(
-    probe: str, family: str, t, curves, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0, min_z: float | None = None
+    probe: str, family: str, t, curves, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0,
+    min_z: float | None = None
 ) -> Window:
     """FWHM window of per-sample curves (n, T) over times ``t`` (T,) (module docstring); bootstrap over the n samples."""
     t, curves = _sorted(t, curves)
@@ -195,7 +200,8 @@ def half_max_window(
     return _window(
         probe, family, schedule, start, end, lam, boot, reason=reason or _unstable(fraction),
         rule="full width at half maximum of the sample-mean curve, edges interpolated in log-SNR; center = log-SNR midpoint",
-        extra={"peak_t": float(t[k]) if k >= 0 else None, "peak_z": z, "min_z": min_z, "bootstrap_valid_fraction": fraction},
+        extra={"peak_t": float(t[k]) if k >= 0 else None, "peak_z": z, "min_z": min_z,
+               "bootstrap_valid_fraction": fraction},
     )
 
 
@@ -227,7 +233,8 @@ def _crossing(lam: np.ndarray, y: np.ndarray, level: float) -> float:
     return float(lam[k - 1] + (level - y[k - 1]) / (y[k] - y[k - 1]) * (lam[k] - lam[k - 1]))
 
 
-def _threshold(lam: np.ndarray, e: np.ndarray, min_rise: float, chance: float | None) -> tuple[float, float, float, float, float, str]:
+def _threshold(lam: np.ndarray, e: np.ndarray, min_rise: float, chance: float | None) -> tuple[float, float, float,
+                                                                                               float, float, str]:
     fit = isotonic(e)
     floor = float(fit.min())
     plateau = float(chance) if chance is not None else float(fit.max())
@@ -339,11 +346,14 @@ def scan_minimum(
     )
 
 
-def fid_minimum(probe: str, family: str, t0s, fid, sigma, width: float, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0) -> Window:
+def fid_minimum(probe: str, family: str, t0s, fid, sigma, width: float, schedule: Schedule, *, n_boot: int = N_BOOT,
+                seed: int = 0) -> Window:
     """Argmin of FID over scan positions; spread from a parametric bootstrap fid_i + sigma_i z."""
     t0s = np.asarray(t0s, dtype=np.float64)
     order = np.argsort(t0s)
-    t0s, fid, sigma = t0s[order], np.asarray(fid, dtype=np.float64)[order], np.nan_to_num(np.asarray(sigma, dtype=np.float64))[order]
+    t0s, fid, sigma = t0s[order], np.asarray(fid,
+                                             dtype=np.float64)[order], np.nan_to_num(np.asarray(
+                                                 sigma, dtype=np.float64))[order]
     lam_start, lam_end, lam_mid = scan_positions(schedule, t0s, width)
     c, k = _extremum(lam_mid, fid, 1.0)
     rng = np.random.default_rng(numpy_seed(seed))
@@ -391,8 +401,10 @@ def _interval(w: Window) -> tuple[float, float]:
 def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> dict:
     """The three-outcome concurrence test of a symmetry-breaking window ``a`` and a nonlocality window ``b`` with
     tolerance ``tolerance`` nats (module docstring); "no window" when either is missing or invalid."""
-    names = {"symmetry_breaking": a.probe if a else None, "nonlocality": b.probe if b else None, "tolerance_log_snr": tolerance}
-    missing = [w.probe if w else side for w, side in ((a, "symmetry_breaking"), (b, "nonlocality")) if w is None or not w.valid]
+    names = {"symmetry_breaking": a.probe if a else None, "nonlocality": b.probe if b else None,
+             "tolerance_log_snr": tolerance}
+    missing = [w.probe if w else side for w,
+               side in ((a, "symmetry_breaking"), (b, "nonlocality")) if w is None or not w.valid]
     if missing:
         return jsonable({**names, "outcome": "no window", "concurrent": False,
                          "verdict": f"no window: {' and '.join(missing)} gave no valid window, so concurrence cannot be tested"})
@@ -410,7 +422,8 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
         outcome = "inconclusive"
     return jsonable({
         **names, "outcome": outcome, "concurrent": outcome == "concurrent",
-        "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi], "combined_uncertainty_log_snr": sigma,
+        "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi],
+        "combined_uncertainty_log_snr": sigma,
         "center_distance_t": abs(a.center - b.center), "iou": inter / union if union > 0 else 0.0,
         "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, {hi:+.2f}] "
                     f"against a tolerance of +-{tolerance:g}; windows overlap {100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),

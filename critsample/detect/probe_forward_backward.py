@@ -65,7 +65,8 @@ class ForwardBackward(Probe):
         c, common = det.cfg, common_config(det)
         return {
             GENERATE: {**common, "steps": c.fb.steps, "batch": c.fb.batch},
-            KIND: {**common, **data_config(det), "classifier": det.classifier_name, "steps": c.fb.steps, "radii": det.fb_radii,
+            KIND: {**common, **data_config(det), "classifier": det.classifier_name, "steps": c.fb.steps,
+                   "radii": det.fb_radii,
                    "batch": c.fb.batch, "source": c.fb.source},
         }
 
@@ -75,14 +76,17 @@ class ForwardBackward(Probe):
         out = []
         if generated:
             for lo, hi in batches(c.fb.samples, c.fb.batch):
-                out.append(store.unit(GENERATE, {"lo": lo, "hi": hi}, forwards=(hi - lo) * c.fb.steps * (2 if det.guidance != 1.0 else 1)))
+                out.append(store.unit(GENERATE, {"lo": lo, "hi": hi},
+                                      forwards=(hi - lo) * c.fb.steps * (2 if det.guidance != 1.0 else 1)))
         for loc in localities(det):
-            copies = sum(strict_copies(det, det.fb_radii)) if loc == "strict" else len(det.fb_radii)  # local forwards per step
+            # local forwards per step
+            copies = sum(strict_copies(det, det.fb_radii)) if loc == "strict" else len(det.fb_radii)
             for t in det.fb_times:
                 i0, _ = start_index(m, t, c.fb.steps, c.sampler)
                 n_steps = c.fb.steps - i0
                 for lo, hi in batches(c.fb.samples, c.fb.batch):
-                    params = {"t": round(float(t), 10), "lo": lo, "hi": hi, **({"locality": loc} if loc == "strict" else {})}
+                    params = {"t": round(float(t), 10), "lo": lo, "hi": hi,
+                              **({"locality": loc} if loc == "strict" else {})}
                     out.append(store.unit(KIND, params, forwards=(hi - lo) * (1 + copies) * n_steps,
                                           local_forwards=(hi - lo) * copies * n_steps, stage=1 if generated else 0))
         return out
@@ -129,8 +133,10 @@ class ForwardBackward(Probe):
         flip = np.stack([results.cat(per_t[tv], "flip", axis=1) for tv in ts], axis=-1)
         t_used = np.array([float(results[per_t[tv][0]]["t"]) for tv in ts])
         sfx = "" if loc == "window" else f"_{loc}"
-        save_npz(out.arrays / f"forward_backward{sfx}.npz", t=t_used, t_requested=np.asarray(ts), radii=np.asarray([-1, *det.fb_radii]),
-                 error=err, flip=flip, mse=mse, error_mean=err.mean(1), error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
+        save_npz(out.arrays / f"forward_backward{sfx}.npz", t=t_used, t_requested=np.asarray(ts),
+                 radii=np.asarray([-1, *det.fb_radii]),
+                 error=err, flip=flip, mse=mse, error_mean=err.mean(1),
+                 error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
                  mse_mean=mse.mean(1), mse_std=mse.std(1), note=np.asarray(
                      f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier label of the "
                      "denoised image != reference label; flip: != label of the clean image; mse: per-pixel MSE in [0, 1] pixels; "
@@ -156,8 +162,10 @@ class ForwardBackward(Probe):
         labels = ["global"] + [f"r={r}" for r in det.fb_radii]
         res = ProbeOutput()
         chance = det.chance
-        per_window = [estimators.threshold_window(f"forward_backward[{lab}]", "symmetry_breaking" if i == 0 else "nonlocality",
-                                                  t_used, err[i], sch, chance=chance, seed=seed) for i, lab in enumerate(labels)]
+        per_window = [estimators.threshold_window(f"forward_backward[{lab}]",
+                                                  "symmetry_breaking" if i == 0 else "nonlocality",
+                                                  t_used, err[i], sch, chance=chance, seed=seed) for i,
+                                                  lab in enumerate(labels)]
         per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window)}
         w_sb = per_window[0]
         w_sb.probe = "forward_backward"
@@ -168,12 +176,14 @@ class ForwardBackward(Probe):
         series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
         theory, marks, theory_record = oracle_theory(model, t_used, seed)
         res.figures["forward_backward"] = report.plot_errorbars(
-            t_used, series, out.figures / "forward_backward.png", title=f"{model.name}: forward-backward classifier error (Bernoulli 1-sigma)",
+            t_used, series, out.figures / "forward_backward.png",
+            title=f"{model.name}: forward-backward classifier error (Bernoulli 1-sigma)",
             ylabel="classifier error", schedule=sch, theory=theory, marks=marks,
             windows={"threshold": w_sb.to_dict(), **({"local excess": w_loc.to_dict()} if w_loc else {})})
         mseries = {lab: (mse[i].mean(0), mse[i].std(0) / math.sqrt(mse.shape[1])) for i, lab in enumerate(labels)}
         res.figures["forward_backward_mse"] = report.plot_errorbars(
-            t_used, mseries, out.figures / "forward_backward_mse.png", title="forward-backward per-pixel MSE (mean +- s.e.)",
+            t_used, mseries, out.figures / "forward_backward_mse.png",
+            title="forward-backward per-pixel MSE (mean +- s.e.)",
             ylabel="per-pixel MSE", schedule=sch)
         res.curves["forward_backward_error"] = series_json(t_used, series)
         res.curves["forward_backward_mse"] = series_json(t_used, mseries)
@@ -181,7 +191,8 @@ class ForwardBackward(Probe):
             "window": w_sb.to_dict(),
             "local_window": w_loc.to_dict() if w_loc else None,
             "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"],
-                                 "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"], "reason": d["reason"],
+                                 "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"],
+                                 "reason": d["reason"],
                                  "minus_global_log_snr": (d["log_snr_center"] - per_r["global"]["log_snr_center"])
                                  if d["log_snr_center"] is not None and per_r["global"]["log_snr_center"] is not None else None}
                            for lab, d in per_r.items()},
@@ -194,27 +205,33 @@ class ForwardBackward(Probe):
             res.record["strict"] = self.strict_part(det, results, out, res, per_r["global"])
         return res
 
-    def strict_part(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput, global_window: dict) -> dict:
+    def strict_part(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput,
+                    global_window: dict) -> dict:
         """With ``--locality both``: the strictly local radii's thresholds, window and figure beside the window ones
         (the global curve of the strict units is the same computation and is not read again)."""
         model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
         err, _, _, t_used, _ = self.arrays(det, results, out, "strict")
         labels = [f"r={r}" for r in det.fb_radii]
-        per_window = [None] + [estimators.threshold_window(f"forward_backward_strict[{lab}]", "nonlocality", t_used, err[1 + i], sch,
-                                                           chance=det.chance, seed=seed) for i, lab in enumerate(labels)]
+        per_window = [None] + [estimators.threshold_window(f"forward_backward_strict[{lab}]", "nonlocality", t_used,
+                                                           err[1 + i], sch,
+                                                           chance=det.chance, seed=seed) for i,
+                                                           lab in enumerate(labels)]
         per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window[1:])}
         w_loc = self.local_window(det, per_window, "strict")
         res.windows[w_loc.probe] = w_loc
-        series = {"global": bernoulli(err[0]), **{f"strict {lab}": bernoulli(err[1 + i]) for i, lab in enumerate(labels)}}
+        series = {"global": bernoulli(err[0]),
+                  **{f"strict {lab}": bernoulli(err[1 + i]) for i, lab in enumerate(labels)}}
         res.figures["forward_backward_strict"] = report.plot_errorbars(
             t_used, series, out.figures / "forward_backward_strict.png",
-            title=f"{model.name}: forward-backward error, strictly local denoisers (Bernoulli 1-sigma)", ylabel="classifier error",
+            title=f"{model.name}: forward-backward error, strictly local denoisers (Bernoulli 1-sigma)",
+            ylabel="classifier error",
             schedule=sch, windows={"strict local": w_loc.to_dict()})
         res.curves["forward_backward_error_strict"] = series_json(t_used, series)
         g = global_window["log_snr_center"]
         return {"local_window": w_loc.to_dict(), "per_radius": per_r, "arrays": "arrays/forward_backward_strict.npz",
                 "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"],
-                                     "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"], "reason": d["reason"],
+                                     "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"],
+                                     "reason": d["reason"],
                                      "minus_global_log_snr": d["log_snr_center"] - g if d["log_snr_center"] is not None and g is not None else None}
                                for lab, d in per_r.items()}}
 
@@ -234,8 +251,10 @@ def oracle_theory(model, t_used: np.ndarray, seed: int):
     sch = model.schedule
     t_fine = np.linspace(float(t_used.min()), float(t_used.max()), 200)
     exact = 1 - model.forward_backward_agreement(torch.tensor(t_fine), reverse="ode", readout="classifier").numpy()
-    exact_on_grid = 1 - model.forward_backward_agreement(torch.tensor(t_used), reverse="ode", readout="classifier").numpy()
-    w = estimators.threshold_window("forward_backward_theory", "symmetry_breaking", t_used, np.stack([exact_on_grid] * 2), sch,
+    exact_on_grid = 1 - model.forward_backward_agreement(torch.tensor(t_used), reverse="ode",
+                                                         readout="classifier").numpy()
+    w = estimators.threshold_window("forward_backward_theory", "symmetry_breaking", t_used,
+                                    np.stack([exact_on_grid] * 2), sch,
                                     chance=0.5, seed=seed)
     spec = model.speciation() if hasattr(model, "speciation") else {"t": float("nan")}
     marks = {"speciation t_S": spec["t"]} if np.isfinite(spec["t"]) else {}

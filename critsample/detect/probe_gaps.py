@@ -50,7 +50,8 @@ class _Gaps(Probe):
 
     def key_config(self, det: Detection) -> dict[str, dict]:
         c = det.cfg
-        return {KIND: {**common_config(det), **data_config(det), "steps": c.gaps.steps, "radii": det.gap_radii, "batch": c.gaps.batch}}
+        return {KIND: {**common_config(det), **data_config(det), "steps": c.gaps.steps, "radii": det.gap_radii,
+                       "batch": c.gaps.batch}}
 
     def units(self, det: Detection) -> list[Unit]:
         c = det.cfg
@@ -81,7 +82,8 @@ class _Gaps(Probe):
             cond = det.cond_rows(hi - lo, lo)
             plan = trajectory_plan(m, p["traj"], c.gaps.steps, det.guidance, c.sampler)
             states, times, _ = sampling_states(m, plan, cond, det.generators(lo, hi))
-        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch, locality=p.get("locality", "window"))
+        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch,
+                         locality=p.get("locality", "window"))
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 
@@ -148,12 +150,15 @@ class CondGap(_Gaps):
             res.windows[self.name] = w
         res.figures["cond_gap"] = report.plot_curves(
             t, series, out.figures / "cond_gap.png", title=f"{model.name}: conditioning gap (eq. 6) per token",
-            ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"cond gap": w.to_dict()} if w else None, logy=True)
+            ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"cond gap": w.to_dict()} if w else None,
+            logy=True)
         res.curves["cond_gap"] = series_json(t, series)
         res.figures[f"cond_gap_{other}"] = report.plot_curves(
-            t, other_series, out.figures / f"cond_gap_{other}.png", title=f"{model.name}: conditioning gap (eq. 6) in {other} units",
+            t, other_series, out.figures / f"cond_gap_{other}.png",
+            title=f"{model.name}: conditioning gap (eq. 6) in {other} units",
             ylabel=f"gap per token ({other}), mean +- std", schedule=sch, logy=True)
-        res.record = {"window": w.to_dict() if w else None, "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
+        res.record = {"window": w.to_dict() if w else None,
+                      "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
                       "arrays": "arrays/gaps.npz", "units": k, "radii": det.gap_radii}
         return res
 
@@ -185,7 +190,8 @@ class LocalityGap(_Gaps):
             key = f"{traj}__loc_gap_{variant}_{k}__mean"
             if key not in window or key not in strict:
                 continue
-            panels = {"window (truncated attention, L x r tokens)": window[key], "strict (radius-r receptive field)": strict[key]}
+            panels = {"window (truncated attention, L x r tokens)": window[key],
+                      "strict (radius-r receptive field)": strict[key]}
             res.figures[f"locality_heatmap_both_{traj}"] = report.plot_heatmaps(
                 window["t"], det.gap_radii, panels, out.figures / f"locality_heatmap_both_{traj}.png",
                 title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory, one colour scale", label=f"gap ({k})")
@@ -203,23 +209,28 @@ class LocalityGap(_Gaps):
             if f"{traj}__loc_gap_{variant}_{k}" not in arrays:
                 continue
             lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]  # (n, T, R)
-            per_radius[traj] = {r: estimators.half_max_window(f"{name}[{traj},{variant},r={r}]", "nonlocality", t, lg[:, :, i], sch, seed=seed)
+            per_radius[traj] = {r: estimators.half_max_window(f"{name}[{traj},{variant},r={r}]", "nonlocality", t,
+                                                              lg[:, :, i], sch, seed=seed)
                                 for i, r in enumerate(det.gap_radii)}
             per_traj[traj] = per_radius[traj][det.gap_radii[-1]]  # the largest local radius probed
             res.figures[f"locality_heatmap{sfx}_{traj}"] = report.plot_heatmap(
                 t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap{sfx}_{traj}.png",
-                title=f"{model.name}: {label}{variant} locality gap (eq. 7, {k}) per token, {traj} trajectory", label=f"gap ({k})")
+                title=f"{model.name}: {label}{variant} locality gap (eq. 7, {k}) per token, {traj} trajectory",
+                label=f"gap ({k})")
             series = {f"r={r}": (lg[:, :, i].mean(0), lg[:, :, i].std(0)) for i, r in enumerate(det.gap_radii)}
             res.figures[f"locality_curves{sfx}_{traj}"] = report.plot_curves(
-                t, series, out.figures / f"locality_curves{sfx}_{traj}.png", title=f"{label}{variant} locality gap (eq. 7), {traj}",
-                ylabel=f"gap per token ({k}), mean +- std", schedule=sch, windows={"locality": per_traj[traj].to_dict()}, logy=True)
+                t, series, out.figures / f"locality_curves{sfx}_{traj}.png",
+                title=f"{label}{variant} locality gap (eq. 7), {traj}",
+                ylabel=f"gap per token ({k}), mean +- std", schedule=sch,
+                windows={"locality": per_traj[traj].to_dict()}, logy=True)
             res.curves[f"locality_gap{sfx}_{traj}"] = series_json(t, series)
         w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), name)
         if w is not None:
             w.rule += f"; read at the largest local radius probed (r = {det.gap_radii[-1]}); {loc} local denoiser"
             w.extra["locality"] = loc
             res.windows[name] = w
-        return {"window": w.to_dict() if w else None, "local_denoiser": loc, "radius": det.gap_radii[-1] if det.gap_radii else None,
+        return {"window": w.to_dict() if w else None, "local_denoiser": loc,
+                "radius": det.gap_radii[-1] if det.gap_radii else None,
                 "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
                 "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
                 "arrays": f"arrays/gaps{sfx}.npz", "units": k, "radii": det.gap_radii}

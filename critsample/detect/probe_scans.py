@@ -63,7 +63,8 @@ class _Scan(Probe):
     def plan(self, det: Detection, scan: str, t0: float | None, radius: int | None) -> Plan:
         c, m = det.cfg, det.model
         if scan == "baseline":
-            return det.memo(f"plan:{scan}", lambda: baseline_plan(m, c.windows.steps, guidance=det.guidance, sampler=c.sampler))
+            return det.memo(f"plan:{scan}",
+                            lambda: baseline_plan(m, c.windows.steps, guidance=det.guidance, sampler=c.sampler))
         return det.memo(f"plan:{scan}:{t0}:{radius}", lambda: window_plan(
             m, c.windows.steps, scan, t0, self.width(det), guidance=det.guidance, radius=radius, sampler=c.sampler))
 
@@ -114,11 +115,13 @@ class _Scan(Probe):
                 errs, fids, sig, centers, strips = [], [], [], [], {}
                 for t0 in t0s:
                     g = results.units(self.name, scan=scan, radius=r, t0=t0)
-                    errs.append((results.cat(g, "pred") != base["target_of"](results.cat(g, "target"))).astype(np.float64))
+                    errs.append((results.cat(g,
+                                             "pred") != base["target_of"](results.cat(g, "target"))).astype(np.float64))
                     f, s = fid_from_features(base["features"], results.cat(g, "features"), seed=seed)
                     fids.append(f), sig.append(s)
                     lo, hi = t0, min(t0 + width, 1.0)
-                    centers.append(float(sch.t_from_log_snr(estimators.scan_positions(sch, [t0], width)[2][0])))  # log-SNR midpoint
+                    # log-SNR midpoint
+                    centers.append(float(sch.t_from_log_snr(estimators.scan_positions(sch, [t0], width)[2][0])))
                     strips[f"[{lo:.2f},{hi:.2f}]"] = results[g[0]]["images"]
                 res_by[(scan, r)] = {"t0": np.asarray(t0s), "centers": np.asarray(centers), "errors": np.stack(errs, 1),
                                      "fid": np.asarray(fids), "fid_sigma": np.asarray(sig), "strips": strips}
@@ -128,7 +131,8 @@ class _Scan(Probe):
             if not ins:
                 continue
             name = self.name if inside == self.scans[0] else f"{self.name}[{inside}]"
-            w = estimators.scan_minimum(name, self.family, ins[0]["t0"], np.stack([v["errors"] for v in ins], axis=-1), width, sch, seed=seed)
+            w = estimators.scan_minimum(name, self.family, ins[0]["t0"], np.stack([v["errors"] for v in ins], axis=-1),
+                                        width, sch, seed=seed)
             w.extra["scan"] = inside
             w.extra["fid_window"] = estimators.fid_minimum(
                 f"{name}[fid]", self.family, ins[0]["t0"], np.mean([v["fid"] for v in ins], 0),
@@ -136,7 +140,8 @@ class _Scan(Probe):
             outs = [v for (s, r), v in res_by.items() if s == self.complements[inside]]
             if outs:
                 wo = estimators.scan_minimum(f"{name}[{self.complements[inside]}]", self.family, outs[0]["t0"],
-                                             np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True, seed=seed)
+                                             np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True,
+                                             seed=seed)
                 w.extra["complement_window"] = wo.to_dict()
             windows[inside] = w
         w = windows[self.scans[0]]
@@ -154,11 +159,15 @@ class _Scan(Probe):
         be, bs = bernoulli(base["errors"])
         series["always conditioned"] = (np.full(len(centers), be), np.full(len(centers), bs))
         res.figures[self.name] = report.plot_errorbars(
-            centers, series, out.figures / f"{self.name}.png", title=f"{model.name}: {self.name} (w = {width:g}), classifier error (Bernoulli 1-sigma)",
-            ylabel="classifier error", xlabel="window center t (0 = clean, 1 = noise)", schedule=sch, windows={self.name: w.to_dict()})
+            centers, series, out.figures / f"{self.name}.png",
+            title=f"{model.name}: {self.name} (w = {width:g}), classifier error (Bernoulli 1-sigma)",
+            ylabel="classifier error", xlabel="window center t (0 = clean, 1 = noise)", schedule=sch,
+            windows={self.name: w.to_dict()})
         res.figures[f"{self.name}_fid"] = report.plot_errorbars(
-            centers, fseries, out.figures / f"{self.name}_fid.png", title=f"{self.name}: FID to the always-conditioned baseline (bootstrap 1-sigma)",
-            ylabel="FID (classifier features)", xlabel="window center t", schedule=sch, windows={self.name: w.to_dict()})
+            centers, fseries, out.figures / f"{self.name}_fid.png",
+            title=f"{self.name}: FID to the always-conditioned baseline (bootstrap 1-sigma)",
+            ylabel="FID (classifier features)", xlabel="window center t", schedule=sch,
+            windows={self.name: w.to_dict()})
         res.curves[f"{self.name}_error"] = {**series_json(centers, series), "x_label": "window_center_t"}
         res.curves[f"{self.name}_fid"] = {**series_json(centers, fseries), "x_label": "window_center_t"}
         strip_rows = {"always conditioned": base["strips"], **ins[0]["strips"]}
@@ -168,13 +177,15 @@ class _Scan(Probe):
             "window": w.to_dict(), "per_radius": per_radius or None, "width": width,
             "scan": {f"{s}" + ("" if r is None else f"[r={r}]"): {
                 "t0": v["t0"].tolist(), "window_center": v["centers"].tolist(), "error": v["errors"].mean(0).tolist(),
-                "error_sigma": bernoulli(v["errors"])[1].tolist(), "fid": v["fid"].tolist(), "fid_sigma": v["fid_sigma"].tolist()}
+                "error_sigma": bernoulli(v["errors"])[1].tolist(), "fid": v["fid"].tolist(),
+                "fid_sigma": v["fid_sigma"].tolist()}
                 for (s, r), v in res_by.items()},
             "baseline_error": float(be), "baseline_error_sigma": float(bs), "excess": excess,
             "strip_rows": list(strip_rows), "arrays": f"arrays/{self.name}.npz",
         }
         save_npz(out.arrays / f"{self.name}.npz", **{
-            f"{s}{'' if r is None else f'_r{r}'}__{name}": v[name] for (s, r), v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
+            f"{s}{'' if r is None else f'_r{r}'}__{name}": v[name] for (s, r),
+            v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
             baseline_errors=base["errors"], note=np.asarray(
                 f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; centers = window centers; "
                 "fid, fid_sigma: FID (classifier features) to the always-conditioned baseline and its bootstrap one-sigma."))
@@ -234,7 +245,8 @@ class WindowLocality(_Scan):
 
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         sch, seed = det.model.schedule, int(det.cfg.seed)
-        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch, seed=seed).to_dict()
+        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch,
+                                                seed=seed).to_dict()
                 for (s, r), v in res_by.items() if s == self.scans[0]}
 
     def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:

@@ -155,4 +155,5 @@ def bernoulli(e: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
 
 def series_json(x, series: dict[str, tuple]) -> dict:
     """A curve set as JSON: x and, per series, (mean, one-sigma) lists."""
-    return {"x": [float(v) for v in x], "series": {s: ([float(v) for v in m], [float(v) for v in e]) for s, (m, e) in series.items()}}
+    return {"x": [float(v) for v in x],
+            "series": {s: ([float(v) for v in m], [float(v) for v in e]) for s, (m, e) in series.items()}}

@@ -27,7 +27,8 @@ class Progress(Protocol):
     def advance(self, unit: Unit, computed: bool) -> None: ...
 
 
-def prepare(cfg: DetectConfig, model: Denoiser, device: torch.device | None = None, *, classifier=None) -> tuple[Detection, list[Unit]]:
+def prepare(cfg: DetectConfig, model: Denoiser, device: torch.device | None = None, *,
+            classifier=None) -> tuple[Detection, list[Unit]]:
     """The configured detection and its units (deduplicated by key, in probe order); nothing is computed."""
     cfg.validate()
     check_probes(cfg.probes)
@@ -96,7 +97,8 @@ def run(
     stages = sorted({u.stage for u in units})
     if progress is not None and ranks.is_main:
         progress.start(f"detect {model.name} (model evaluations)",
-                       sum(u.forwards for s in stages for i, u in enumerate(x for x in units if x.stage == s) if i % ranks.world == ranks.rank))
+                       sum(u.forwards for s in stages for i,
+                           u in enumerate(x for x in units if x.stage == s) if i % ranks.world == ranks.rank))
 
     def advance(u: Unit, computed: bool) -> None:
         if progress is not None and ranks.is_main:
@@ -136,7 +138,8 @@ def time_forward(model: Denoiser, device, rows: int, radius: int | None, repeats
     return float(np.median(times)) / rows
 
 
-def estimate(cfg: DetectConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None, classifier=None) -> dict:
+def estimate(cfg: DetectConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None,
+             classifier=None) -> dict:
     """The dry run: model evaluations per probe, how many are already stored, and a time estimate from a timed
     forward. Writes nothing."""
     cfg.validate()

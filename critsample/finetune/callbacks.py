@@ -141,13 +141,15 @@ class TrainingEvaluation(Callback):
         return metrics
 
     @torch.no_grad()
-    def samples(self, module, window: tuple[float, float], radius: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def samples(self, module, window: tuple[float, float], radius: int) -> tuple[dict[str, float],
+                                                                                 dict[str, torch.Tensor]]:
         """Adaptive vs full guidance: class accuracy (and FID), network evaluations per sample, image grids."""
         den = module.denoiser
         w = self.guidance if self.guidance is not None else float(module.hparams.val_guidance)
         k = min(self.num_classes, den.num_classes or 0)
         labels = torch.arange(k).repeat_interleave(self.samples_per_class)
-        plans = {"full": full_guidance(den, self.steps, w), "adaptive": adaptive(den, self.steps, w, window, radius, self.outside)}
+        plans = {"full": full_guidance(den, self.steps, w),
+                 "adaptive": adaptive(den, self.steps, w, window, radius, self.outside)}
         metrics, grids = {}, {}
         for name, plan in plans.items():
             gen = generate(den, plan, labels, seed=self.seed, batch_size=max(1, len(labels)), progress=False)

@@ -59,7 +59,8 @@ def check_options(model: dict | None, num_classes: int | None, lr: float, weight
             raise UserError(f"--model.model.{k} must be an integer >= 1; got {v!r}.")
     if model and model["sample_size"] % model["patch_size"]:
         raise UserError(f"--model.model.sample_size {model['sample_size']} must be a multiple of --model.model.patch_size {model['patch_size']}.")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes,
+                                                                                    int) or num_classes < 1):
         raise UserError(f"--model.num_classes must be an integer >= 1 (or omitted: the model's num_embeds_ada_norm); got {num_classes!r}.")
     rows = model.get("num_embeds_ada_norm")
     if num_classes is not None and rows is not None and num_classes > rows:
@@ -108,7 +109,8 @@ class DiTModule(L.LightningModule):
             export_dir: where ``on_train_end`` writes the (EMA) transformer with ``save_pretrained``.
         """
         super().__init__()
-        check_options(None if init_from else (model or {}), num_classes, lr, weight_decay, warmup_steps, class_dropout, val_steps, export_dir)
+        check_options(None if init_from else (model or {}), num_classes, lr, weight_decay, warmup_steps, class_dropout,
+                      val_steps, export_dir)
         self.save_hyperparameters()
         # Plain dicts (a checkpoint's hyperparameters) become schedules; the logged hyperparameters hold the resolved
         # schedules, so a window seeded from a summary.json is visible in the checkpoint and the logger's config.
@@ -139,7 +141,8 @@ class DiTModule(L.LightningModule):
             scheduler_config=base.scheduler_config if init_from else {"clip_sample": False},
             dataset=base.dataset if init_from else None,
         )
-        self.denoiser.default_guidance = float(getattr(base, "default_guidance", val_guidance)) if init_from else val_guidance
+        self.denoiser.default_guidance = float(getattr(base, "default_guidance",
+                                                       val_guidance)) if init_from else val_guidance
         self.schedule = schedule
         self.register_buffer("abar", schedule.alphas_cumprod().float(), persistent=False)
         for m in transformer.modules():  # labels are dropped once per sample in training_step instead
@@ -173,7 +176,8 @@ class DiTModule(L.LightningModule):
             radius = self.radius_schedule.radii(t.cpu(), self.global_step, grid, gen_cpu).to(x0.device)
         labels = torch.where(y == NULL, torch.full_like(y, self.denoiser.null_id), y)
         out = self.transformer(
-            xt, timestep=k, class_labels=labels, cross_attention_kwargs={"radius": radius, "grid": self.denoiser.grid(xt)}
+            xt, timestep=k, class_labels=labels,
+            cross_attention_kwargs={"radius": radius, "grid": self.denoiser.grid(xt)}
         ).sample
         c = self.denoiser.in_channels
         per_sample = F.mse_loss(out[:, :c].float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))

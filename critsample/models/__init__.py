@@ -36,11 +36,16 @@ REGISTRY: dict[str, ModelSpec] = {
     for s in [
         ModelSpec("dit-xl", "dit", "facebook/DiT-XL-2-256", "DiT-XL/2 at 256 px, ImageNet classes, with its VAE"),
         ModelSpec("dit-xl-512", "dit", "facebook/DiT-XL-2-512", "DiT-XL/2 at 512 px, ImageNet classes, with its VAE"),
-        ModelSpec("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "SD3-medium (gated), 1024 px"),
-        ModelSpec("pixart-alpha", "pixart", "PixArt-alpha/PixArt-XL-2-1024-MS", "PixArt-alpha XL/2, 1024 px, T5 text, with its VAE"),
-        ModelSpec("pixart-sigma", "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArt-Sigma XL/2, 1024 px, T5 text, with its VAE"),
-        ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", "FLUX.1-schnell, 1024 px, 1-4 steps, no guidance input"),
-        ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", "FLUX.1-dev (gated), 1024 px, guidance-distilled (3.5)"),
+        ModelSpec("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers",
+                  "SD3-medium (gated), 1024 px"),
+        ModelSpec("pixart-alpha", "pixart", "PixArt-alpha/PixArt-XL-2-1024-MS",
+                  "PixArt-alpha XL/2, 1024 px, T5 text, with its VAE"),
+        ModelSpec("pixart-sigma", "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+                  "PixArt-Sigma XL/2, 1024 px, T5 text, with its VAE"),
+        ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
+                  "FLUX.1-schnell, 1024 px, 1-4 steps, no guidance input"),
+        ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
+                  "FLUX.1-dev (gated), 1024 px, guidance-distilled (3.5)"),
         ModelSpec("dit-digits", "dit", "package", "bundled class-conditional DiT on scikit-learn digits, 8x8 pixels"),
     ]
 }
@@ -50,7 +55,8 @@ _PATTERNS = {
     "dit": ["model_index.json", "transformer/*", "vae/*", "scheduler/*"],
     "sd3": ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder*/*", "tokenizer*/*"],
     # Not the single-file checkpoints (flux1-*.safetensors, ~24 GB) at the FLUX repos' roots.
-    "flux": ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"],
+    "flux": ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
+             "tokenizer/*", "tokenizer_2/*"],
     # Configs and safetensors only (critsample reads no pickles): pickled copies of T5 would add ~19 GB.
     "pixart": ["model_index.json", "scheduler/*", "tokenizer/*"]
     + [f"{part}/*.{ext}" for part in ("transformer", "vae", "text_encoder") for ext in ("json", "safetensors")],

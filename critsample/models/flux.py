@@ -153,7 +153,8 @@ class FluxDenoiser(TextDenoiser):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         device = self.text_encoders[0].device
         embeds, pooled, _ = self.text.encode_prompt(
-            prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length or self.max_sequence_length,
+            prompt=prompts, prompt_2=None, device=device,
+            max_sequence_length=max_sequence_length or self.max_sequence_length,
         )
         return PromptCond(embeds, pooled)
 
@@ -222,12 +223,15 @@ def load_flux(
     """
     folder = Path(folder)
     transformer, vae, sched_cfg = load_parts(
-        folder, FluxTransformer2DModel, dtype, "a FLUX", default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
+        folder, FluxTransformer2DModel, dtype, "a FLUX",
+        default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
     )
-    has_text = (folder / "model_index.json").exists() and all((folder / k).exists() for k in ("text_encoder", "text_encoder_2"))
+    has_text = (folder / "model_index.json").exists() and all((folder / k).exists() for k in ("text_encoder",
+                                                                                              "text_encoder_2"))
     text = _load_text(folder, transformer, vae, dtype) if text_encoders and has_text else None
     return FluxDenoiser(
         transformer, Schedule.from_scheduler_config(sched_cfg), vae, text,
         sample_size=sample_size if sample_size is not None else _default_latent(folder, vae),
-        distilled_guidance=distilled_guidance, max_sequence_length=max_sequence_length, name=name, scheduler_config=sched_cfg,
+        distilled_guidance=distilled_guidance, max_sequence_length=max_sequence_length, name=name,
+        scheduler_config=sched_cfg,
     )

@@ -68,7 +68,8 @@ def announce(repo_id: str, allow_patterns: list[str]) -> None:
         info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True, timeout=METADATA_TIMEOUT_S)
     except HfHubHTTPError as e:  # the Hub answered (gated, private, not found, down): the download will say more
         print(f"critsample: downloading {', '.join(allow_patterns)} of {repo_id} to the Hugging Face cache ({hf_constants.HF_HUB_CACHE}); "
-              f"size unknown (the Hub answered {type(e).__name__}). Set HF_HUB_OFFLINE=1 to forbid downloads.", file=sys.stderr)
+              f"size unknown (the Hub answered {type(e).__name__}). Set HF_HUB_OFFLINE=1 to forbid downloads.",
+              file=sys.stderr)
         return
     except Exception as e:  # DNS, refused connection, timeout, proxy: no answer at all
         raise ConnectionError(type(e).__name__) from None
@@ -80,12 +81,14 @@ def announce(repo_id: str, allow_patterns: list[str]) -> None:
     folders: dict[str, list[int | None]] = {}
     for n, s in zip(names, sizes):
         folders.setdefault(n.split("/")[0] + ("/" if "/" in n else ""), []).append(s)
-    parts = ", ".join(f"{f} ({len(v)} file{'s' * (len(v) > 1)}, {_size(sum(x or 0 for x in v))})" for f, v in folders.items())
+    parts = ", ".join(f"{f} ({len(v)} file{'s' * (len(v) > 1)}, {_size(sum(x or 0 for x in v))})" for f,
+                      v in folders.items())
     print(f"critsample: downloading {len(names)} files of {repo_id}, {total} in all, to the Hugging Face cache "
           f"({hf_constants.HF_HUB_CACHE}): {parts}. Set HF_HUB_OFFLINE=1 to forbid downloads.", file=sys.stderr)
 
 
-def fetch_snapshot(repo_id: str, allow_patterns: list[str], *, what: str, alternative: str, required: tuple[str, ...] = ()) -> Path:
+def fetch_snapshot(repo_id: str, allow_patterns: list[str], *, what: str, alternative: str,
+                   required: tuple[str, ...] = ()) -> Path:
     """Local folder of ``repo_id`` restricted to ``allow_patterns``: from the cache silently, else announced and
     downloaded (one try), else one UserError sentence. ``what`` names the thing in that sentence ("Weights of
     dit-xl"), ``alternative`` says what to do instead of downloading ("pass a local diffusers folder with --model")."""

@@ -110,7 +110,8 @@ def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_schedu
         raise UserError(f"Could not load {label} transformer from {tdir}: {str(e).splitlines()[0]}") from None
     check_complete(transformer, tdir)
     try:
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=safetensors_only()) if has_vae else None
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype,
+                                            use_safetensors=safetensors_only()) if has_vae else None
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: {str(e).splitlines()[0]}") from None
     if vae is not None:
@@ -120,7 +121,8 @@ def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_schedu
     return transformer, vae, sched_cfg
 
 
-def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32, guide_channels: int | None = None) -> DiTDenoiser:
+def load_dit(folder: Path, name: str, dtype: torch.dtype = torch.float32,
+             guide_channels: int | None = None) -> DiTDenoiser:
     """A DiT pipeline folder (transformer/, optional vae/, scheduler/) or a bare transformer folder.
 
     ``facebook/DiT-XL-2-256`` names its transformer ``Transformer2DModel``; ``DiTTransformer2DModel.from_pretrained``

@@ -286,7 +286,8 @@ class GaussianOracle(Denoiser):
         of S0 (the log-odds are 2 mu sum(x0) / lam0). With mu = 0 both classes are one law: every row gets class 0."""
         return (self.mu * x0.reshape(x0.shape[0], -1).double().sum(1) < 0).long()
 
-    def sample_data(self, n: int, cond=None, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+    def sample_data(self, n: int, cond=None, generator: torch.Generator | None = None,
+                    dtype=torch.float32) -> torch.Tensor:
         """(n, 1, N, N) exact samples of p_0: class ``cond`` per row (NULL or None = a fair coin from ``generator``)."""
         gdev = generator.device if generator is not None else torch.device("cpu")
         if cond is None:
@@ -335,7 +336,8 @@ class GaussianOracle(Denoiser):
         return {"Lambda": lam, "s": s, "t": float(self.schedule.t_from_log_snr(torch.tensor(log_snr))),
                 "alpha_bar": abar, "log_snr": log_snr}
 
-    def forward_backward_agreement(self, t=None, *, s=None, reverse: str = "sde", readout: str = "classifier") -> torch.Tensor:
+    def forward_backward_agreement(self, t=None, *, s=None, reverse: str = "sde",
+                                   readout: str = "classifier") -> torch.Tensor:
         """Exact P_FB: a clean x_0 of class c is noised to s and denoised by the exact UNCONDITIONAL GLOBAL reverse
         process; probability that the result carries class c. Projecting on 1 (the only mode the classes differ in):
         y = 1.x / sqrt(d), y_0 | c ~ N(c D, lam0), D = sqrt(d) mu; y_s ~ N(c a D, G), G = a^2 lam0 + 1 - a^2;

@@ -171,7 +171,8 @@ def load_pixart(
     folder = Path(folder)
     # A bare transformer folder samples with PixArt's own integrator (DPM-Solver++, linear betas 1e-4..0.02).
     transformer, vae, sched_cfg = load_parts(
-        folder, PixArtTransformer2DModel, dtype, "a PixArt", default_scheduler={"_class_name": "DPMSolverMultistepScheduler"}
+        folder, PixArtTransformer2DModel, dtype, "a PixArt",
+        default_scheduler={"_class_name": "DPMSolverMultistepScheduler"}
     )
     pipeline = _pipeline_class(folder)
     has_text = (folder / "model_index.json").exists() and (folder / "text_encoder").exists()

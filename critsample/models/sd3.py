@@ -64,7 +64,8 @@ class SD3Denoiser(TextDenoiser):
         # CLIP (77 in SD3, the tokenizers' length) + T5 tokens of joint attention (FLOPs accounting)
         self.text_tokens = (self._clip_length() if text is not None else 77) + self.max_sequence_length
         # Registered so that .to(device) / .eval() reach them; the pipeline `text` holds the same objects.
-        encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")] if text is not None else []
+        encoders = [getattr(text, k, None) for k in ("text_encoder", "text_encoder_2",
+                                                     "text_encoder_3")] if text is not None else []
         self.text_encoders = nn.ModuleList([m for m in encoders if m is not None])
         install_window_attention(transformer)
 
@@ -133,12 +134,14 @@ def load_sd3(
     """
     folder = Path(folder)
     transformer, vae, sched_cfg = load_parts(
-        folder, SD3Transformer2DModel, dtype, "an SD3", default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
+        folder, SD3Transformer2DModel, dtype, "an SD3",
+        default_scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"}
     )
     has_text = (folder / "model_index.json").exists() and (folder / "text_encoder").exists()
     text = _load_text(folder, transformer, vae, dtype, t5) if text_encoders and has_text else None
     model = SD3Denoiser(
-        transformer, Schedule.from_scheduler_config(sched_cfg), vae, text, max_sequence_length=max_sequence_length, name=name,
+        transformer, Schedule.from_scheduler_config(sched_cfg), vae, text, max_sequence_length=max_sequence_length,
+        name=name,
         scheduler_config=sched_cfg,
     )
     return model

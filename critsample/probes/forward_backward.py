@@ -53,7 +53,8 @@ def denoise_from(
     rows_r = radius_codes(radii).repeat_interleave(B)
 
     def predict(x: torch.Tensor, t: float, step: Step, c: Cond) -> torch.Tensor:  # every radius in one stream of rows
-        return predict_rows(denoiser, x, torch.tensor(t), c, rows_r, kind=denoiser.prediction, max_batch=max_batch, locality=locality)
+        return predict_rows(denoiser, x, torch.tensor(t), c, rows_r, kind=denoiser.prediction, max_batch=max_batch,
+                            locality=locality)
 
     plan = Plan.from_rule(denoiser, steps, lambda t: Step("cond"), sampler, name="forward-backward")
     x = sample(denoiser, plan, tile_rows(cond, R), x=x, start=i0, predict=predict)
@@ -89,7 +90,8 @@ def forward_backward(
     Returns float64 ``error`` (R, B) in {0, 1} (label of x_hat != ``labels``), ``flip`` (R, B) (label of x_hat != label
     of the clean x_0), ``mse`` (R, B) per-pixel MSE of the decoded images in [0, 1], ``pred`` (R, B) labels, and ``t``.
     """
-    x_hat, t_used = denoise_from(denoiser, x0, t, uncond, radii, steps=steps, generator=generator, sampler=sampler, max_batch=max_batch,
+    x_hat, t_used = denoise_from(denoiser, x0, t, uncond, radii, steps=steps, generator=generator, sampler=sampler,
+                                 max_batch=max_batch,
                                  locality=locality)
     R, B = x_hat.shape[:2]
     clean = denoiser.images(x0).double()

@@ -29,7 +29,8 @@ from ..sampling import Plan, Step, sample, step_times
 from .rows import GLOBAL, num_tokens, predict_rows
 
 
-def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+def train_states(denoiser: Denoiser, x0: torch.Tensor, times: list[float],
+                 generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
     """(T, B, ...) states of the forward (training) trajectory of clean ``x0`` (B, ...) at ``times``; ``generator``
     may be one per row."""
     eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
@@ -85,7 +86,8 @@ def score_gaps(
     n = T * B
     # Global cond and null rows in one forward (stock attention). Predictions arrive in fp32 or wider (predict_rows)
     # and every difference below is taken in float64, also where the model ran in bf16.
-    both = predict_rows(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat_rows([c, null]), kind="eps", max_batch=max_batch)
+    both = predict_rows(denoiser, torch.cat([x, x]), torch.cat([t, t]), cat_rows([c, null]), kind="eps",
+                        max_batch=max_batch)
     g_cond, g_null = both[:n].double(), both[n:].double()
     _, sigma = denoiser.schedule.alpha_sigma(torch.as_tensor([float(v) for v in times], dtype=torch.float64))
     sigma = sigma.to(x.device)  # (T,)
@@ -105,7 +107,8 @@ def score_gaps(
         cr = tile_rows(cat_rows([c, null]), R)
         rr = torch.tensor(radii, dtype=torch.long).repeat_interleave(2 * n)
         assert not bool((rr == GLOBAL).any())
-        loc = predict_rows(denoiser, xr, tr, cr, rr, kind="eps", max_batch=max_batch, locality=locality).double().reshape(R, 2, n, *x.shape[1:])
+        loc = predict_rows(denoiser, xr, tr, cr, rr, kind="eps", max_batch=max_batch,
+                           locality=locality).double().reshape(R, 2, n, *x.shape[1:])
         for name, ref, k in (("cond", g_cond, 0), ("uncond", g_null, 1)):
             gap = torch.stack([per_sample(loc[i, k] - ref) for i in range(R)], dim=-1)  # (B, T, R)
             out[f"loc_gap_{name}_eps"], out[f"loc_gap_{name}_score"] = gap, gap / sigma[None, :, None]

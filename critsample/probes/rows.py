@@ -75,5 +75,6 @@ def predict_rows(
                 r = int(rj[0]) if bool((rj == rj[0]).all()) else rj.to(x.device)
             jd = j.to(x.device)
             loc = locality if rad is not None else "window"
-            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), cond[j], radius=r, kind=kind, locality=loc, max_batch=max_batch).to(x.dtype)
+            out[jd] = denoiser.predict(x[jd], t[j].to(x.device), cond[j], radius=r, kind=kind, locality=loc,
+                                       max_batch=max_batch).to(x.dtype)
     return out

@@ -59,8 +59,10 @@ def window_plan(
         rule = lambda t: Step("cond", radius) if inside_window(t) else Step.conditional(guidance)  # noqa: E731
     else:
         raise ValueError(f"Unknown scan {scan!r}; use one of {SCANS}.")
-    return Plan.from_rule(denoiser, steps, rule, sampler, name=f"{scan}[{lo:g},{hi:g}]" + (f"(r={radius})" if radius is not None else ""))
+    return Plan.from_rule(denoiser, steps, rule, sampler,
+                          name=f"{scan}[{lo:g},{hi:g}]" + (f"(r={radius})" if radius is not None else ""))
 
 
 def baseline_plan(denoiser: Denoiser, steps: int, *, guidance: float, sampler: str = "auto") -> Plan:
-    return Plan.from_rule(denoiser, steps, lambda t: Step.conditional(guidance), sampler, name=f"baseline(w={guidance:g})")
+    return Plan.from_rule(denoiser, steps, lambda t: Step.conditional(guidance), sampler,
+                          name=f"baseline(w={guidance:g})")
