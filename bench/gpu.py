@@ -112,7 +112,8 @@ class Clock:
         if self.cuda:
             return "torch.cuda.max_memory_allocated above the allocation before the item (MiB)"
         if self.resettable_rss:
-            return "CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs) above the RSS before the item (MiB)"
+            return ("CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs) above the RSS before the item "
+                    "(MiB)")
         return "CPU: process resident high-water mark after the item (resource ru_maxrss, MiB; monotone)"
 
 
@@ -169,9 +170,9 @@ def attention_part(clock: Clock, grids, batch: int, heads: int, dim: int, dtype,
         q, k, v = (torch.randn(batch, heads, L, dim, device=dev, dtype=dtype, generator=g) for _ in range(3))
         for r in RADII:
             key = f"{s}x{s}_r{r}"
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+            fns = {"dense": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)}
             for impl in ("masked", "flex", "tiled"):
-                fns[impl] = lambda impl=impl, r=r: la.local_attention(q, k, v, (s, s), r, impl=impl)
+                fns[impl] = lambda impl=impl, r=r, q=q, k=k, v=v, s=s: la.local_attention(q, k, v, (s, s), r, impl=impl)
             with torch.inference_mode():
                 med = clock.median(fns, repeats)
                 memory[key] = {name: round(clock.peak_mb(fn), 1) for name, fn in fns.items()}
@@ -182,8 +183,9 @@ def attention_part(clock: Clock, grids, batch: int, heads: int, dim: int, dtype,
             if backward:  # fine-tunes train through the window: forward + backward, flex vs dense
                 leaves = [x.detach().requires_grad_() for x in (q, k, v)]
                 train = {
-                    "dense": lambda: F.scaled_dot_product_attention(*leaves).sum().backward(),
-                    "flex": lambda r=r: la.local_attention(*leaves, (s, s), r, impl="flex").sum().backward(),
+                    "dense": lambda leaves=leaves: F.scaled_dot_product_attention(*leaves).sum().backward(),
+                    "flex": lambda r=r, leaves=leaves, s=s: (
+                        la.local_attention(*leaves, (s, s), r, impl="flex").sum().backward()),
                 }
                 med_b = clock.median(train, repeats)
                 ratios[key]["flex_fwd_bwd"] = med_b["flex"] / med_b["dense"]
@@ -246,9 +248,9 @@ def step_part(clock: Clock, sample_size: int, layers: dict, radii, repeats: int,
         model, cond = build(arch, sample_size, depth, clock.device, tiny)
         x = torch.randn(1, *model.sample_shape, device=clock.device)
         grid = model.grid(x)
-        fns = {"global": lambda m=model: m.predict(x, 0.5, cond, radius=None)}
+        fns = {"global": lambda m=model, x=x, cond=cond: m.predict(x, 0.5, cond, radius=None)}
         for r in radii:
-            fns[f"r{r}"] = lambda r=r, m=model: m.predict(x, 0.5, cond, radius=r)
+            fns[f"r{r}"] = lambda r=r, m=model, x=x, cond=cond: m.predict(x, 0.5, cond, radius=r)
         with torch.inference_mode():
             med = clock.median(fns, repeats)
             memory = {k: round(clock.peak_mb(fn), 1) for k, fn in fns.items()}

@@ -143,8 +143,8 @@ def install_window_attention(transformer: torch.nn.Module) -> int:
 
 class DenseCrossAttnProcessor(AttnProcessor2_0):
     """PixArt's cross-attention (image queries, T5 keys with the padding mask): diffusers' stock computation at every
-    radius. It names ``radius``, ``grid`` and ``blocks`` only so that diffusers' ``Attention`` does not warn on every call that it
-    drops them (it filters keyword arguments by the processor's signature)."""
+    radius. It names ``radius``, ``grid`` and ``blocks`` only so that diffusers' ``Attention`` does not warn on every
+    call that it drops them (it filters keyword arguments by the processor's signature)."""
 
     def __call__(
         self,
@@ -218,7 +218,8 @@ class FluxWindowAttnProcessor:
         blocks: torch.Tensor | None = None,
     ):
         if attention_mask is not None or getattr(attn, "fused_projections", False):
-            raise NotImplementedError("FluxWindowAttnProcessor handles unmasked attention with unfused projections only.")
+            raise NotImplementedError("FluxWindowAttnProcessor handles unmasked attention with unfused projections "
+                                      "only.")
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (-1, attn.head_dim))  # (B, N, H * d) -> (B, N, H, d), as the stock processor
 
@@ -276,5 +277,7 @@ def check_radius(radius: Radius, grid: tuple[int, int], *, bound: str = "any", m
     for r in values:
         r = parse_radius(r)
         if top is not None and not 0 <= r <= top:
-            extra = f" ({global_radius(grid)} or more is already global)" if bound == "local" else " (omit it for global attention)"
-            raise UserError(f"Radius {int(r)} is out of range: it does not fit {model}'s {h}x{w} token grid; use a radius in 0..{top}{extra}.")
+            extra = (f" ({global_radius(grid)} or more is already global)" if bound == "local"
+                     else " (omit it for global attention)")
+            raise UserError(f"Radius {int(r)} is out of range: it does not fit {model}'s {h}x{w} token grid; use a "
+                            f"radius in 0..{top}{extra}.")

@@ -55,7 +55,7 @@ from .seeded import sample_images
 from .store import Store
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tolerance:
     accuracy_points: float = 1.0  # largest accepted accuracy drop vs the baseline, in percentage points
     fd_relative: float = 0.10  # largest accepted relative FD excess over the baseline's
@@ -74,7 +74,7 @@ class Tolerance:
 DEFAULT_RADII = (1, 2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Grid:
     """The search around the guidance window: centers moved by ``shifts`` x width, widths scaled by ``scales``."""
 
@@ -98,7 +98,8 @@ def _window(summary: dict, *names: str) -> tuple[TimeWindow, str] | None:
 
 
 def summary_windows(summary: dict) -> dict:
-    """``{"guidance": ((t0, t1), source), "attention": ((t0, t1), source) or None}`` by the rule of the module docstring."""
+    """``{"guidance": ((t0, t1), source), "attention": ((t0, t1), source) or None}`` by the rule of the module
+    docstring."""
     guidance = _window(summary, "window_cond", "symmetry_breaking_window", "critical_window")
     if guidance is None:
         raise UserError("The summary has no valid guidance window (window_cond, symmetry-breaking or critical window); "
@@ -226,12 +227,14 @@ def certify(
     ``measure``: ``all`` samples every candidate; ``cheapest`` samples them in ascending cost and stops at the first
     certified one (the same choice; ``Certification.candidates`` then holds only the measured ones).
     ``store``: each plan's samples are a unit (``certify`` / {plan, num, batch_size}; the store's key adds the model
-    and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan; ``progress`` draws a bar."""
+    and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan; ``progress`` draws a
+    bar."""
     judge = judges.for_model(model)
     if num < 2:
         raise UserError(f"Certification needs at least 2 samples per plan; got {num}.")
     if measure not in ("all", "cheapest"):
-        raise UserError(f"measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first certified); got {measure!r}.")
+        raise UserError("measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first "
+                        f"certified); got {measure!r}.")
     grid = model.grid(torch.empty(1, *model.sample_shape))
     others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler,
                                                                                  tuple(baseline.steps))]
@@ -287,7 +290,7 @@ def certify(
     listed = [base["entry"]] + [entries[i] for i in sorted(measured_ids)]  # candidates in the caller's order
     for key, good in (("pareto_accuracy", lambda e: e["quality"]["accuracy"]),
                       ("pareto_fd", lambda e: -e["quality"]["fd"])):
-        for e, on in zip(listed, _pareto([(_price(e["cost"]), good(e)) for e in listed])):
+        for e, on in zip(listed, _pareto([(_price(e["cost"]), good(e)) for e in listed]), strict=True):
             e[key] = on
     chosen = next((entries[i] for i in order if i in entries and entries[i]["certified"]), base["entry"])
     for e in listed:
@@ -295,7 +298,8 @@ def certify(
     setup = {"num_samples": num, "seed": seed, "steps": len(baseline.steps), "n_boot": n_boot, "measure": measure,
              "candidates_proposed": len(others), "candidates_measured": len(measured_ids),
              "model": model.name, "model_id": store.model_id if store is not None else None,
-             "noise": "sample i: class i % K, noise from critsample.sampling.sample_generator(seed, i), the same for every plan"}
+             "noise": "sample i: class i % K, noise from critsample.sampling.sample_generator(seed, i), the same for "
+                      "every plan"}
     return Certification(chosen, listed[0], listed[1:], tolerance, setup)
 
 

@@ -16,8 +16,10 @@ USAGE = """usage: critsample {detect,tune,sample,fit} ...
 Find the critical window of a diffusion transformer and sample or fine-tune with it.
 
 commands:
-  detect   run the probes (conditioning / locality gaps, forward-backward, windowed scans) and estimate the critical window
-  tune     certify the cheapest adaptive or interval plan as good as full guidance (paired noise) and write it into the summary
+  detect   run the probes (conditioning / locality gaps, forward-backward, windowed scans) and estimate the \
+critical window
+  tune     certify the cheapest adaptive or interval plan as good as full guidance (paired noise) and write it into \
+the summary
   sample   sample a model, plainly or with an adaptive plan (--adaptive)
   fit      train or fine-tune a DiT with Lightning (LightningCLI: --config, --print_config)
 
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             _bug()
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        return _fail(f"{e.strerror or 'the disk is full'}{where}; the work finished so far is kept, so free space and run the "
-                     "same command again to resume.")
+        return _fail(f"{e.strerror or 'the disk is full'}{where}; the work finished so far is kept, so free space and "
+                     "run the same command again to resume.")
     except KeyboardInterrupt:  # 130 = 128 + SIGINT, the shell's convention (2 is for user errors)
         print("critsample: interrupted; run the same command again to resume from what was stored.", file=sys.stderr)
         return 130

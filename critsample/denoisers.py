@@ -104,8 +104,9 @@ class Denoiser(nn.Module):
     name: str = "denoiser"
     default_guidance: float = 4.0  # classifier-free guidance scale used when none is given
     pixel_space: bool = True  # without a VAE the model works on pixels in [-1, 1]; latent-only families set False
-    # How locality="strict" is run (critsample.strict_locality): "blocks" (disjoint windows share a copy), "center" (one copy per
-    # center token: joint text attention), "exact" (the radius already gives the strictly local score); None: no strict mode.
+    # How locality="strict" is run (critsample.strict_locality): "blocks" (disjoint windows share a copy), "center" (one
+    # copy per center token: joint text attention), "exact" (the radius already gives the strictly local score); None:
+    # no strict mode.
     strict_layout: str | None = None
 
     def __init__(self, scheduler_config: dict | None = None):
@@ -144,7 +145,8 @@ class Denoiser(nn.Module):
                 raise ValueError(f"{self.name} is text-conditional: give a prompt, not class ids.")
             bad = cond[(cond != NULL) & ((cond < 0) | (cond >= self.num_classes))]
             if bad.numel():
-                raise ValueError(f"Class ids of {self.name} lie in [0, {self.num_classes - 1}] (or {NULL} for none); got {bad[0].item()}.")
+                raise ValueError(f"Class ids of {self.name} lie in [0, {self.num_classes - 1}] (or {NULL} for none); "
+                                 f"got {bad[0].item()}.")
             n = cond.shape[0]
         if n != batch:
             raise ValueError(f"Conditioning has {n} rows but x has {batch}.")
@@ -181,8 +183,8 @@ class Denoiser(nn.Module):
     ) -> torch.Tensor:
         """Prediction of ``kind`` (default: native). ``guidance`` None or 1 = plain conditional on ``cond`` (which may
         hold NULL rows), one forward; another w = classifier-free guidance with [cond; null] in one batched forward.
-        ``locality``: ``"window"`` (truncated attention, the paper's) or ``"strict"`` (:mod:`critsample.strict_locality`; its copies run
-        in forwards of at most ``max_batch`` rows)."""
+        ``locality``: ``"window"`` (truncated attention, the paper's) or ``"strict"``
+        (:mod:`critsample.strict_locality`; its copies run in forwards of at most ``max_batch`` rows)."""
         if locality not in LOCALITIES:
             raise UserError(f"locality must be one of {', '.join(LOCALITIES)}; got {locality!r}.")
         if locality == "strict" and radius is not None:
@@ -220,8 +222,10 @@ class Denoiser(nn.Module):
             img = self.decode(x).float().to(x.device)
         if not bool(torch.isfinite(img).all()):
             bad = int((~torch.isfinite(img)).sum())
-            where = "the VAE decoder (try float32 weights)" if bool(torch.isfinite(x).all()) else "the sampler (the samples themselves are not finite)"
-            raise RuntimeError(f"{self.name}: {bad} of {img.numel()} decoded image values are not finite; they come from {where}.")
+            where = ("the VAE decoder (try float32 weights)" if bool(torch.isfinite(x).all())
+                     else "the sampler (the samples themselves are not finite)")
+            raise RuntimeError(f"{self.name}: {bad} of {img.numel()} decoded image values are not finite; they come "
+                               f"from {where}.")
         return img.clamp(0, 1)
 
     def _vae_factors(self) -> tuple[float, float]:
@@ -255,8 +259,9 @@ class Denoiser(nn.Module):
 
 class TextDenoiser(Denoiser):
     """Base of the text-conditional families (SD3, PixArt, FLUX): the unconditional rows are the empty prompt's
-    embeddings, encoded once per token length with the family's own ``encode_prompt``, or ``null_cond`` when set (a model
-    loaded without its text encoders). ``text`` is the family's diffusers pipeline (None without text encoders)."""
+    embeddings, encoded once per token length with the family's own ``encode_prompt``, or ``null_cond`` when set (a
+    model loaded without its text encoders). ``text`` is the family's diffusers pipeline (None without text
+    encoders)."""
 
     def __init__(self, scheduler_config: dict | None = None):
         super().__init__(scheduler_config)
@@ -277,7 +282,8 @@ class TextDenoiser(Denoiser):
         if self.null_cond is not None:
             one = self.null_cond
             if one.embeds.shape[1:] != cond.embeds.shape[1:]:
-                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are {tuple(cond.embeds.shape[1:])}.")
+                raise ValueError(f"null_cond embeds are {tuple(one.embeds.shape[1:])} per row but the prompt's are "
+                                 f"{tuple(cond.embeds.shape[1:])}.")
         elif seq in self._null_cache:
             one = self._null_cache[seq]
         elif self.text is not None:
@@ -285,7 +291,8 @@ class TextDenoiser(Denoiser):
         else:
             raise UserError(
                 f"{self.name} has no text encoders to embed the empty prompt: set `denoiser.null_cond` to its "
-                f"PromptCond embeddings (with the mask where the model masks text), or load the model from a folder with its text encoders."
+                "PromptCond embeddings (with the mask where the model masks text), or load the model from a folder "
+                "with its text encoders."
             )
         n, dev = len(cond), cond.embeds.device
         mask = None if one.mask is None else one.mask[:1].to(dev).expand(n, -1)

@@ -61,7 +61,8 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
     """Options of ``critsample sample`` (the shared sections: :mod:`critsample.options`)."""
 
     classes: list[int] = field(default_factory=list)
-    """Class ids to sample (``--class 3`` or ``--class 0 1 2``), cycled over --num; -1 = unconditional; empty = all classes."""
+    """Class ids to sample (``--class 3`` or ``--class 0 1 2``), cycled over --num; -1 = unconditional; empty = all
+    classes."""
     prompt: list[str] = field(default_factory=list)
     """Text prompts for text models (cycled over --num)."""
     num: int = 16
@@ -71,8 +72,8 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
     adaptive: bool = False
     """Adaptive plan: guided global inside the critical window, cheaper denoiser outside."""
     summary: str | None = None
-    """summary.json of ``critsample detect`` giving the adaptive plan: the plan certified by ``critsample tune`` when the
-    summary holds one (used as measured: its steps, sampler and guidance must match --steps, --sampler, --guidance,
+    """summary.json of ``critsample detect`` giving the adaptive plan: the plan certified by ``critsample tune`` when
+    the summary holds one (used as measured: its steps, sampler and guidance must match --steps, --sampler, --guidance,
     else a warning and the window below), otherwise guided inside its critical window with its suggested radius outside.
     An explicit --window, --radius or --outside builds the plan from the window instead."""
     window: str | None = None
@@ -89,7 +90,8 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
     --batch_size, resume or sharding (slower: no batching). Off, samples agree across batch sizes to float rounding
     (~1e-6: matrix kernels round differently for different batch sizes)."""
     batch_size: int = 100
-    """Samples per batch (a killed run keeps its finished batches and, with ddim / euler, the last checkpoint of the one in flight)."""
+    """Samples per batch (a killed run keeps its finished batches and, with ddim / euler, the last checkpoint of the one
+    in flight)."""
 
     def __post_init__(self):
         self.validate()
@@ -111,9 +113,11 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
         if not self.adaptive:
             given = [f"--{n}" for n in ("summary", "window", "radius", "outside") if getattr(self, n) is not None]
             if given:
-                raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --adaptive plans; add --adaptive or drop {'it' if len(given) == 1 else 'them'}.")
+                raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --adaptive "
+                                f"plans; add --adaptive or drop {'it' if len(given) == 1 else 'them'}.")
         elif self.interval is not None:
-            raise UserError("--interval (limited-interval guidance) and --adaptive are two different plans; choose one.")
+            raise UserError("--interval (limited-interval guidance) and --adaptive are two different plans; choose "
+                            "one.")
 
 
 def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
@@ -141,7 +145,8 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
         if window is None:
             raise UserError("--adaptive needs a window: pass --summary DIR/summary.json or --window t0:t1.")
         if radius is None and outside != "global-uncond":
-            raise UserError("--adaptive with a local outside denoiser needs --radius R (or a summary that suggests one).")
+            raise UserError("--adaptive with a local outside denoiser needs --radius R (or a summary that suggests "
+                            "one).")
         return plans.adaptive(model, cfg.steps, w, window, radius, outside, cfg.sampler)
     if cfg.interval:
         return plans.interval_guidance(model, cfg.steps, w, cfg.interval, cfg.sampler)
@@ -157,9 +162,9 @@ def _certified(cfg: SampleConfig, model: Denoiser, guidance: float) -> Plan | No
     scales = {s.guidance for s in plan.steps if s.mode == "guided"}
     if len(plan.steps) == cfg.steps and cfg.sampler in ("auto", plan.sampler) and scales <= {guidance}:
         return plan
-    log.warning(f"The certified plan of {cfg.summary} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, guidance "
-                f"{', '.join(f'{g:g}' for g in sorted(scales)) or '-'}; these options differ, so the plan is built from the window "
-                "(not certified). Run `critsample tune` with these options to certify one.")
+    log.warning(f"The certified plan of {cfg.summary} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, "
+                f"guidance {', '.join(f'{g:g}' for g in sorted(scales)) or '-'}; these options differ, so the plan is "
+                "built from the window (not certified). Run `critsample tune` with these options to certify one.")
     return None
 
 
@@ -177,7 +182,8 @@ def conditioning(cfg: SampleConfig, model: Denoiser, device) -> tuple[Cond, np.n
     classes = cfg.classes or list(range(model.num_classes))
     for c in classes:
         if c != NULL and not 0 <= c < model.num_classes:
-            raise UserError(f"Class {c} is outside {model.name}'s classes 0..{model.num_classes - 1} (-1 = unconditional).")
+            raise UserError(f"Class {c} is outside {model.name}'s classes 0..{model.num_classes - 1} (-1 = "
+                            "unconditional).")
     labels = torch.tensor([classes[i % len(classes)] for i in range(cfg.num)], device=device)
     return labels, labels.cpu().numpy()
 
@@ -211,7 +217,8 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     def compute(unit: Unit, batch: SeededBatch) -> dict:
         """One batch; with a single-step integrator its state is checkpointed every CHECKPOINT_SECONDS, so a batch
         killed midway resumes from its last checkpoint (bitwise the same as an uninterrupted run). The checkpoint is
-        keyed by the batch's key (every option, the plan, the weights, the seed, the range): no other command resumes it."""
+        keyed by the batch's key (every option, the plan, the weights, the seed, the range): no other command resumes
+        it."""
         nonlocal seconds, computed, skipped
         lo, hi = batch.lo, batch.hi
         start = time.perf_counter()

@@ -88,8 +88,8 @@ class DigitsJudge(Judge):
 def for_model(model) -> Judge:
     """The judge of ``model`` (a ``Denoiser``): the digits judge for models trained on digits; else one sentence."""
     if model.num_classes is None or model.dataset != "digits":
-        raise UserError(f"Quality is measured with the bundled digits classifier and digits-FD; {model.name} is not a digits model "
-                        "(dit-digits or a model trained on digits), so it has no judge yet.")
+        raise UserError(f"Quality is measured with the bundled digits classifier and digits-FD; {model.name} is not a "
+                        "digits model (dit-digits or a model trained on digits), so it has no judge yet.")
     return DigitsJudge()
 
 

@@ -497,5 +497,6 @@ def block_attention(q, k, v, blocks: torch.Tensor, num_extra: int = 0, extra_fir
     tokens on image tokens outside block 0)."""
     _check_qkv(q, k, v)
     if blocks.dim() != 2 or blocks.shape[0] != q.shape[0] or blocks.shape[1] + num_extra != q.shape[2]:
-        raise UserError(f"blocks must be (B, n image tokens) = ({q.shape[0]}, {q.shape[2] - num_extra}); got {tuple(blocks.shape)}.")
+        raise UserError(f"blocks must be (B, n image tokens) = ({q.shape[0]}, {q.shape[2] - num_extra}); got "
+                        f"{tuple(blocks.shape)}.")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask(blocks.to(q.device), num_extra, extra_first))

@@ -77,7 +77,8 @@ class Schedule:
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
         else:
-            raise UserError(f"Unsupported beta_schedule {self.beta_schedule!r}; use linear, scaled_linear or squaredcos_cap_v2.")
+            raise UserError(f"Unsupported beta_schedule {self.beta_schedule!r}; use linear, scaled_linear or "
+                            "squaredcos_cap_v2.")
         return torch.cumprod(1.0 - betas, dim=0)
 
     # -- time maps -----------------------------------------------------------------------------
@@ -105,7 +106,8 @@ class Schedule:
         return 1.0 - t, t
 
     def log_snr(self, t) -> torch.Tensor:
-        """Continuous float64 ``log(alpha^2 / sigma^2)`` (nats) of ``t`` (module docstring: linear between DDPM steps)."""
+        """Continuous float64 ``log(alpha^2 / sigma^2)`` (nats) of ``t`` (module docstring: linear between DDPM
+        steps)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if self.kind == "flow":
             tc = t.clamp(_FLOW_EPS, 1 - _FLOW_EPS)

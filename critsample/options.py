@@ -75,7 +75,8 @@ class ModelOptions:
 
     def check_model(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
-            raise UserError("--model is empty; give a registry name (dit-digits, dit-xl, sd3-medium, gmm-...) or a model folder.")
+            raise UserError("--model is empty; give a registry name (dit-digits, dit-xl, sd3-medium, gmm-...) or a "
+                            "model folder.")
         check_device(self.device)
 
 
@@ -84,7 +85,8 @@ class SeedOptions:
     """The seed every random draw of a run derives from."""
 
     seed: int = 0
-    """Seed (any integer): sample i of a run starts from noise drawn from a hash of (seed, i), whatever the batch size."""
+    """Seed (any integer): sample i of a run starts from noise drawn from a hash of (seed, i), whatever the batch
+    size."""
 
     def check_seed(self) -> None:
         _integer("seed", self.seed)
@@ -201,7 +203,8 @@ def parse_radius(r) -> int | None:
     if isinstance(r, bool) or not isinstance(r, (numbers.Integral, float)) or not float(r).is_integer():
         raise UserError(f"An attention radius must be a non-negative integer or None (global); got {r!r}.")
     if r < 0:
-        raise UserError(f"Radius {int(r)} is out of range: an attention radius is a non-negative integer (None = global).")
+        raise UserError(f"Radius {int(r)} is out of range: an attention radius is a non-negative integer (None = "
+                        "global).")
     return int(r)
 
 
@@ -228,7 +231,8 @@ class TimeWindow(_Pair):
     def __new__(cls, start: float, end: float):
         t0, t1 = float(start), float(end)
         if not (math.isfinite(t0) and math.isfinite(t1) and 0.0 <= t0 < t1 <= 1.0):
-            raise UserError(f"A window [t0, t1] needs 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); got [{start}, {end}].")
+            raise UserError(f"A window [t0, t1] needs 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); got [{start}, "
+                            f"{end}].")
         return super().__new__(cls, t0, t1)
 
     @classmethod

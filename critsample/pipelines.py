@@ -135,9 +135,10 @@ class FluxPlanCallback(PlanCallback):
         if len(kinds) > 1:
             named = ", ".join(f"guided(w={g:g})" if m == "guided" else m for m, g in kinds)
             raise UserError(
-                f"FluxPipeline fixes true CFG, the negative prompt and the pooled embeddings for the whole call, so a plan "
-                f"run inside it must use one denoiser at every step (only the radius may change); this plan mixes {named}. "
-                f"Sample it with critsample.sample, or use one kind (e.g. plans.adaptive(..., guidance=1, outside='local-cond'))."
+                "FluxPipeline fixes true CFG, the negative prompt and the pooled embeddings for the whole call, so a "
+                "plan run inside it must use one denoiser at every step (only the radius may change); this plan mixes "
+                f"{named}. Sample it with critsample.sample, or use one kind (e.g. plans.adaptive(..., guidance=1, "
+                "outside='local-cond'))."
             )
         self.distilled_guidance = distilled_guidance
 
@@ -162,7 +163,8 @@ def plan_callback(pipe, plan: Plan, cond: PromptCond, null: PromptCond, grid: tu
     name = type(pipe).__name__
     if name not in CALLBACKS:
         raise UserError(
-            f"{name} cannot run a critsample plan: plans run inside {' and '.join(CALLBACKS)} only (PixArt's pipelines have "
-            f"no callback_on_step_end and fix guidance and attention for the whole call); sample with critsample.sample."
+            f"{name} cannot run a critsample plan: plans run inside {' and '.join(CALLBACKS)} only (PixArt's pipelines "
+            "have no callback_on_step_end and fix guidance and attention for the whole call); sample with "
+            "critsample.sample."
         )
     return CALLBACKS[name](plan, cond, null, grid, **kwargs)

@@ -59,7 +59,8 @@ def adaptive(
         raise UserError(f"--outside must be one of {', '.join(OUTSIDE)}; got {outside!r}.")
     r = None if outside == "global-uncond" else radius
     if r is None and outside != "global-uncond":
-        raise UserError(f"An adaptive plan with outside={outside} needs a local radius (the summary suggested none); give one.")
+        raise UserError(f"An adaptive plan with outside={outside} needs a local radius (the summary suggested none); "
+                        "give one.")
     check_radius(r, denoiser.token_grid, bound="grid", model=denoiser.name)
     out_step = Step("cond" if outside == "local-cond" else "uncond", r, 1.0)
     out_global = Step(out_step.mode, None, 1.0)

@@ -1,4 +1,5 @@
-"""Figures, image grids and the run report (side effects: the file system lives here, in store.py and summary.py; W&B in tracking.py)."""
+"""Figures, image grids and the run report (side effects: the file system lives here, in store.py and summary.py; W&B in
+tracking.py)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def plot_heatmaps(t, radii, panels: dict, path, *, title: str | None = None, lab
     tt = np.asarray(t)[order]
     edges = np.concatenate([[tt[0] - (tt[1] - tt[0]) / 2 if len(tt) > 1 else tt[0] - 0.01], (tt[1:] + tt[:-1]) / 2,
                             [tt[-1] + (tt[-1] - tt[-2]) / 2 if len(tt) > 1 else tt[0] + 0.01]])
-    for ax, (name, values) in zip(axes, panels.items()):
+    for ax, (name, values) in zip(axes, panels.items(), strict=False):  # the last axis holds the colour bar
         v = np.asarray(values, dtype=float).T[:, order]  # (R, T)
         mesh = ax.pcolormesh(edges, np.arange(len(radii) + 1) - 0.5, np.where(v > 0, v, np.nan), norm=norm,
                              cmap="viridis")
@@ -182,7 +183,7 @@ def plot_frontier(certification: dict, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     panels = (("accuracy", "class accuracy", "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
               ("fd", "FD to the reference data", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
-    for ax, (key, label, front, bound) in zip(axes, panels):
+    for ax, (key, label, front, bound) in zip(axes, panels, strict=True):
         for kind, color in colors.items():
             idx = [i for i, e in enumerate(entries) if e["name"].startswith(kind)]
             if idx:
@@ -191,7 +192,7 @@ def plot_frontier(certification: dict, path):
                             fmt="o", ms=4, capsize=2, color=color, alpha=0.7, label=kind)
         on = sorted((cost[i], e["quality"][key]) for i, e in enumerate(entries) if e.get(front))
         if on:
-            ax.step(*zip(*on), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none",
+            ax.step(*zip(*on, strict=True), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none",
                     label="Pareto front")
         ax.axhline(bound, color="tab:red", ls="--", lw=1, label="tolerance bound")
         ax.plot(cost[0], base[key], "s", ms=9, mfc="none", color="k", label="baseline")
@@ -200,7 +201,8 @@ def plot_frontier(certification: dict, path):
         ax.set_xlabel("GFLOPs per sample" if use_flops else "forwards per sample")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    fig.suptitle(f"cost-quality frontier ({certification['setup'].get('num_samples')} paired samples): chosen {certification['name']}",
+    fig.suptitle(f"cost-quality frontier ({certification['setup'].get('num_samples')} paired samples): chosen "
+                 f"{certification['name']}",
                  fontsize=9)
     return _save(fig, path)
 
@@ -243,20 +245,25 @@ def write_detect_report(summary: dict, out: Path) -> Path:
     """The one-page Markdown report of a detection (``report.md``), embedding its figures."""
     s = summary
     lines = [f"# Critical windows of `{s['model']}`", ""]
-    lines += [f"Preset `{s['preset']}`, seed {s['seed']}, guidance w = {s['guidance']}, token grid {s['token_grid']}x{s['token_grid']}. "
-              f"{s['schedule']['t_convention']}; {s['schedule']['log_snr_convention']}.", ""]
+    lines += [f"Preset `{s['preset']}`, seed {s['seed']}, guidance w = {s['guidance']}, token grid "
+              f"{s['token_grid']}x{s['token_grid']}. {s['schedule']['t_convention']}; "
+              f"{s['schedule']['log_snr_convention']}.", ""]
     cw = s.get("critical_window")
     if cw:
-        lines += [f"**Combined critical window**: t in [{_fmt(cw['t_start'])}, {_fmt(cw['t_end'])}], center {_fmt(cw['center'])} "
-                  f"+- {_fmt(cw['uncertainty'])} (log-SNR {_fmt(cw['log_snr_start'], 2)} .. {_fmt(cw['log_snr_end'], 2)}, "
-                  f"center {_fmt(cw['log_snr_center'], 2)} +- {_fmt(cw['log_snr_uncertainty'], 2)}); members: {', '.join(cw.get('members', []))}. "
-                  f"Suggested local radius outside it: {s.get('suggested_radius')}.", ""]
-    lines += ["| probe | family | valid | t_start | t_end | center +- 1 sigma | log-SNR center +- 1 sigma | log-SNR start .. end | rule |",
+        lines += [f"**Combined critical window**: t in [{_fmt(cw['t_start'])}, {_fmt(cw['t_end'])}], center "
+                  f"{_fmt(cw['center'])} +- {_fmt(cw['uncertainty'])} (log-SNR {_fmt(cw['log_snr_start'], 2)} .. "
+                  f"{_fmt(cw['log_snr_end'], 2)}, center {_fmt(cw['log_snr_center'], 2)} +- "
+                  f"{_fmt(cw['log_snr_uncertainty'], 2)}); members: {', '.join(cw.get('members', []))}. Suggested "
+                  f"local radius outside it: {s.get('suggested_radius')}.", ""]
+    lines += ["| probe | family | valid | t_start | t_end | center +- 1 sigma | log-SNR center +- 1 sigma "
+              "| log-SNR start .. end | rule |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, w in s["windows"].items():
         valid = "yes" if w.get("valid", True) else f"no: {w.get('reason') or 'invalid'}"
-        lines.append(f"| {name} | {w['family']} | {valid} | {_fmt(w['t_start'])} | {_fmt(w['t_end'])} | {_fmt(w['center'])} +- {_fmt(w['uncertainty'])} | "
-                     f"{_fmt(w['log_snr_center'], 2)} +- {_fmt(w['log_snr_uncertainty'], 2)} | {_fmt(w['log_snr_start'], 2)} .. {_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
+        lines.append(f"| {name} | {w['family']} | {valid} | {_fmt(w['t_start'])} | {_fmt(w['t_end'])} | "
+                     f"{_fmt(w['center'])} +- {_fmt(w['uncertainty'])} | {_fmt(w['log_snr_center'], 2)} +- "
+                     f"{_fmt(w['log_snr_uncertainty'], 2)} | {_fmt(w['log_snr_start'], 2)} .. "
+                     f"{_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
     lines.append("")
     if s["concurrence"]:
         lines += ["## Concurrence", ""]
@@ -264,17 +271,24 @@ def write_detect_report(summary: dict, out: Path) -> Path:
             lines.append(f"- **{pair}**: {v['verdict']}.")
         lines.append("")
     captions = {
-        "cond_gap": "Conditioning gap (eq. 6) per image token along each trajectory (mean +- std over samples), in the units the window uses.",
-        "cond_gap_score": "Conditioning gap in score units (= eps units / sigma(t); diverges as sigma -> 0 at the clean end).",
+        "cond_gap": "Conditioning gap (eq. 6) per image token along each trajectory (mean +- std over samples), in the "
+                    "units the window uses.",
+        "cond_gap_score": "Conditioning gap in score units (= eps units / sigma(t); diverges as sigma -> 0 at the "
+                          "clean end).",
         "cond_gap_eps": "Conditioning gap in eps units (= sigma(t) x score units).",
-        "forward_backward": "Forward-backward: classifier error of unconditionally denoised images, global and local (Bernoulli 1-sigma).",
+        "forward_backward": "Forward-backward: classifier error of unconditionally denoised images, global and local "
+                            "(Bernoulli 1-sigma).",
         "forward_backward_mse": "Forward-backward per-pixel MSE.",
-        "window_cond": "Windowed conditioning: error vs window position (cond_in: conditioning only inside; cond_out: only outside).",
+        "window_cond": "Windowed conditioning: error vs window position (cond_in: conditioning only inside; cond_out: "
+                       "only outside).",
         "window_cond_fid": "Windowed conditioning: FID to the always-conditioned baseline.",
-        "window_cond_strips": "Samples per window position (first row: always conditioned; then one row per window, cond_in).",
-        "window_locality": "Windowed locality: global conditional inside / local unconditional outside (loc_in) and the reverse (loc_out).",
+        "window_cond_strips": "Samples per window position (first row: always conditioned; then one row per window, "
+                              "cond_in).",
+        "window_locality": "Windowed locality: global conditional inside / local unconditional outside (loc_in) and "
+                           "the reverse (loc_out).",
         "window_locality_fid": "Windowed locality: FID to the always-conditioned baseline.",
-        "window_locality_strips": "Samples per window position (first row: always conditioned; then one row per window, loc_in, first radius).",
+        "window_locality_strips": "Samples per window position (first row: always conditioned; then one row per "
+                                  "window, loc_in, first radius).",
     }
     lines += ["## Figures", ""]
     for name, path in s["outputs"]["figures"].items():
@@ -282,5 +296,6 @@ def write_detect_report(summary: dict, out: Path) -> Path:
         lines += [f"**{name}** — {cap}", "", f"![{name}]({path})", ""]
     c = s["cost"]
     lines += [f"Cost: {c['model_evaluations']} model evaluations in {c['units']} stored units "
-              f"({c['units_computed_this_run']} computed in this run, {c['units_loaded']} loaded). Raw arrays: {', '.join(s['outputs']['arrays'])}.", ""]
+              f"({c['units_computed_this_run']} computed in this run, {c['units_loaded']} loaded). Raw arrays: "
+              f"{', '.join(s['outputs']['arrays'])}.", ""]
     return atomic_write(Path(out) / "report.md", "\n".join(lines))

@@ -130,7 +130,8 @@ def make_scheduler(denoiser: Denoiser, sampler: str = "auto"):
         sampler = "euler" if flow else "ddim"
     if flow != (sampler == "euler"):
         kind = "flow-matching" if flow else "DDPM"
-        raise UserError(f"Sampler {sampler!r} does not fit the {kind} model {denoiser.name}; use {'euler' if flow else 'ddim or dpm'}.")
+        raise UserError(f"Sampler {sampler!r} does not fit the {kind} model {denoiser.name}; use "
+                        f"{'euler' if flow else 'ddim or dpm'}.")
     if flow:
         return FlowMatchEulerDiscreteScheduler.from_config(config) if config else FlowMatchEulerDiscreteScheduler()
     s = denoiser.schedule
@@ -152,12 +153,14 @@ def step_times(denoiser: Denoiser, num_steps: int, sampler: str = "auto") -> lis
 
 def check_steps(denoiser: Denoiser, num_steps: int, option: str = "--steps") -> None:
     """A DDPM model's integrator takes at most its training timesteps (``num_train_timesteps``, 1000 for DiT): more is
-    one sentence naming ``option``, raised before any sampling (diffusers' schedulers raise a ValueError deep inside)."""
+    one sentence naming ``option``, raised before any sampling (diffusers' schedulers raise a ValueError deep
+    inside)."""
     if denoiser.schedule.kind == "flow":
         return
     top = int(denoiser.schedule.num_train_timesteps)
     if num_steps > top:
-        raise UserError(f"{option} {num_steps} is more than the {top} training timesteps of {denoiser.name}; use at most {top}.")
+        raise UserError(f"{option} {num_steps} is more than the {top} training timesteps of {denoiser.name}; use at "
+                        f"most {top}.")
 
 
 def set_timesteps(denoiser: Denoiser, scheduler, num_steps: int, device=None, x: torch.Tensor | None = None) -> None:
@@ -229,9 +232,10 @@ def sample(
 
     ``cond`` holds one row per sample (class ids, NULL rows, or prompt embeddings). Without ``x`` the initial noise is
     drawn by :func:`noise` from ``generator`` (diffusers' ``randn_tensor``, as diffusers' pipelines draw it, so equal
-    seeds give equal noise; a list gives one generator per row); with ``x`` the loop starts from that state, which must lie at the time of step ``start``.
-    ``predict(x, t, step, cond)`` replaces ``denoiser.predict`` (it gets the rows of ``step.mode``: ``cond`` or their
-    null rows). ``callback`` receives ``{"i", "t", "timestep", "x_in", "x", "prediction", "step"}`` after each step.
+    seeds give equal noise; a list gives one generator per row); with ``x`` the loop starts from that state, which must
+    lie at the time of step ``start``. ``predict(x, t, step, cond)`` replaces ``denoiser.predict`` (it gets the rows of
+    ``step.mode``: ``cond`` or their null rows). ``callback`` receives ``{"i", "t", "timestep", "x_in", "x",
+    "prediction", "step"}`` after each step.
     """
     device = next(denoiser.parameters(), torch.empty(0)).device
     batch = len(cond)

@@ -41,7 +41,8 @@ class SeededBatch:
         return self.hi - self.lo
 
     def generators(self, stream: str = "") -> list[torch.Generator]:
-        """One generator per sample, from (seed, index) alone (``stream``: an independent draw, see ``sample_generator``)."""
+        """One generator per sample, from (seed, index) alone (``stream``: an independent draw, see
+        ``sample_generator``)."""
         return sample_generators(self.seed, self.lo, self.hi, stream)
 
 
@@ -74,8 +75,9 @@ def decode(model: Denoiser, x: torch.Tensor, batch_invariant: bool = False) -> t
 @torch.no_grad()
 def sample_batch(model: Denoiser, plan: Plan, cond: Cond, batch: SeededBatch, *,
                  batch_invariant: bool = False) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1], on the CPU, of the batch's samples under ``plan``; ``cond`` holds the batch's rows.
-    ``batch_invariant``: the network and the decoder see one sample at a time (bitwise the same for any batch size)."""
+    """Images (B, C, H, W) in [0, 1], on the CPU, of the batch's samples under ``plan``; ``cond`` holds the batch's
+    rows. ``batch_invariant``: the network and the decoder see one sample at a time (bitwise the same for any batch
+    size)."""
     if len(cond) != len(batch):
         raise ValueError(f"Conditioning has {len(cond)} rows for a batch of {len(batch)} samples.")
     x = sample(model, plan, cond, generator=batch.generators(),

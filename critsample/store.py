@@ -48,7 +48,8 @@ log = logging.getLogger("critsample")
 
 
 class CorruptUnit(Exception):
-    """A stored unit whose file is unreadable, does not match its recorded checksum, or whose sidecar is another unit's."""
+    """A stored unit whose file is unreadable, does not match its recorded checksum, or whose sidecar is another
+    unit's."""
 
 
 class WriteError(UserError):
@@ -61,11 +62,11 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
-    """Write ``path`` whole or not at all: ``data`` (bytes, text, or a function writing to a binary file object) goes to a
-    temporary file in the same folder, is flushed and fsynced, and replaces ``path`` with ``os.replace``. Until then the
-    old file is untouched; on any failure the temporary file is removed. An ``OSError`` of the disk (no space left, a
-    quota, a read-only file system, no permission) becomes :class:`WriteError`, one sentence naming the file and saying
-    that finished work is kept."""
+    """Write ``path`` whole or not at all: ``data`` (bytes, text, or a function writing to a binary file object) goes to
+    a temporary file in the same folder, is flushed and fsynced, and replaces ``path`` with ``os.replace``. Until then
+    the old file is untouched; on any failure the temporary file is removed. An ``OSError`` of the disk (no space left,
+    a quota, a read-only file system, no permission) becomes :class:`WriteError`, one sentence naming the file and
+    saying that finished work is kept."""
     path = Path(path)
     tmp = None
     try:
@@ -85,8 +86,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
         if e.errno not in _CANNOT_WRITE:
             raise
         reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
-        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix the "
-                         "folder) and run the same command again to resume.") from None
+        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
+                         "the folder) and run the same command again to resume.") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -284,7 +285,8 @@ class Store:
         return path.exists() and path.with_suffix(".json").exists()
 
     def load(self, unit: Unit) -> dict[str, np.ndarray]:
-        """The unit's arrays, verified against the checksum recorded when it was written (:class:`CorruptUnit` if not)."""
+        """The unit's arrays, verified against the checksum recorded when it was written (:class:`CorruptUnit` if
+        not)."""
         path = self.path(unit)
         try:
             data = path.read_bytes()
@@ -293,10 +295,12 @@ class Store:
         except (OSError, ValueError, AttributeError) as e:
             raise CorruptUnit(f"{path} is unreadable ({type(e).__name__})") from None
         if meta.get("key") != unit.key:  # a sidecar moved or copied from another unit, or one without its key
-            raise CorruptUnit(f"{path.with_suffix('.json')} records the unit {str(meta['key'])[:16]}..., not this one" if meta.get("key")
+            raise CorruptUnit(f"{path.with_suffix('.json')} records the unit {str(meta['key'])[:16]}..., not this one"
+                              if meta.get("key")
                               else f"{path.with_suffix('.json')} records no unit key (an older critsample wrote it)")
         if recorded != hashlib.sha256(data).hexdigest():
-            raise CorruptUnit(f"{path} does not match its recorded checksum" if recorded else f"{path} has no recorded checksum")
+            raise CorruptUnit(f"{path} does not match its recorded checksum" if recorded
+                              else f"{path} has no recorded checksum")
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
@@ -305,7 +309,8 @@ class Store:
 
     def save(self, unit: Unit, arrays: dict[str, Any]) -> None:
         """Atomic writes (:func:`atomic_write`) of the ``.npz`` and of its sidecar: the unit's key, readable params and
-        the sha256 of the ``.npz``. The sidecar goes first: a kill between the two leaves a unit that fails its checksum."""
+        the sha256 of the ``.npz``. The sidecar goes first: a kill between the two leaves a unit that fails its
+        checksum."""
         path = self.path(unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v) for k, v in arrays.items()}
@@ -354,7 +359,8 @@ def check_writable(folder: str | Path, option: str = "--out") -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UserError(f"Cannot write to {option} {folder}: {e.strerror or type(e).__name__}; choose a writable folder.") from None
+        raise UserError(f"Cannot write to {option} {folder}: {e.strerror or type(e).__name__}; choose a writable "
+                        "folder.") from None
     return folder
 
 
@@ -435,5 +441,6 @@ def run_units(
         return None
     missing = [u for u in units if u.key not in mine and not store.has(u)]
     if missing:
-        raise RuntimeError(f"{len(missing)} units of {missing[0].probe} are missing after the barrier; is --out on a shared file system?")
+        raise RuntimeError(f"{len(missing)} units of {missing[0].probe} are missing after the barrier; is --out on a "
+                           "shared file system?")
     return {u.key: mine[u.key] if u.key in mine else store.load(u) for u in units}

@@ -2,8 +2,8 @@
 
 ``critsample detect`` writes it (``detect.assemble``); ``critsample tune`` adds the certified ``plan``
 (:func:`write_plan`); ``critsample sample --adaptive --summary`` (:func:`certified_plan`, else the window) and the
-radius / loss schedules of ``critsample fit`` read it through :func:`read`. Every number carries its convention: times are
-critsample t (:data:`T_CONVENTION`), noise levels log-SNR in nats (:data:`LOG_SNR_CONVENTION`). The full field list
+radius / loss schedules of ``critsample fit`` read it through :func:`read`. Every number carries its convention: times
+are critsample t (:data:`T_CONVENTION`), noise levels log-SNR in nats (:data:`LOG_SNR_CONVENTION`). The full field list
 is in ``docs/summary-schema.md``.
 
 Versioning: :data:`SCHEMA` is ``critsample.detect.summary/<version>``; a reader accepts its own version and older
@@ -58,23 +58,28 @@ def read(path: str | Path, model: str | None = None, *, require_window: bool = T
     if path.is_dir():
         path = path / "summary.json"
     if not path.exists():
-        raise UserError(f"No summary at {path}; run `critsample detect --model ... --out DIR` first and pass DIR/summary.json.")
+        raise UserError(f"No summary at {path}; run `critsample detect --model ... --out DIR` first and pass "
+                        "DIR/summary.json.")
     try:
         summary = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; pass the summary.json written by `critsample detect`.") from None
     if not isinstance(summary, dict):
-        raise UserError(f"{path} is not a critsample summary (a JSON object); pass the summary.json written by `critsample detect`.")
+        raise UserError(f"{path} is not a critsample summary (a JSON object); pass the summary.json written by "
+                        "`critsample detect`.")
     schema = summary.get("schema", SCHEMA)
     if not str(schema).startswith("critsample.detect.summary/"):
-        raise UserError(f"{path} is not a critsample summary (no schema {SCHEMA!r}); pass the summary.json written by `critsample detect`.")
+        raise UserError(f"{path} is not a critsample summary (no schema {SCHEMA!r}); pass the summary.json written by "
+                        "`critsample detect`.")
     version = str(schema).rsplit("/", 1)[1]
     if not version.isdigit() or int(version) > VERSION:
         raise UserError(f"{path} was written by a newer critsample (schema {schema}); upgrade critsample to read it.")
     if model is not None and "model" not in summary:
-        raise UserError(f"{path} does not say which model it was measured on (no 'model' key); add it or detect the window of {model!r}.")
+        raise UserError(f"{path} does not say which model it was measured on (no 'model' key); add it or detect the "
+                        f"window of {model!r}.")
     if model is not None and summary["model"] != model:
-        raise UserError(f"{path} was measured on {summary['model']!r}, not on {model!r}; detect the window of this model first.")
+        raise UserError(f"{path} was measured on {summary['model']!r}, not on {model!r}; detect the window of this "
+                        "model first.")
     if require_window:
         critical_window(summary, path)
     return summary
@@ -86,13 +91,13 @@ def critical_window(summary: dict, path: str | Path = "the summary") -> TimeWind
     try:
         t0, t1 = float(w["t_start"]), float(w["t_end"])
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path} has no critical_window.t_start / t_end: none was detected, or it is not a critsample summary; "
-                        "give an explicit window.") from None
+        raise UserError(f"{path} has no critical_window.t_start / t_end: none was detected, or it is not a critsample "
+                        "summary; give an explicit window.") from None
     try:
         return TimeWindow(t0, t1)
     except UserError:
-        raise UserError(f"{path} has a critical window [{t0}, {t1}] outside 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = noise); "
-                        "give an explicit window.") from None
+        raise UserError(f"{path} has a critical window [{t0}, {t1}] outside 0 <= t0 < t1 <= 1 (t: 0 = clean, 1 = "
+                        "noise); give an explicit window.") from None
 
 
 def suggested_radius(summary: dict) -> int | None:
@@ -113,8 +118,8 @@ def certified_plan(summary: dict) -> dict | None:
         return None
     if not isinstance(p, dict) or not isinstance(p.get("plan"), dict) or not isinstance(p["plan"].get("steps"),
                                                                                         list) or not p["plan"]["steps"]:
-        raise UserError("The summary's 'plan' is not a certified plan (an object whose 'plan' has 'steps'); run `critsample tune` again "
-                        "or remove it.")
+        raise UserError("The summary's 'plan' is not a certified plan (an object whose 'plan' has 'steps'); run "
+                        "`critsample tune` again or remove it.")
     return p
 
 

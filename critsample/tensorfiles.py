@@ -39,14 +39,15 @@ def load_tensors(path: str | Path, option: str = "--data", mmap: bool = False):
     if not path.is_file():
         raise UserError(f"{option} {path} does not exist or is not a file.")
     if path.suffix.lower() not in SUFFIXES:
-        raise UserError(f"{option} {path} has the unknown extension {path.suffix or '(none)'!r}; give a .pt (torch.save), .npz "
-                        "(numpy.savez) file or an image folder.")
+        raise UserError(f"{option} {path} has the unknown extension {path.suffix or '(none)'!r}; give a .pt "
+                        "(torch.save), .npz (numpy.savez) file or an image folder.")
     if path.suffix.lower() == ".npz" and not zipfile.is_zipfile(path):
         raise UserError(f"{option} {path} is not a .npz file (not a zip archive of arrays); write it with numpy.savez.")
     if path.suffix.lower() != ".npz" and not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             if f.read(1) != b"\x80":  # neither torch.save's zip nor its legacy pickle (protocol 2+): e.g. a text file
-                raise UserError(f"{option} {path} is not a tensor file written by torch.save; write it with torch.save or numpy.savez.")
+                raise UserError(f"{option} {path} is not a tensor file written by torch.save; write it with torch.save "
+                                "or numpy.savez.")
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as f:
@@ -59,25 +60,30 @@ def load_tensors(path: str | Path, option: str = "--data", mmap: bool = False):
         ) from None
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise UserError(f"{option} {path} holds pickled object arrays, which can run code when loaded; store numeric arrays only.") from None
+            raise UserError(f"{option} {path} holds pickled object arrays, which can run code when loaded; store "
+                            "numeric arrays only.") from None
         raise UserError(f"{option} {path} is not a readable tensor file ({str(e).splitlines()[0]}).") from None
     except (KeyError, IndexError, UnicodeDecodeError) as e:  # e.g. a text file named .pt
-        raise UserError(f"{option} {path} is not a tensor file written by torch.save ({type(e).__name__} reading it).") from None
+        raise UserError(f"{option} {path} is not a tensor file written by torch.save ({type(e).__name__} reading "
+                        "it).") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{option} {path} is not a readable tensor file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}).") from None
+        raise UserError(f"{option} {path} is not a readable tensor file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'truncated'}).") from None
 
 
 def check_samples(x, path, option: str = "--data", kind: str = "latents") -> torch.Tensor:
     """``x`` (a tensor or array of samples, (N, ...)) as a float tensor, refused in one sentence naming ``path`` when it
     is empty, not numeric, holds NaN or inf, or is out of range for its ``kind`` ("images" in [0, 1], "latents" in model
-    space); a warning line when latents look out of the model's range. Read in chunks (a memory-mapped file stays so)."""
+    space); a warning line when latents look out of the model's range. Read in chunks (a memory-mapped file stays
+    so)."""
     name = f"{option} {path}"
     x = torch.as_tensor(x) if not isinstance(x, np.ndarray) or x.dtype.kind in "biuf" else None
     if x is None or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
                                                               torch.int64)):
         raise UserError(f"{name} holds {kind} that are not numbers; store a float array or tensor.")
     if x.ndim < 2 or x.shape[0] == 0:
-        raise UserError(f"{name} holds {x.shape[0] if x.ndim else 0} samples ({kind} of shape {tuple(x.shape)}); store (N, C, H, W) with N >= 1.")
+        raise UserError(f"{name} holds {x.shape[0] if x.ndim else 0} samples ({kind} of shape {tuple(x.shape)}); store "
+                        "(N, C, H, W) with N >= 1.")
     bad, lo, hi = 0, float("inf"), float("-inf")
     for i in range(0, x.shape[0], 4096):
         part = x[i : i + 4096].float()
@@ -86,19 +92,21 @@ def check_samples(x, path, option: str = "--data", kind: str = "latents") -> tor
         if finite.any():
             lo, hi = min(lo, float(part[finite].min())), max(hi, float(part[finite].max()))
     if bad:
-        raise UserError(f"{name} has {bad} NaN or infinite value{'s' if bad > 1 else ''} among its {x.numel()} {kind} values; "
-                        "clean or drop those samples.")
+        raise UserError(f"{name} has {bad} NaN or infinite value{'s' if bad > 1 else ''} among its {x.numel()} {kind} "
+                        "values; clean or drop those samples.")
     if kind == "images" and (lo < -IMAGE_MARGIN or hi > 1 + IMAGE_MARGIN):
-        fix = "divide by 255" if hi > 2 else "map [-1, 1] to [0, 1] with (x + 1) / 2" if lo >= -1 - IMAGE_MARGIN else "rescale them"
+        fix = ("divide by 255" if hi > 2
+               else "map [-1, 1] to [0, 1] with (x + 1) / 2" if lo >= -1 - IMAGE_MARGIN else "rescale them")
         raise UserError(f"{name} holds images with values in [{lo:g}, {hi:g}] but images must be in [0, 1]; {fix}.")
     if kind == "latents":
         peak = max(abs(lo), abs(hi))
         if peak > LATENT_ERROR:
-            raise UserError(f"{name} holds latents as large as {peak:g} in magnitude, far outside the model's range (about unit "
-                            f"variance; beyond {LATENT_ERROR:g} nothing is); store model-space latents, or images in [0, 1] under 'images'.")
+            raise UserError(f"{name} holds latents as large as {peak:g} in magnitude, far outside the model's range "
+                            f"(about unit variance; beyond {LATENT_ERROR:g} nothing is); store model-space latents, or "
+                            "images in [0, 1] under 'images'.")
         if peak > LATENT_WARN:
-            log.warning(f"{name} holds latents as large as {peak:g} in magnitude, outside the model's usual range (about unit "
-                        f"variance); check their scaling (a VAE's scaling factor, pixels in [-1, 1]).")
+            log.warning(f"{name} holds latents as large as {peak:g} in magnitude, outside the model's usual range "
+                        f"(about unit variance); check their scaling (a VAE's scaling factor, pixels in [-1, 1]).")
     return x
 
 
@@ -107,14 +115,16 @@ def check_labels(labels, n: int, path, option: str = "--data", num_classes: int 
     not integers, fewer than the samples, negative, or (``num_classes`` given) not below ``num_classes``."""
     name = f"{option} {path}"
     arr = np.asarray(labels)
-    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all())):
-        raise UserError(f"{name} has labels of type {arr.dtype} ({str(arr.reshape(-1)[:1].tolist())[1:-1] or 'empty'}, ...); store integer class ids.")
+    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f"
+                                        and not (np.isfinite(arr).all() and (arr == np.round(arr)).all())):
+        raise UserError(f"{name} has labels of type {arr.dtype} ({str(arr.reshape(-1)[:1].tolist())[1:-1] or 'empty'}, "
+                        "...); store integer class ids.")
     arr = arr.reshape(-1).astype(np.int64)
     if len(arr) < n:
         raise UserError(f"{name} has {len(arr)} labels for {n} samples; store one integer class id per sample.")
     out = arr[arr < 0] if num_classes is None else arr[(arr < 0) | (arr >= num_classes)]
     if len(out):
         allowed = "0 or more" if num_classes is None else f"in 0..{num_classes - 1}"
-        raise UserError(f"{name} has {len(out)} label{'s' if len(out) > 1 else ''} outside the classes (e.g. {int(out[0])}); "
-                        f"labels must be {allowed}.")
+        raise UserError(f"{name} has {len(out)} label{'s' if len(out) > 1 else ''} outside the classes (e.g. "
+                        f"{int(out[0])}); labels must be {allowed}.")
     return torch.from_numpy(arr[:n])

@@ -28,8 +28,9 @@ def guarded(fn):
         except Exception as e:
             out = kwargs.get("out", args[1] if len(args) > 1 else "--out")
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            log.warning(f"W&B logging failed ({type(e).__name__}{': ' + reason if reason else ''}); the results are written "
-                        f"under {out} and nothing was lost; fix W&B (e.g. a writable WANDB_DIR or HOME) or pass --no-wandb.")
+            log.warning(f"W&B logging failed ({type(e).__name__}{': ' + reason if reason else ''}); the results are "
+                        f"written under {out} and nothing was lost; fix W&B (e.g. a writable WANDB_DIR or HOME) or "
+                        "pass --no-wandb.")
             return None
 
     return wrapper
@@ -59,12 +60,12 @@ def log_detect(summary: dict, out: str | Path, *, figures: dict[str, Path], curv
         payload = {}
         for name, c in curves.items():  # c = {"x": [...], "x_label": str, "series": {label: (mean, err)}}
             rows = [[float(x), label, float(m), float(e)] for label, (mean, err) in c["series"].items() for x, m,
-                    e in zip(c["x"], mean, err)]
+                    e in zip(c["x"], mean, err, strict=True)]
             table = wandb.Table(columns=[c.get("x_label", "t"), "series", "mean", "err"], data=rows)
             payload[f"tables/{name}"] = table
             for label, (mean, _) in c["series"].items():
                 t = wandb.Table(columns=[c.get("x_label", "t"), "mean"],
-                                data=[[float(x), float(m)] for x, m in zip(c["x"], mean)])
+                                data=[[float(x), float(m)] for x, m in zip(c["x"], mean, strict=True)])
                 payload[f"curves/{name}/{label}"] = wandb.plot.line(t, c.get("x_label", "t"), "mean",
                                                                     title=f"{name} {label}")
         for name, path in figures.items():

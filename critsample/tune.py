@@ -1,14 +1,15 @@
 """Certifying a plan to disk: the library behind ``critsample tune`` (``commands/tune.py`` parses argv and prints).
 
-Reads a ``summary.json`` of ``critsample detect``, searches plans around its windows (:func:`critsample.certify.search`),
-measures them against full guidance on paired noise (:func:`critsample.certify.certify`) and writes to ``--out``:
-``frontier.json`` (every plan with its cost and quality, the chosen one and the rule), ``frontier.png`` (cost vs accuracy
-and cost vs FD, :func:`critsample.report.plot_frontier`), and the chosen plan into the summary as its top-level ``plan``
-object (:func:`critsample.summary.write_plan`), which ``critsample sample --adaptive --summary`` then uses.
+Reads a ``summary.json`` of ``critsample detect``, searches plans around its windows
+(:func:`critsample.certify.search`), measures them against full guidance on paired noise
+(:func:`critsample.certify.certify`) and writes to ``--out``:
+``frontier.json`` (every plan with its cost and quality, the chosen one and the rule), ``frontier.png`` (cost vs
+accuracy and cost vs FD, :func:`critsample.report.plot_frontier`), and the chosen plan into the summary as its top-level
+``plan`` object (:func:`critsample.summary.write_plan`), which ``critsample sample --adaptive --summary`` then uses.
 
-Resuming: each plan's samples are one unit of a :class:`~critsample.store.Store` under ``out/.units``, keyed by the plan,
-the number of samples, the seed and a fingerprint of the model's weights; a rerun with the same options samples nothing
-(the metrics, seconds of CPU, are computed again from the stored samples).
+Resuming: each plan's samples are one unit of a :class:`~critsample.store.Store` under ``out/.units``, keyed by the
+plan, the number of samples, the seed and a fingerprint of the model's weights; a rerun with the same options samples
+nothing (the metrics, seconds of CPU, are computed again from the stored samples).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
     """Options of ``critsample tune`` (the shared sections: :mod:`critsample.options`)."""
 
     summary: str
-    """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is written into it."""
+    """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is
+    written into it."""
     model: str = "dit-digits"
     """Registry name or local folder of a digits model (quality is judged with the bundled digits classifier)."""
     num: int = 1000
@@ -81,9 +83,11 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
                 raise UserError(f"--{name} must be an integer >= {2 if name in ('num', 'n_boot') else 1}; got {v!r}.")
         bad = [m for m in self.outside if m not in plans.OUTSIDE]
         if bad or not (self.outside or self.interval):
-            raise UserError(f"--outside takes modes among {', '.join(plans.OUTSIDE)} (or none with --interval); got {self.outside!r}.")
+            raise UserError(f"--outside takes modes among {', '.join(plans.OUTSIDE)} (or none with --interval); got "
+                            f"{self.outside!r}.")
         if not self.shifts or not self.scales or any(s <= 0 for s in self.scales):
-            raise UserError(f"--shifts needs at least one value and --scales positive values; got {self.shifts!r}, {self.scales!r}.")
+            raise UserError(f"--shifts needs at least one value and --scales positive values; got {self.shifts!r}, "
+                            f"{self.scales!r}.")
         if not all(math.isfinite(v) for v in (*self.shifts, *self.scales)):
             raise UserError(f"--shifts and --scales take finite numbers; got {self.shifts!r}, {self.scales!r}.")
         for r in self.radii:
@@ -95,7 +99,8 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
 
 def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None,
         progress: bool = False) -> dict:
-    """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's plan)."""
+    """Certify as configured; returns ``frontier.json``'s record (also written, with the figure and the summary's
+    plan)."""
     cfg.validate()  # a config may be changed after construction
     out = check_writable(cfg.out)
     model = model if model is not None else load(cfg.model, device=device or "cpu",
@@ -107,8 +112,9 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
     baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
     if all((p.sampler, tuple(p.steps)) == (baseline.sampler, tuple(baseline.steps)) for p in candidates):
         window = summary_windows(summary)["guidance"][0]
-        raise UserError(f"--shifts {cfg.shifts} and --scales {cfg.scales} leave no plan to certify around the guidance window {window} "
-                        "(every window moves outside [0, 1] or covers it whole, i.e. full guidance); use shifts within +-1 and smaller scales.")
+        raise UserError(f"--shifts {cfg.shifts} and --scales {cfg.scales} leave no plan to certify around the guidance "
+                        f"window {window} (every window moves outside [0, 1] or covers it whole, i.e. full guidance); "
+                        "use shifts within +-1 and smaller scales.")
     store = Store(out / ".units", model_fingerprint(model, model.name), cfg.seed)
     result: Certification = certify(model, baseline, candidates, num=cfg.num, seed=cfg.seed, n_boot=cfg.n_boot,
                                     store=store,

@@ -76,7 +76,7 @@ def test_flex_gradients_equal_masked_gradients(monkeypatch, h, w, r, num_extra):
     for impl in ("masked", "flex"):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         grads[impl] = torch.autograd.grad(local_attention(*leaves, (h, w), r, num_extra, impl=impl), leaves, grad_out)
-    for name, a, b in zip("qkv", grads["flex"], grads["masked"]):
+    for name, a, b in zip("qkv", grads["flex"], grads["masked"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"d{name}")
 
 

@@ -162,7 +162,8 @@ def test_tune_on_a_full_disk_is_one_sentence_and_keeps_the_summary(tmp_path, mon
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()  # tune's progress lines, then the error
     err = lines[-1]
-    assert err.startswith("critsample: error: ") and "Traceback" not in "\n".join(lines) and "internal error" not in "\n".join(lines)
+    assert (err.startswith("critsample: error: ") and "Traceback" not in "\n".join(lines)
+            and "internal error" not in "\n".join(lines))
     assert f"Could not write {path} (No space left on device); the work finished so far is kept" in err
     assert failed and path.read_bytes() == before and (tmp_path / "tune" / "frontier.json").exists()
 
@@ -258,7 +259,8 @@ def test_a_loaded_model_is_fingerprinted_from_its_files_once(dit_folder, tmp_pat
     value = store.model_fingerprint(first, "m")
     assert value == f"m@{hashlib.sha256(('m:' + store.weights_digest(first.state_dict())).encode()).hexdigest()[:16]}"
     cache = json.loads((tmp_path / "xdg-cache" / "critsample" / "digests.json").read_text())
-    assert str((folder / "transformer" / "diffusion_pytorch_model.safetensors").resolve()) in cache["files"] and cache["weights"]
+    assert (str((folder / "transformer" / "diffusion_pytorch_model.safetensors").resolve()) in cache["files"]
+            and cache["weights"])
 
     def no_tensor_reads(*a, **kw):
         raise AssertionError("the weights were read again")
@@ -314,7 +316,7 @@ def test_changed_weights_recompute_sample_detect_and_tune_units(digits, tmp_path
     assert ids[0] != ids[1] and ids[0] == store.model_fingerprint(digits, digits.name)  # tune's units are keyed by it
 
 
-# -- 4. data is validated where it enters -------------------------------------------------------------------------------
+# -- 4. data is validated where it enters ------------------------------------------------------------------------------
 
 
 def _latents(n=3, value=None, **extra):
@@ -367,7 +369,8 @@ def test_latents_somewhat_out_of_range_are_a_warning(caplog):
 
     with caplog.at_level(logging.WARNING, logger="critsample"):
         check_samples(_latents()["latents"] * 20, "x.npz")
-    assert ["--data x.npz holds latents as large as" in r.getMessage() and "usual range" in r.getMessage() for r in caplog.records] == [True]
+    assert ["--data x.npz holds latents as large as" in r.getMessage() and "usual range" in r.getMessage()
+            for r in caplog.records] == [True]
     caplog.clear()
     check_samples(_latents()["latents"] * 3, "x.npz")  # a VAE's latents reach a few units: nothing said
     assert not caplog.records
@@ -443,7 +446,8 @@ def test_a_full_disk_during_detect_is_one_sentence_and_keeps_finished_units(tmp_
     monkeypatch.setattr(store.Store, "save", save)
     assert main([*DETECT, "--out", str(out), "--no-wandb"]) == 2
     err = _one_line_error(capsys)
-    assert "Could not write " in err and "(No space left on device); the work finished so far is kept" in err and "run the same command again" in err
+    assert ("Could not write " in err and "(No space left on device); the work finished so far is kept" in err
+            and "run the same command again" in err)
     assert "internal error" not in err
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
@@ -459,7 +463,8 @@ def test_a_full_disk_outside_the_atomic_writes_is_one_sentence_too(tmp_path, mon
     monkeypatch.setattr(detect, "run", full)
     assert main([*DETECT, "--out", str(tmp_path / "run")]) == 2
     err = _one_line_error(capsys)
-    assert f"No space left on device writing {tmp_path / 'run' / 'wandb' / 'x'}; the work finished so far is kept" in err
+    assert (f"No space left on device writing {tmp_path / 'run' / 'wandb' / 'x'}; the work finished so far is kept"
+            in err)
 
 
 @pytest.mark.parametrize("command", ["detect", "sample"])
@@ -476,7 +481,8 @@ def test_a_failing_wandb_is_a_warning_after_the_results_are_written(tmp_path, mo
     with caplog.at_level(logging.WARNING, logger="critsample"):
         assert main(argv) == 0
     said = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
-    assert len(said) == 1 and "W&B logging failed (PermissionError" in said[0] and f"the results are written under {out}" in said[0], said
+    assert (len(said) == 1 and "W&B logging failed (PermissionError" in said[0]
+            and f"the results are written under {out}" in said[0]), said
     for name in (["summary.json", "report.md", "config.yaml"] if command == "detect" else ["samples.npz", "run.json",
                                                                                            "grid.png"]):
         assert (out / name).stat().st_size > 0

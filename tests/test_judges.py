@@ -51,7 +51,8 @@ def test_paired_bars_of_a_set_against_itself_are_zero_and_a_worse_set_drops(judg
     x, y = images
     base = judge.score(x, y)
     same = judges.quality(judge, base, base, n_boot=10, seed=0)
-    assert same["accuracy_drop"] == 0 and same["accuracy_drop_sigma"] == 0 and same["fd_ratio"] == 1 and same["fd_ratio_sigma"] == 0
+    assert (same["accuracy_drop"] == 0 and same["accuracy_drop_sigma"] == 0 and same["fd_ratio"] == 1
+            and same["fd_ratio_sigma"] == 0)
     worse = judges.quality(judge, judge.score(x.flip(-1), y), base, n_boot=10, seed=0)
     assert worse["accuracy_drop"] > 0.3 and worse["fd_ratio"] > 2 and worse["accuracy_drop_sigma"] > 0
     assert worse["accuracy"] == pytest.approx(base.rows.mean() - worse["accuracy_drop"])

@@ -42,7 +42,8 @@ def parser(preset: str = "fast") -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     p = ArgumentParser(
         prog="critsample detect", exit_on_error=False,
-        description=__doc__.splitlines()[0] + " Flags: --dry-run, --no-wandb, --class N. Presets fill every size not given.",
+        description=__doc__.splitlines()[0]
+        + " Flags: --dry-run, --no-wandb, --class N. Presets fill every size not given.",
     )
     p.add_argument("--config", action=ActionConfigFile,
                    help="YAML of these options (configs/detect/*.yaml; make one with --print_config).")
@@ -129,8 +130,9 @@ def run_detect(argv: list[str]) -> int:
         return 0
     cw = summary.get("critical_window") or {}
     if cw:
-        print(f"critical window of {summary['model']}: t in [{cw['t_start']:.3f}, {cw['t_end']:.3f}] (center {cw['center']:.3f} "
-              f"+- {cw['uncertainty']:.3f}; log-SNR {cw['log_snr_start']:.2f} .. {cw['log_snr_end']:.2f})")
+        print(f"critical window of {summary['model']}: t in [{cw['t_start']:.3f}, {cw['t_end']:.3f}] (center "
+              f"{cw['center']:.3f} +- {cw['uncertainty']:.3f}; log-SNR {cw['log_snr_start']:.2f} .. "
+              f"{cw['log_snr_end']:.2f})")
     else:
         print(f"no critical window could be estimated for {summary['model']} (see {cfg.out}/report.md)")
     v = summary.get("concurrence", {}).get("overall")

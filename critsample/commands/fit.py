@@ -46,9 +46,11 @@ def check_trainer(cfg) -> None:
     accelerator = _get(cfg, "trainer.accelerator")
     if isinstance(accelerator, str):
         if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-            raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is available here; use --trainer.accelerator cpu (or auto).")
+            raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is available here; use "
+                            "--trainer.accelerator cpu (or auto).")
         if accelerator == "mps":
-            raise UserError("--trainer.accelerator mps: Apple MPS is not supported by critsample; use --trainer.accelerator cpu (or auto).")
+            raise UserError("--trainer.accelerator mps: Apple MPS is not supported by critsample; use "
+                            "--trainer.accelerator cpu (or auto).")
     batch_size = _get(cfg, "data.init_args.batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"--data.batch_size must be an integer >= 1; got {batch_size!r}.")
@@ -56,7 +58,8 @@ def check_trainer(cfg) -> None:
     if ckpt is not None and str(ckpt) not in CKPT_WORDS:
         path = Path(str(ckpt)).expanduser()
         if not path.is_file():
-            raise UserError(f"--ckpt_path {ckpt} does not exist or is not a file; give a checkpoint written by `critsample fit`, or last.")
+            raise UserError(f"--ckpt_path {ckpt} does not exist or is not a file; give a checkpoint written by "
+                            "`critsample fit`, or last.")
         # tensors only: a pickled object in a checkpoint could run code when loaded (mmap: no second copy in memory)
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -67,7 +70,8 @@ def check_trainer(cfg) -> None:
 
 
 class _CLI(LightningCLI):
-    """LightningCLI whose options are checked (:func:`check_trainer`) right after parsing, before anything is read or built."""
+    """LightningCLI whose options are checked (:func:`check_trainer`) right after parsing, before anything is read or
+    built."""
 
     def _parse_ckpt_path(self) -> None:  # Lightning reads --ckpt_path's hyperparameters first of all: check it before
         sub = self.config.get("subcommand")

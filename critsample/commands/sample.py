@@ -1,4 +1,5 @@
-"""``critsample sample``: argv -> :class:`~critsample.generate.SampleConfig` -> :func:`critsample.generate.run` -> print."""
+"""``critsample sample``: argv -> :class:`~critsample.generate.SampleConfig` -> :func:`critsample.generate.run`
+-> print."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .args import parse_config, pick_device
 
 def parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # SampleConfig's attribute docstrings are the help
-    p = ArgumentParser(prog="critsample sample", description=__doc__.splitlines()[0], exit_on_error=False)
+    p = ArgumentParser(prog="critsample sample", description=" ".join(__doc__.split()), exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with these options (see configs/sample/).")
     p.add_class_arguments(SampleConfig, None, as_group=False)
     return p

@@ -30,9 +30,10 @@ def run_tune(argv: list[str]) -> int:
     q, c, base = record["quality"], record["cost"], record["baseline"]
     print(f"certified: {record['name']}")
     print(f"  accuracy {q['accuracy']:.4f} +- {q['accuracy_sigma']:.4f} (drop {100 * q['accuracy_drop']:+.2f} +- "
-          f"{100 * q['accuracy_drop_sigma']:.2f} points vs full {base['quality']['accuracy']:.4f}), FD {q['fd']:.3f} +- {q['fd_sigma']:.3f} "
-          f"(ratio {q['fd_ratio']:.3f} +- {q['fd_ratio_sigma']:.3f})")
-    print(f"  cost: {c['forwards']} forwards/sample, FLOPs {c['flops_ratio']:.3f} x full, measured {c['speedup_seconds']:.2f}x faster")
+          f"{100 * q['accuracy_drop_sigma']:.2f} points vs full {base['quality']['accuracy']:.4f}), FD {q['fd']:.3f} "
+          f"+- {q['fd_sigma']:.3f} (ratio {q['fd_ratio']:.3f} +- {q['fd_ratio_sigma']:.3f})")
+    print(f"  cost: {c['forwards']} forwards/sample, FLOPs {c['flops_ratio']:.3f} x full, measured "
+          f"{c['speedup_seconds']:.2f}x faster")
     print(f"wrote {cfg.out}/frontier.json, {cfg.out}/frontier.png and the plan into {cfg.summary} "
           f"({record['setup']['units_computed_this_run']} plans sampled, {record['setup']['units_loaded']} stored)")
     return 0

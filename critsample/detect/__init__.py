@@ -7,8 +7,9 @@
 
 Modules: ``config`` (options, presets), ``context`` (what probes share), ``data`` (clean data, classifiers),
 ``protocol`` (the probe protocol), ``registry`` (the probes), one module per probe family (``probe_gaps``,
-``probe_forward_backward``, ``probe_scans``; the pure tensor computations they call live in ``critsample.probes``), ``estimators`` (curves -> windows, concurrence), ``assemble`` (summary, report,
-W&B), ``run`` (stages, store, sharding, dry run).
+``probe_forward_backward``, ``probe_scans``; the pure tensor computations they call live in ``critsample.probes``),
+``estimators`` (curves -> windows, concurrence), ``assemble`` (summary, report, W&B), ``run`` (stages, store, sharding,
+dry run).
 """
 
 from .config import PRESETS, DetectConfig, ForwardBackwardArgs, GapArgs, WindowArgs

@@ -137,7 +137,8 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
         "suggested_radius": suggested_radius(det, probes),
         "cost": {
             "model_evaluations": int(sum(u.forwards for u in units)),
-            "model_evaluations_note": "network forwards summed over rows (one row = one sample at one time with one denoiser; guided = 2)",
+            "model_evaluations_note": "network forwards summed over rows (one row = one sample at one time with one "
+                                      "denoiser; guided = 2)",
             "units": len(units), "units_computed_this_run": counts[0], "units_loaded": counts[1],
             "wall_seconds_this_run": wall,
         },

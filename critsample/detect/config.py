@@ -42,7 +42,8 @@ class GapArgs:
     samples: int = 8
     """Trajectories of each kind; every one is probed at every time."""
     radii: Optional[list[int]] = None
-    """Local radii (Chebyshev, token grid). None: 1, 2, 4, ... below grid - 1 (fast); 0 and those (paper), or 0..4 on grids <= 8."""
+    """Local radii (Chebyshev, token grid). None: 1, 2, 4, ... below grid - 1 (fast); 0 and those (paper), or 0..4 on
+    grids <= 8."""
     trajectories: list[str] = field(default_factory=lambda: ["train", "sample_cond", "sample_uncond"])
     """train (data noised forward), sample_cond (guided sampler), sample_uncond (unconditional sampler)."""
     kind: str = "eps"
@@ -54,7 +55,8 @@ class GapArgs:
     def __post_init__(self):
         _at_least_one(self, "gaps.", ("steps", "samples", "batch"))
         if not self.trajectories:
-            raise UserError(f"--gaps.trajectories is empty; give at least one of {', '.join(TRAJECTORIES)} (omit it for all three).")
+            raise UserError(f"--gaps.trajectories is empty; give at least one of {', '.join(TRAJECTORIES)} (omit it "
+                            "for all three).")
         bad = [t for t in self.trajectories if t not in TRAJECTORIES]
         if bad:
             raise UserError(f"Unknown trajectory {bad[0]!r}; choose from {', '.join(TRAJECTORIES)}.")
@@ -88,7 +90,8 @@ class ForwardBackwardArgs:
         if self.source not in ("data", "generated"):
             raise UserError(f"--fb.source must be data or generated; got {self.source!r}.")
         if not (0.0 <= self.t_min <= self.t_max <= 1.0):
-            raise UserError(f"Forward-backward noise levels need 0 <= t_min <= t_max <= 1 (t: 0 = clean, 1 = noise); got [{self.t_min}, {self.t_max}].")
+            raise UserError("Forward-backward noise levels need 0 <= t_min <= t_max <= 1 (t: 0 = clean, 1 = noise); "
+                            f"got [{self.t_min}, {self.t_max}].")
 
 
 @dataclass
@@ -106,7 +109,8 @@ class WindowArgs:
     samples: int = 16
     """Samples per window position (and of the always-conditioned baseline)."""
     radii: Optional[list[int]] = None
-    """Radii of the local denoiser outside the window (None: the middle auto radius (fast) or the two smallest (paper))."""
+    """Radii of the local denoiser outside the window (None: the middle auto radius (fast) or the two smallest
+    (paper))."""
     complement: bool = True
     """Also scan the complement: conditioning only outside the window / local inside the window."""
     batch: int = 16
@@ -139,13 +143,16 @@ class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, Mo
     threads: Optional[int] = None
     """CPU intra-op threads (None: torch's default). On a busy shared CPU, 1 is often several times faster than 2."""
     classifier: Optional[str] = None
-    """digits, resnet-50, or module.path:callable (None: digits for 8x8 digit models, resnet-50 for DiT-XL, the Bayes classifier for oracles)."""
+    """digits, resnet-50, or module.path:callable (None: digits for 8x8 digit models, resnet-50 for DiT-XL, the Bayes
+    classifier for oracles)."""
     data: Optional[str] = None
-    """Clean data: an image folder or .pt/.npz (keys latents or images, optional labels). Default: the digits test split for dit-digits, exact samples for oracles."""
+    """Clean data: an image folder or .pt/.npz (keys latents or images, optional labels). Default: the digits test split
+    for dit-digits, exact samples for oracles."""
     prompt: Optional[str] = None
     """Prompt of text models (SD3)."""
     class_id: Optional[int] = None
-    """Class of class models (--class); None: each data image's own label, generated samples cycle through the classes (DiT-XL: 207)."""
+    """Class of class models (--class); None: each data image's own label, generated samples cycle through the classes
+    (DiT-XL: 207)."""
     max_batch: int = 128
     """Rows per network forward."""
     locality: str = "window"
@@ -184,7 +191,8 @@ class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, Mo
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (or omitted); got {self.threads}.")
         if not (self.concurrence_tolerance > 0 and math.isfinite(self.concurrence_tolerance)):
-            raise UserError(f"--concurrence_tolerance must be a positive number of nats; got {self.concurrence_tolerance}.")
+            raise UserError("--concurrence_tolerance must be a positive number of nats; got "
+                            f"{self.concurrence_tolerance}.")
         if self.locality not in LOCALITY:
             raise UserError(f"Unknown --locality {self.locality!r}; choose window, strict or both.")
         for section in (self.gaps, self.fb, self.windows):

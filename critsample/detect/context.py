@@ -51,7 +51,8 @@ class Detection:
         self.win_radii = self._radii(cfg.windows.radii, auto_window_radii(self.grid, cfg.preset))
         self.t0s = [round(k * cfg.windows.t0_step, 10) for k in range(int(math.ceil(1.0 / cfg.windows.t0_step - 1e-9)))]
         self.fb_times = np.linspace(cfg.fb.t_min, cfg.fb.t_max, cfg.fb.num_t).tolist()
-        self.class_id = cfg.class_id if cfg.class_id is not None else (207 if (model.num_classes or 0) == 1000 else None)
+        self.class_id = (cfg.class_id if cfg.class_id is not None
+                         else (207 if (model.num_classes or 0) == 1000 else None))
         self.model_id = model_fingerprint(model, model.name)
         self.store: Store | None = None  # set by detect.run once the unit keys are known
         self.cache: dict[str, Any] = {}  # per-run memo of probes (plans, concatenated arrays)
@@ -112,7 +113,8 @@ class Detection:
             self.data_id = hashlib.sha256(self._data[0].detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
         x, y = self._data
         if x.shape[0] < n:
-            raise UserError(f"The data has {x.shape[0]} samples but {n} are needed; lower --gaps.samples / --fb.samples or give more --data.")
+            raise UserError(f"The data has {x.shape[0]} samples but {n} are needed; lower --gaps.samples / "
+                            "--fb.samples or give more --data.")
         return x[:n], (y[:n] if y is not None else None)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:

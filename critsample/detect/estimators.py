@@ -125,7 +125,8 @@ def _window(
 
 def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray,
                                                                                                        float]:
-    """Centers of ``rule`` on ``n_boot`` resamples of the rows (NaN = no window in that resample) and the fraction valid."""
+    """Centers of ``rule`` on ``n_boot`` resamples of the rows (NaN = no window in that resample) and the fraction
+    valid."""
     n = rows.shape[0]
     if n < 2 or n_boot < 1:
         return np.array([]), 1.0
@@ -182,7 +183,8 @@ def half_max_window(
     probe: str, family: str, t, curves, schedule: Schedule, *, n_boot: int = N_BOOT, seed: int = 0,
     min_z: float | None = None
 ) -> Window:
-    """FWHM window of per-sample curves (n, T) over times ``t`` (T,) (module docstring); bootstrap over the n samples."""
+    """FWHM window of per-sample curves (n, T) over times ``t`` (T,) (module docstring); bootstrap over the n
+    samples."""
     t, curves = _sorted(t, curves)
     if curves.ndim != 2:
         raise ValueError(f"half_max_window takes per-sample curves (n, T); got shape {curves.shape}.")
@@ -199,7 +201,8 @@ def half_max_window(
     boot, fraction = _bootstrap(rule, curves, n_boot, seed)
     return _window(
         probe, family, schedule, start, end, lam, boot, reason=reason or _unstable(fraction),
-        rule="full width at half maximum of the sample-mean curve, edges interpolated in log-SNR; center = log-SNR midpoint",
+        rule="full width at half maximum of the sample-mean curve, edges interpolated in log-SNR; center = log-SNR "
+             "midpoint",
         extra={"peak_t": float(t[k]) if k >= 0 else None, "peak_z": z, "min_z": min_z,
                "bootstrap_valid_fraction": fraction},
     )
@@ -213,7 +216,7 @@ def isotonic(y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     y = np.asarray(y, dtype=np.float64)
     w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64)
     vals, wts, sizes = [], [], []
-    for yi, wi in zip(y, w):
+    for yi, wi in zip(y, w, strict=True):
         vals.append(yi), wts.append(wi), sizes.append(1)
         while len(vals) > 1 and vals[-2] > vals[-1]:
             v2, w2, s2 = vals.pop(), wts.pop(), sizes.pop()
@@ -268,7 +271,8 @@ def threshold_window(
     w = _window(
         probe, family, schedule, lo, hi, lam, boot, center=mid, reason=reason or _unstable(fraction),
         rule=("isotonic fit of error vs t; center = crossing of floor + 50% of the rise toward "
-              + ("chance (1 - 1/K)" if chance is not None else "the fitted plateau") + ", window = 25%..75% crossings (log-SNR)"),
+              + ("chance (1 - 1/K)" if chance is not None else "the fitted plateau")
+              + ", window = 25%..75% crossings (log-SNR)"),
         extra={"floor": floor, "plateau": plateau, "chance": chance, "bootstrap_valid_fraction": fraction},
     )
     return w
@@ -330,7 +334,8 @@ def scan_minimum(
     if k in (0, len(mean) - 1):
         reason = f"the arg{'max' if maximum else 'min'} is on the edge of the scan"
     elif not p_value < ALPHA:
-        reason = f"the scan has no contrast: the positions' errors do not differ (Friedman / Cochran's Q p = {p_value:.2f} >= {ALPHA:g})"
+        reason = ("the scan has no contrast: the positions' errors do not differ (Friedman / Cochran's Q p = "
+                  f"{p_value:.2f} >= {ALPHA:g})")
 
     def rule(rows: np.ndarray) -> float:
         cb, kb = _extremum(lam_mid, rows.mean(0), sign)
@@ -340,8 +345,8 @@ def scan_minimum(
     half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))  # half width of the window placed at c
     return _window(
         probe, family, schedule, c + half, c - half, lam_mid, boot, center=c, reason=reason or _unstable(fraction),
-        rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window log-SNR midpoints, parabola-refined; "
-             "window = that position's window",
+        rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window log-SNR midpoints, "
+             "parabola-refined; window = that position's window",
         extra={"scan_width": width, "contrast_p_value": p_value, "bootstrap_valid_fraction": fraction},
     )
 
@@ -361,8 +366,8 @@ def fid_minimum(probe: str, family: str, t0s, fid, sigma, width: float, schedule
     half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))
     reason = "the argmin is on the edge of the scan" if k in (0, len(fid) - 1) else ""
     return _window(probe, family, schedule, c + half, c - half, lam_mid, boot, center=c, reason=reason,
-                   rule="argmin of FID to the always-conditioned baseline over window log-SNR midpoints, parabola-refined; "
-                        "spread from fid + sigma z", extra={"scan_width": width})
+                   rule="argmin of FID to the always-conditioned baseline over window log-SNR midpoints, "
+                        "parabola-refined; spread from fid + sigma z", extra={"scan_width": width})
 
 
 # -- the combined window and the concurrence test ------------------------------------------------
@@ -407,7 +412,8 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
                side in ((a, "symmetry_breaking"), (b, "nonlocality")) if w is None or not w.valid]
     if missing:
         return jsonable({**names, "outcome": "no window", "concurrent": False,
-                         "verdict": f"no window: {' and '.join(missing)} gave no valid window, so concurrence cannot be tested"})
+                         "verdict": f"no window: {' and '.join(missing)} gave no valid window, so concurrence cannot "
+                                    "be tested"})
     (a0, a1), (b0, b1) = _interval(a), _interval(b)
     inter = max(0.0, min(a1, b1) - max(a0, b0))
     union = max(a1, b1) - min(a0, b0)
@@ -425,6 +431,7 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
         "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi],
         "combined_uncertainty_log_snr": sigma,
         "center_distance_t": abs(a.center - b.center), "iou": inter / union if union > 0 else 0.0,
-        "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, {hi:+.2f}] "
-                    f"against a tolerance of +-{tolerance:g}; windows overlap {100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),
+        "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, "
+                    f"{hi:+.2f}] against a tolerance of +-{tolerance:g}; windows overlap "
+                    f"{100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),
     })

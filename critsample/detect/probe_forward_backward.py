@@ -138,10 +138,10 @@ class ForwardBackward(Probe):
                  error=err, flip=flip, mse=mse, error_mean=err.mean(1),
                  error_sigma=np.sqrt(err.mean(1) * (1 - err.mean(1)) / err.shape[1]),
                  mse_mean=mse.mean(1), mse_std=mse.std(1), note=np.asarray(
-                     f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier label of the "
-                     "denoised image != reference label; flip: != label of the clean image; mse: per-pixel MSE in [0, 1] pixels; "
-                     "error_mean / error_sigma (Bernoulli), mse_mean / mse_std: (radius, t). "
-                     f"Local denoiser: {loc} (window = truncated attention, strict = strictly local)."))
+                     f"{T_CONVENTION}. error/flip/mse are (radius, sample, t); radius -1 = global. error: classifier "
+                     "label of the denoised image != reference label; flip: != label of the clean image; mse: "
+                     "per-pixel MSE in [0, 1] pixels; error_mean / error_sigma (Bernoulli), mse_mean / mse_std: "
+                     f"(radius, t). Local denoiser: {loc} (window = truncated attention, strict = strictly local)."))
         return err, flip, mse, t_used, ts
 
     def local_window(self, det: Detection, per_window: list, loc: str) -> estimators.Window | None:
@@ -166,7 +166,7 @@ class ForwardBackward(Probe):
                                                   "symmetry_breaking" if i == 0 else "nonlocality",
                                                   t_used, err[i], sch, chance=chance, seed=seed) for i,
                                                   lab in enumerate(labels)]
-        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window)}
+        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window, strict=True)}
         w_sb = per_window[0]
         w_sb.probe = "forward_backward"
         res.windows["forward_backward"] = w_sb
@@ -194,7 +194,8 @@ class ForwardBackward(Probe):
                                  "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"],
                                  "reason": d["reason"],
                                  "minus_global_log_snr": (d["log_snr_center"] - per_r["global"]["log_snr_center"])
-                                 if d["log_snr_center"] is not None and per_r["global"]["log_snr_center"] is not None else None}
+                                 if d["log_snr_center"] is not None and per_r["global"]["log_snr_center"] is not None
+                                 else None}
                            for lab, d in per_r.items()},
             "chance": chance,
             "per_radius": per_r, "radii": det.fb_radii, "source": det.cfg.fb.source,
@@ -216,7 +217,7 @@ class ForwardBackward(Probe):
                                                            err[1 + i], sch,
                                                            chance=det.chance, seed=seed) for i,
                                                            lab in enumerate(labels)]
-        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window[1:])}
+        per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window[1:], strict=True)}
         w_loc = self.local_window(det, per_window, "strict")
         res.windows[w_loc.probe] = w_loc
         series = {"global": bernoulli(err[0]),
@@ -232,7 +233,8 @@ class ForwardBackward(Probe):
                 "thresholds": {lab: {"t": d["center"], "uncertainty": d["uncertainty"], "log_snr": d["log_snr_center"],
                                      "log_snr_uncertainty": d["log_snr_uncertainty"], "valid": d["valid"],
                                      "reason": d["reason"],
-                                     "minus_global_log_snr": d["log_snr_center"] - g if d["log_snr_center"] is not None and g is not None else None}
+                                     "minus_global_log_snr": d["log_snr_center"] - g
+                                     if d["log_snr_center"] is not None and g is not None else None}
                                for lab, d in per_r.items()}}
 
 

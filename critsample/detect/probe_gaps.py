@@ -61,7 +61,8 @@ class _Gaps(Probe):
             copies = strict_copies(det, det.gap_radii) if loc == "strict" else [1] * len(det.gap_radii)
             per_state = rows_per_state(det.gap_radii, copies=copies)
             for traj in c.gaps.trajectories:
-                gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0 else 1)
+                gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0
+                                                                else 1)
                 for lo, hi in batches(c.gaps.samples, c.gaps.batch):
                     n = hi - lo
                     params = {"traj": traj, "lo": lo, "hi": hi, **({"locality": loc} if loc == "strict" else {})}
@@ -105,9 +106,9 @@ def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "
                     arrays[f"{traj}__{name}__mean"], arrays[f"{traj}__{name}__std"] = v.mean(0), v.std(0)
             arrays["t"] = results[us[0]]["t"]
         save_npz(out.arrays / f"gaps{suffix}.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
-            f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, radii) eq. 7; "
-            "*_score = score units, *_eps = eps units (= sigma x score); norms per image token, model (latent) space; "
-            "NAME__mean / NAME__std: mean and standard deviation over samples. "
+            f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, "
+            "radii) eq. 7; *_score = score units, *_eps = eps units (= sigma x score); norms per image token, model "
+            "(latent) space; NAME__mean / NAME__std: mean and standard deviation over samples. "
             f"Local denoiser: {locality} (window = truncated attention, strict = strictly local)."))
         return arrays
 
@@ -182,7 +183,8 @@ class LocalityGap(_Gaps):
         return res
 
     def _heatmaps_both(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput) -> None:
-        """Per trajectory, the window and strict heatmaps side by side under one log colour scale (``--locality both``)."""
+        """Per trajectory, the window and strict heatmaps side by side under one log colour scale (``--locality
+        both``)."""
         k, model = det.cfg.gaps.kind, det.model
         window, strict = gap_arrays(det, results, out, "window"), gap_arrays(det, results, out, "strict")
         for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
@@ -194,7 +196,8 @@ class LocalityGap(_Gaps):
                       "strict (radius-r receptive field)": strict[key]}
             res.figures[f"locality_heatmap_both_{traj}"] = report.plot_heatmaps(
                 window["t"], det.gap_radii, panels, out.figures / f"locality_heatmap_both_{traj}.png",
-                title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory, one colour scale", label=f"gap ({k})")
+                title=f"{model.name}: {variant} locality gap (eq. 7, {k}) per token, {traj} trajectory, one colour "
+                      "scale", label=f"gap ({k})")
 
     def _summarize(self, det: Detection, results: Results, out: Outputs, loc: str, res: ProbeOutput) -> dict:
         """Windows, figures and curves of one local denoiser into ``res``; returns its record."""

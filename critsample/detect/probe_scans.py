@@ -188,7 +188,8 @@ class _Scan(Probe):
             v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
             baseline_errors=base["errors"], note=np.asarray(
                 f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; centers = window centers; "
-                "fid, fid_sigma: FID (classifier features) to the always-conditioned baseline and its bootstrap one-sigma."))
+                "fid, fid_sigma: FID (classifier features) to the always-conditioned baseline and its bootstrap "
+                "one-sigma."))
         return res
 
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:

@@ -4,8 +4,8 @@
 
 * the conditioning gap (paper eq. 6) and the locality gap (eq. 7) at a few times t, on a fixed batch of validation
   images noised forward (``probes.gaps``), and
-* samples of the adaptive plan (guided global inside the window, local conditional outside by default) next to full guidance,
-  with the class accuracy of a classifier (the bundled digits classifier by default), their cost in network
+* samples of the adaptive plan (guided global inside the window, local conditional outside by default) next to full
+  guidance, with the class accuracy of a classifier (the bundled digits classifier by default), their cost in network
   evaluations, and image grids.
 
 Everything goes to the trainer's loggers (W&B, offline by default): numbers with ``LightningModule.log``, grids with
@@ -249,5 +249,6 @@ class RankSyncCheck(Callback):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps(report, indent=2))
         if spread > self.atol:
-            raise RuntimeError(f"Ranks diverged at step {trainer.global_step}: parameter checksums differ by {spread:g}.")
+            raise RuntimeError(f"Ranks diverged at step {trainer.global_step}: parameter checksums differ by "
+                               f"{spread:g}.")
         return report

@@ -121,7 +121,8 @@ def train_digits_classifier(
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         info["train_command"] = "python -m critsample.finetune.classifier " + shlex.join(sys.argv[1:]) \
-            if Path(sys.argv[0]).stem == "classifier" else f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})"
+            if Path(sys.argv[0]).stem == "classifier" \
+            else f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})"
         atomic_write(folder / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
         (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
         atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")

@@ -58,13 +58,16 @@ def check_options(model: dict | None, num_classes: int | None, lr: float, weight
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise UserError(f"--model.model.{k} must be an integer >= 1; got {v!r}.")
     if model and model["sample_size"] % model["patch_size"]:
-        raise UserError(f"--model.model.sample_size {model['sample_size']} must be a multiple of --model.model.patch_size {model['patch_size']}.")
+        raise UserError(f"--model.model.sample_size {model['sample_size']} must be a multiple of "
+                        f"--model.model.patch_size {model['patch_size']}.")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes,
                                                                                     int) or num_classes < 1):
-        raise UserError(f"--model.num_classes must be an integer >= 1 (or omitted: the model's num_embeds_ada_norm); got {num_classes!r}.")
+        raise UserError("--model.num_classes must be an integer >= 1 (or omitted: the model's num_embeds_ada_norm); "
+                        f"got {num_classes!r}.")
     rows = model.get("num_embeds_ada_norm")
     if num_classes is not None and rows is not None and num_classes > rows:
-        raise UserError(f"--model.num_classes {num_classes} is more than the model's {rows} class rows (--model.model.num_embeds_ada_norm).")
+        raise UserError(f"--model.num_classes {num_classes} is more than the model's {rows} class rows "
+                        "(--model.model.num_embeds_ada_norm).")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise UserError(f"--model.lr must be a positive number; got {lr}.")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
@@ -160,8 +163,8 @@ class DiTModule(L.LightningModule):
         size = self.transformer.config.sample_size
         if tuple(x0.shape[-2:]) != (size, size):
             what = "latents" if self.vae is not None else "images"
-            raise UserError(f"--model.model.sample_size {size} does not match the data's {x0.shape[-2]}x{x0.shape[-1]} {what}; "
-                            f"set it to {x0.shape[-1]} (or change the data's resolution).")
+            raise UserError(f"--model.model.sample_size {size} does not match the data's {x0.shape[-2]}x{x0.shape[-1]} "
+                            f"{what}; set it to {x0.shape[-1]} (or change the data's resolution).")
         b = x0.shape[0]
         T = self.schedule.num_train_timesteps
         k = torch.randint(0, T, (b,), device=x0.device, generator=generator)

@@ -88,7 +88,8 @@ def _import(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise UserError(f"Cannot import the loss weighting function {path!r}; give 'package.module.function'.") from None
+        raise UserError(f"Cannot import the loss weighting function {path!r}; give "
+                        "'package.module.function'.") from None
     if not callable(fn):
         raise UserError(f"{path!r} is not callable; a loss weighting function maps t (B,) float64 to weights (B,).")
     return fn
@@ -113,7 +114,8 @@ class LossWeighting:
             self.window = window_from_summary(self.summary)
         self.window = _check_window(self.window)
         if self.inside < 0 or self.outside < 0 or self.inside + self.outside == 0:
-            raise UserError(f"Loss weights must be non-negative and not both zero; got inside={self.inside}, outside={self.outside}.")
+            raise UserError(f"Loss weights must be non-negative and not both zero; got inside={self.inside}, "
+                            f"outside={self.outside}.")
         self._fn = _import(self.function) if self.function else None
         self._mean = self._raw_mean()
 
@@ -130,7 +132,8 @@ class LossWeighting:
         n = 100_000
         w = self._raw((torch.arange(n, dtype=torch.float64) + 0.5) / n)  # midpoint rule on [0, 1]
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.mean()) <= 0:
-            raise UserError(f"The loss weighting {self.function!r} must be finite, non-negative and not zero on [0, 1].")
+            raise UserError(f"The loss weighting {self.function!r} must be finite, non-negative and not zero on [0, "
+                            "1].")
         return float(w.mean())
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:

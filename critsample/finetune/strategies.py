@@ -47,7 +47,8 @@ class DiTFSDPStrategy(FSDPStrategy):
         Args:
             wrap: classes (import paths) whose instances become FSDP units: the DiT transformer blocks.
             activation_checkpointing: recompute the activations of those blocks in the backward pass (less memory).
-            sharding_strategy: FULL_SHARD (parameters, gradients, optimizer state), SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD.
+            sharding_strategy: FULL_SHARD (parameters, gradients, optimizer state), SHARD_GRAD_OP, NO_SHARD,
+                HYBRID_SHARD.
             state_dict_type: checkpoints as one full file on rank 0, or one shard per rank ("sharded", for big models).
             cpu_offload: keep parameters and gradients on the CPU between uses.
             process_group_backend: None = nccl on GPUs.

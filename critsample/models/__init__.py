@@ -74,7 +74,8 @@ def fetch(spec: ModelSpec) -> Path:
     if spec.source == "package":
         path = bundled_path(spec.name)
         if not (path / "transformer" / "config.json").exists():
-            raise UserError(f"The bundled weights of {spec.name} are missing from {path}; reinstall critsample or run `critsample fit --config configs/fit/dit-digits.yaml`.")
+            raise UserError(f"The bundled weights of {spec.name} are missing from {path}; reinstall critsample or run "
+                            "`critsample fit --config configs/fit/dit-digits.yaml`.")
         return path
 
     return fetch_snapshot(
@@ -84,7 +85,8 @@ def fetch(spec: ModelSpec) -> Path:
 
 
 def family_of(folder: Path) -> str:
-    """'dit', 'sd3', 'pixart' or 'flux' from a diffusers pipeline folder (model_index.json) or a bare transformer folder."""
+    """'dit', 'sd3', 'pixart' or 'flux' from a diffusers pipeline folder (model_index.json) or a bare transformer
+    folder."""
     index = folder / "model_index.json"
     if index.exists():
         cls = read_json(index).get("_class_name", "")
@@ -107,7 +109,8 @@ def family_of(folder: Path) -> str:
                 return "dit"
             if cls == "FluxTransformer2DModel":
                 return "flux"
-    raise UserError(f"{folder} is not a diffusers DiT, SD3, PixArt or FLUX folder (no model_index.json or transformer/config.json naming one).")
+    raise UserError(f"{folder} is not a diffusers DiT, SD3, PixArt or FLUX folder (no model_index.json or "
+                    "transformer/config.json naming one).")
 
 
 def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,

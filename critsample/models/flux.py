@@ -108,7 +108,8 @@ class FluxDenoiser(TextDenoiser):
             raise ValueError(f"FLUX is a flow-matching model; got a {self.schedule.kind!r} schedule.")
         cfg = transformer.config
         if int(cfg.patch_size) != 1 or int(cfg.in_channels) % 4:
-            raise ValueError(f"A FLUX transformer takes 2x2-packed latents (patch_size 1, in_channels 4 C); got {dict(cfg)}.")
+            raise ValueError("A FLUX transformer takes 2x2-packed latents (patch_size 1, in_channels 4 C); got "
+                             f"{dict(cfg)}.")
         hh, ww = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         if hh % 2 or ww % 2:
             raise UserError(f"FLUX packs latents into 2x2 patches: the latent size must be even; got {hh}x{ww}.")
@@ -116,7 +117,8 @@ class FluxDenoiser(TextDenoiser):
         self.sample_shape = (self.in_channels, int(hh), int(ww))
         self.guidance_embeds = bool(cfg.guidance_embeds)
         if self.guidance_embeds:
-            self.distilled_guidance: float | None = float(DEV_GUIDANCE if distilled_guidance is None else distilled_guidance)
+            self.distilled_guidance: float | None = float(DEV_GUIDANCE if distilled_guidance is None
+                                                          else distilled_guidance)
         elif distilled_guidance is not None:
             raise UserError(f"{name} has no guidance embedding (FLUX.1-schnell-like): drop distilled_guidance.")
         else:
@@ -147,8 +149,8 @@ class FluxDenoiser(TextDenoiser):
         """T5 embeddings ``(B, max_sequence_length, D)`` and CLIP pooled ``(B, P)`` from diffusers' FluxPipeline."""
         if self.text is None:
             raise UserError(
-                f"{self.name} was loaded without text encoders: load it from a FLUX pipeline folder with text_encoder/, "
-                f"text_encoder_2/ and tokenizer*/, or pass PromptCond embeddings directly."
+                f"{self.name} was loaded without text encoders: load it from a FLUX pipeline folder with "
+                f"text_encoder/, text_encoder_2/ and tokenizer*/, or pass PromptCond embeddings directly."
             )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         device = self.text_encoders[0].device
@@ -161,7 +163,8 @@ class FluxDenoiser(TextDenoiser):
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptCond, radius=None, blocks=None) -> torch.Tensor:
         if x.shape[-2] % 2 or x.shape[-1] % 2:
-            raise UserError(f"FLUX packs latents into 2x2 patches: height and width must be even; got {x.shape[-2]}x{x.shape[-1]}.")
+            raise UserError("FLUX packs latents into 2x2 patches: height and width must be even; got "
+                            f"{x.shape[-2]}x{x.shape[-1]}.")
         grid = self.grid(x)
         check_radius(radius, grid)
         b, dtype = x.shape[0], self.transformer.dtype
@@ -216,7 +219,8 @@ def load_flux(
     sample_size: int | tuple[int, int] | None = None,
     distilled_guidance: float | None = None,
 ) -> FluxDenoiser:
-    """A FLUX pipeline folder (transformer/, vae/, scheduler/, text_encoder*/, tokenizer*/) or a bare transformer folder.
+    """A FLUX pipeline folder (transformer/, vae/, scheduler/, text_encoder*/, tokenizer*/) or a bare transformer
+    folder.
 
     ``sample_size``: latent (H, W) or side (default: module ``_default_latent``); ``distilled_guidance``: the guidance
     input of a guidance-distilled (dev) transformer, default 3.5; ``text_encoders=False`` skips CLIP and T5.

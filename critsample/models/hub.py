@@ -3,9 +3,10 @@
 Policy (docs/reliability.md, "Downloads"):
 
 * A repo already in the local Hugging Face cache loads with no network attempt and no notice
-  (``snapshot_download(..., local_files_only=True)``, which also refuses a snapshot left incomplete by a killed download).
-* ``HF_HUB_OFFLINE=1`` (read when called, not only when ``huggingface_hub`` was imported) means no network attempt at all:
-  a repo missing from the cache is one :class:`~critsample.errors.UserError` sentence.
+  (``snapshot_download(..., local_files_only=True)``, which also refuses a snapshot left incomplete by a killed
+  download).
+* ``HF_HUB_OFFLINE=1`` (read when called, not only when ``huggingface_hub`` was imported) means no network attempt
+  at all: a repo missing from the cache is one :class:`~critsample.errors.UserError` sentence.
 * Otherwise one metadata request (``model_info(files_metadata=True)``, 10 s timeout) says which files the
   ``allow_patterns`` select and their size; that line goes to stderr before anything is fetched. If the Hub cannot be
   reached, that one try fails fast with a sentence naming the repo, ``hf download`` and the local-folder alternative.
@@ -56,8 +57,8 @@ def cached(repo_id: str, allow_patterns: list[str], required: tuple[str, ...] = 
 def _unavailable(repo_id: str, what: str, alternative: str, reason: str) -> UserError:
     return UserError(
         f"{what} ({repo_id}) {reason}; fetch them with `hf download {repo_id}` "
-        f"(older huggingface_hub: `huggingface-cli download {repo_id}`; accept the licence on the Hub first if it is gated) "
-        f"or {alternative}."
+        f"(older huggingface_hub: `huggingface-cli download {repo_id}`; accept the licence on the Hub first if it is "
+        f"gated) or {alternative}."
     )
 
 
@@ -67,8 +68,9 @@ def announce(repo_id: str, allow_patterns: list[str]) -> None:
     try:
         info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True, timeout=METADATA_TIMEOUT_S)
     except HfHubHTTPError as e:  # the Hub answered (gated, private, not found, down): the download will say more
-        print(f"critsample: downloading {', '.join(allow_patterns)} of {repo_id} to the Hugging Face cache ({hf_constants.HF_HUB_CACHE}); "
-              f"size unknown (the Hub answered {type(e).__name__}). Set HF_HUB_OFFLINE=1 to forbid downloads.",
+        print(f"critsample: downloading {', '.join(allow_patterns)} of {repo_id} to the Hugging Face cache "
+              f"({hf_constants.HF_HUB_CACHE}); size unknown (the Hub answered {type(e).__name__}). Set "
+              "HF_HUB_OFFLINE=1 to forbid downloads.",
               file=sys.stderr)
         return
     except Exception as e:  # DNS, refused connection, timeout, proxy: no answer at all
@@ -77,9 +79,10 @@ def announce(repo_id: str, allow_patterns: list[str]) -> None:
     names = list(filter_repo_objects(siblings, allow_patterns=allow_patterns))
     sizes = [(siblings[n].lfs.size if siblings[n].lfs is not None else siblings[n].size) for n in names]
     known = [s for s in sizes if s is not None]
-    total = _size(sum(known)) if len(known) == len(sizes) else (f"at least {_size(sum(known))}" if known else "size unknown")
+    total = (_size(sum(known)) if len(known) == len(sizes)
+             else (f"at least {_size(sum(known))}" if known else "size unknown"))
     folders: dict[str, list[int | None]] = {}
-    for n, s in zip(names, sizes):
+    for n, s in zip(names, sizes, strict=True):
         folders.setdefault(n.split("/")[0] + ("/" if "/" in n else ""), []).append(s)
     parts = ", ".join(f"{f} ({len(v)} file{'s' * (len(v) > 1)}, {_size(sum(x or 0 for x in v))})" for f,
                       v in folders.items())

@@ -35,7 +35,8 @@ def trusting_pickled_weights(trust: bool = True):
 
 
 def safetensors_only() -> bool | None:
-    """``use_safetensors`` for ``from_pretrained``: True, or None (either format) inside :func:`trusting_pickled_weights`."""
+    """``use_safetensors`` for ``from_pretrained``: True, or None (either format) inside
+    :func:`trusting_pickled_weights`."""
     return None if _TRUST_PICKLES.get() else True
 
 
@@ -48,10 +49,10 @@ def require_safetensors(folder: Path, cls_name: str) -> None:
     pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
     if pickled and not any(folder.glob("*.safetensors")):
         raise UserError(
-            f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded, and critsample "
-            f"reads safetensors only: if you trust the folder, convert it once in Python with "
-            f"`{cls_name}.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`, or load it as it is "
-            f"with --trust_pickled_weights (critsample.load(..., trust_pickled_weights=True))."
+            f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded, and "
+            f"critsample reads safetensors only: if you trust the folder, convert it once in Python with "
+            f"`{cls_name}.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`, or load it as it "
+            f"is with --trust_pickled_weights (critsample.load(..., trust_pickled_weights=True))."
         )
 
 
@@ -62,11 +63,13 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or replace the file.") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or replace the "
+                        "file.") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not valid JSON (not UTF-8 text); fix or replace the file.") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} is not valid JSON for a model folder (a JSON object is needed, got a {type(data).__name__}); fix or replace the file.")
+        raise UserError(f"{path} is not valid JSON for a model folder (a JSON object is needed, got a "
+                        f"{type(data).__name__}); fix or replace the file.")
     return data
 
 
@@ -75,8 +78,9 @@ def check_complete(module: torch.nn.Module, folder: Path) -> None:
     lack (a config.json saying 6 layers over 4 layers of weights) on the meta device, to fail much later."""
     missing = [name for name, p in [*module.named_parameters(), *module.named_buffers()] if p.is_meta]
     if missing:
-        raise UserError(f"The weights in {folder} do not match its config.json: {len(missing)} tensors the config asks for are "
-                        f"missing from the weight files (e.g. {missing[0]}); fix config.json or export the model again.")
+        raise UserError(f"The weights in {folder} do not match its config.json: {len(missing)} tensors the config asks "
+                        f"for are missing from the weight files (e.g. {missing[0]}); fix config.json or export the "
+                        "model again.")
 
 
 def load_pipeline(cls, folder: Path, **kwargs):
@@ -113,7 +117,8 @@ def load_parts(folder: Path, cls, dtype: torch.dtype, label: str, default_schedu
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype,
                                             use_safetensors=safetensors_only()) if has_vae else None
     except (OSError, ValueError) as e:
-        raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"Could not load the VAE of {label} model from {folder / 'vae'}: "
+                        f"{str(e).splitlines()[0]}") from None
     if vae is not None:
         check_complete(vae, folder / "vae")
     sched_file = folder / "scheduler" / "scheduler_config.json"
@@ -151,7 +156,8 @@ def load_text_pipeline(cls_name: str, folder: Path, label: str, transformer, vae
     except ImportError:
         raise UserError(
             f"{label}'s text encoders need the `transformers`, `sentencepiece` and `protobuf` packages: `pip install "
-            f"critsample[text]` or `pip install critsample[sd3]`, the same extra (or load with text_encoders=False and pass prompt embeddings)."
+            "critsample[text]` or `pip install critsample[sd3]`, the same extra (or load with text_encoders=False and "
+            "pass prompt embeddings)."
         ) from None
     import diffusers
 

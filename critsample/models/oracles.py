@@ -100,14 +100,16 @@ def parse_oracle_name(name: str, **overrides) -> tuple[str, dict]:
     """``'gmm-mixture:N=8,mu=0.5'`` (plus keyword overrides) -> (``'gmm-mixture'``, full parameter dict)."""
     base, _, rest = str(name).partition(":")
     if base not in PRESETS:
-        raise UserError(f"Unknown oracle {base!r}: use one of {', '.join(PRESETS)}, optionally with overrides like 'gmm-mixture:N=8,mu=0.5'.")
+        raise UserError(f"Unknown oracle {base!r}: use one of {', '.join(PRESETS)}, optionally with overrides like "
+                        "'gmm-mixture:N=8,mu=0.5'.")
     allowed = PRESETS[base]
     given: dict[str, object] = {}
     items = [i.strip() for i in rest.split(",")] if rest.strip() else []
     for item in items:
         key, eq, value = (p.strip() for p in item.partition("="))
         if not eq or not key or not value:
-            raise UserError(f"Oracle override {item!r} in {name!r} is not of the form key=value (keys: {', '.join(allowed)}).")
+            raise UserError(f"Oracle override {item!r} in {name!r} is not of the form key=value (keys: "
+                            f"{', '.join(allowed)}).")
         if key in given:
             raise UserError(f"Oracle parameter {key} is given twice in {name!r}.")
         given[key] = value
@@ -217,7 +219,8 @@ class GaussianOracle(Denoiser):
         raise NotImplementedError
 
     def _score(self, x: torch.Tensor, k: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """(B, d) float64 score; k (B,) DDPM steps, c (B,) in {+1, -1, 0 = unconditional}, r (B,) radii (N-1 = global)."""
+        """(B, d) float64 score; k (B,) DDPM steps, c (B,) in {+1, -1, 0 = unconditional}, r (B,) radii (N-1 =
+        global)."""
         raise NotImplementedError
 
     def _cmi_k(self, a: float, A: int, W: torch.Tensor) -> tuple[float, list[float]]:
@@ -252,7 +255,8 @@ class GaussianOracle(Denoiser):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, radius=None) -> torch.Tensor:
         B = x.shape[0]
         if tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"{self.name} takes x of shape (B, {', '.join(map(str, self.sample_shape))}); got {tuple(x.shape)}.")
+            raise ValueError(f"{self.name} takes x of shape (B, {', '.join(map(str, self.sample_shape))}); got "
+                             f"{tuple(x.shape)}.")
         check_radius(radius, (self.N, self.N))
         self.check_cond(cond, B)
         k = self._steps(t, B)
@@ -272,8 +276,9 @@ class GaussianOracle(Denoiser):
 
     # -- classes ---------------------------------------------------------------------------------
     def posterior(self, x: torch.Tensor, t=None, *, s=None) -> torch.Tensor:
-        """(B, 2) float64 exact P(class | x_t) (global): logit B = m sum(x) / (a^2 lam0 + 1 - a^2), P = e^{cB} / 2cosh B.
-        ``t`` goes through the DDPM steps (t = 0 is step 0, alpha_bar = 1 - 1e-4); ``s = 0`` is the clean law itself."""
+        """(B, 2) float64 exact P(class | x_t) (global): logit B = m sum(x) / (a^2 lam0 + 1 - a^2),
+        P = e^{cB} / 2cosh B. ``t`` goes through the DDPM steps (t = 0 is step 0, alpha_bar = 1 - 1e-4); ``s = 0`` is
+        the clean law itself."""
         if s is None:
             abar = self._abar(self._steps(t, x.shape[0])).to(x.device)
         else:
@@ -325,7 +330,8 @@ class GaussianOracle(Denoiser):
     def speciation(self) -> dict:
         """Speciation time s_S = 1/2 log(Lambda) (Biroli, Bonnaire, de Bortoli, Mezard 2024, "Dynamical regimes of
         diffusion models"), Lambda = lam0 + d mu^2 the largest eigenvalue of the data covariance S0 + mu^2 1 1^T
-        (its eigenvector is 1). Returned with t (nearest DDPM step), alpha_bar and log-SNR; NaN when mu = 0 (one class)."""
+        (its eigenvector is 1). Returned with t (nearest DDPM step), alpha_bar and log-SNR; NaN when mu = 0 (one
+        class)."""
         if self.mu == 0:
             nan = float("nan")
             return {"Lambda": self.lam0, "s": nan, "t": nan, "alpha_bar": nan, "log_snr": nan}
@@ -360,7 +366,8 @@ class GaussianOracle(Denoiser):
         if reverse == "ode" and readout == "classifier":
             return _norm_cdf(K[..., 0])
         if reverse != "sde" or readout not in ("classifier", "component"):
-            raise ValueError("Use reverse='ode' with readout='classifier', or reverse='sde' with readout 'classifier' or 'component'.")
+            raise ValueError("Use reverse='ode' with readout='classifier', or reverse='sde' with readout 'classifier' "
+                             "or 'component'.")
         if readout == "component":
             return 0.5 * (1 + _gauss_mean(torch.tanh(K**2 + K * _Z)))
         y = a * D + G.sqrt() * _Z
@@ -387,7 +394,7 @@ class GaussianOracle(Denoiser):
         A = pi * self.N + pj
         sb, rb = torch.broadcast_tensors(s, radius)
         out = torch.empty(sb.numel(), dtype=torch.float64)
-        for i, (si, ri) in enumerate(zip(sb.reshape(-1).tolist(), rb.reshape(-1).tolist())):
+        for i, (si, ri) in enumerate(zip(sb.reshape(-1).tolist(), rb.reshape(-1).tolist(), strict=True)):
             W = window_index(self.N, min(ri, self.N - 1))[A]
             G, ks = self._cmi_k(math.exp(-si), A, W[W >= 0])
             h = class_entropy(torch.tensor(ks))
@@ -430,7 +437,8 @@ class FieldMixture(GaussianOracle):
     Scores use, per (DDPM step, radius), the matrices U (row A = row A of P_W(A), scattered to pixel indices) and V
     (row A = P_W(A) 1, scattered), so that eq. U at pixel A reads -(U x)_A + m tanh(m (V x)_A) (U 1)_A. They come from
     batched Cholesky solves over the distinct windows of one eighth of the grid (the rest by symmetry) and are cached
-    (least recently used out first): N = 16 costs < 0.2 s for the worst radius on one core, then ~10 ms per batch of 256."""
+    (least recently used out first): N = 16 costs < 0.2 s for the worst radius on one core, then ~10 ms per batch of
+    256."""
 
     def __init__(self, N: int = 8, mu: float = 0.0, s2: float = 1.0, kappa: float = 0.5, name: str = "gmm-field"):
         super().__init__(N, mu, s2, name)

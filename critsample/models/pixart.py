@@ -63,7 +63,8 @@ class PixArtDenoiser(TextDenoiser):
         ptype = str(self.scheduler_config.get("prediction_type", "epsilon"))
         if ptype not in _PREDICTIONS:
             raise UserError(
-                f"{name}'s scheduler declares prediction_type {ptype!r}; critsample supports PixArt models that predict epsilon or sample."
+                f"{name}'s scheduler declares prediction_type {ptype!r}; critsample supports PixArt models that "
+                "predict epsilon or sample."
             )
         self.prediction = _PREDICTIONS[ptype]
         cfg = transformer.config
@@ -112,7 +113,8 @@ class PixArtDenoiser(TextDenoiser):
         if self.caption_channels is not None and width != self.caption_channels:
             raise ValueError(f"{self.name} takes T5 embeddings of width {self.caption_channels}; got {width}.")
         if cond.mask is not None and tuple(cond.mask.shape) != tuple(cond.embeds.shape[:2]):
-            raise ValueError(f"The text mask is {tuple(cond.mask.shape)} but the embeddings have {tuple(cond.embeds.shape[:2])} tokens.")
+            raise ValueError(f"The text mask is {tuple(cond.mask.shape)} but the embeddings have "
+                             f"{tuple(cond.embeds.shape[:2])} tokens.")
 
     def _micro_conditions(self, x: torch.Tensor, dtype: torch.dtype) -> dict:
         """PixArt-alpha's resolution / aspect-ratio embedding inputs (image pixels), as PixArtAlphaPipeline builds them;

@@ -128,7 +128,8 @@ def load_sd3(
     t5: bool = True,
     max_sequence_length: int = 256,
 ) -> SD3Denoiser:
-    """An SD3 pipeline folder (transformer/, vae/, scheduler/, text_encoder*/, tokenizer*/) or a bare transformer folder.
+    """An SD3 pipeline folder (transformer/, vae/, scheduler/, text_encoder*/, tokenizer*/) or a bare transformer
+    folder.
 
     ``text_encoders=False`` skips CLIP and T5 (prompt-embedding-level use); ``t5=False`` drops only T5.
     """
