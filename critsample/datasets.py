@@ -63,8 +63,8 @@ def _read_idx(path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray:
         raise UserError(f"Cannot read the Fashion-MNIST file {path} ({e}); reinstall it with "
                         f"`apt-get install --reinstall dataset-fashion-mnist`.") from None
     ndim = len(shape_tail) + 1
-    head = np.frombuffer(raw[: 4 * (ndim + 1)], dtype=">u4")
-    if len(head) != ndim + 1 or int(head[0]) != magic or tuple(int(s) for s in head[2:]) != shape_tail:
+    head = np.frombuffer(raw[: 4 * (ndim + 1)].ljust(4 * (ndim + 1), b"\0"), dtype=">u4")
+    if len(raw) < 4 * (ndim + 1) or int(head[0]) != magic or tuple(int(s) for s in head[2:]) != shape_tail:
         raise UserError(f"{path} is not a Fashion-MNIST idx file (header {head.tolist()}); "
                         f"reinstall it with `apt-get install --reinstall dataset-fashion-mnist`.")
     n = int(head[1])
@@ -97,7 +97,8 @@ def fashion_mnist_uint8(split: str, root: str | None = None) -> tuple[np.ndarray
             return fashion_mnist_bundled()
         raise UserError(
             f"Fashion-MNIST {split} files are missing from {folder} ({img_name}, {lab_name}); install them with "
-            f"`apt-get install dataset-fashion-mnist` or give a folder that holds them with --data."
+            f"`apt-get install dataset-fashion-mnist` or give a folder that holds them with --data (in critsample fit, "
+            f"--data.data FOLDER)."
         )
     images = _read_idx(img_path, 2051, (28, 28))
     labels = _read_idx(lab_path, 2049, ())
@@ -105,8 +106,11 @@ def fashion_mnist_uint8(split: str, root: str | None = None) -> tuple[np.ndarray
         raise UserError(f"{folder} does not hold the Fashion-MNIST {split} split ({len(images)} images, "
                         f"{len(labels)} labels; expected {n_expected} of each, labels 0-9).")
     if split == "train":
-        x = images.astype(np.float64) / 255.0
-        mean, std = float(x.mean()), float(x.std())
+        n_px = images.size  # exact integer sums: no float copy of the 47 million pixels
+        s1 = int(images.sum(dtype=np.int64))
+        s2 = int((images.astype(np.uint16) ** 2).sum(dtype=np.int64))
+        mean = s1 / n_px / 255.0
+        std = float(np.sqrt(max(s2 / n_px / 255.0**2 - mean**2, 0.0)))
         if abs(mean - FASHION_MNIST_TRAIN_MEAN) > 2e-3 or abs(std - FASHION_MNIST_TRAIN_STD) > 2e-3:
             raise UserError(f"The train images in {folder} have mean {mean:.4f} and std {std:.4f} on [0, 1], not "
                             f"Fashion-MNIST's {FASHION_MNIST_TRAIN_MEAN} and {FASHION_MNIST_TRAIN_STD}.")
