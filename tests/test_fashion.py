@@ -163,3 +163,14 @@ def test_fashion_models_default_to_the_fashion_classifier_and_bundled_data():
     assert classifier_name(cfg, model) == "fashion-mnist"
     x, y = load_data(cfg, model, 10, "cpu", class_id=3)  # the bundled part, with or without the Debian files
     assert x.shape[1:] == (1, 32, 32) and (y == 3).all() and len(y) == (fashion_mnist_bundled()[1] == 3).sum()
+
+
+def test_fashion_fd_features_and_real_images():
+    from critsample.metrics import fashion_features, fashion_fid, fashion_real
+
+    real = fashion_real()
+    assert real.shape == (2000, 1, 32, 32) and real.min() >= 0 and real.max() <= 1
+    assert fashion_features().num_features == 128
+    same = fashion_fid(real[:1000])  # half of the same 2,000 images: near the floor
+    blank = fashion_fid(torch.zeros(1000, 1, 32, 32) + torch.rand(1000, 1, 1, 1) * 0.1)
+    assert 0 <= same < blank / 10
