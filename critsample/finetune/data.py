@@ -1,4 +1,4 @@
-"""Lightning DataModules: the bundled digits, image folders (encoded by the VAE in the step), precomputed latents."""
+"""Lightning DataModules: the bundled digits, Fashion-MNIST, image folders (encoded by the VAE in the step), precomputed latents."""
 
 from __future__ import annotations
 
