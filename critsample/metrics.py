@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .datasets import digits_split
+from .datasets import digits_split, fashion_mnist
 from .errors import UserError
-from .models.classifiers import load_digits_classifier
+from .models.classifiers import load_digits_classifier, load_fashion_classifier
 from .models.hub import hub_offline
 
 INCEPTION_WEIGHTS = "inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID weights
@@ -139,6 +139,13 @@ class FeatureModule(nn.Module):
 def digits_features(device: str = "cpu") -> FeatureModule:
     """Penultimate features (64) of the shipped digits classifier; input (B, 1, 8, 8) in [0, 1]."""
     clf = load_digits_classifier(device)
+    return FeatureModule(clf.features, clf.num_features, owner=clf)
+
+
+@functools.lru_cache(maxsize=4)
+def fashion_features(device: str = "cpu") -> FeatureModule:
+    """Penultimate features (128) of the shipped Fashion-MNIST classifier; input (B, 1, 32, 32) in [0, 1]."""
+    clf = load_fashion_classifier(device)
     return FeatureModule(clf.features, clf.num_features, owner=clf)
 
 
@@ -283,3 +290,15 @@ def digits_fid(fake_images_0_1: torch.Tensor, split: str = "test") -> float:
     """FID of digits (N, 1, 8, 8) in [0, 1] to a digits split, in the shipped classifier's feature space.
     The floor (train split vs test split) is recorded in ``critsample/assets/digits-classifier/config.json``."""
     return fid(digits_real(split), fake_images_0_1, features=digits_features("cpu"))
+
+
+def fashion_real(split: str = "test-2000") -> torch.Tensor:
+    """Fashion-MNIST images of a split, (N, 1, 32, 32) in [0, 1]; the default, the 2,000 test images bundled in the
+    package, is the same with or without Debian's full set (see :func:`critsample.datasets.fashion_mnist`)."""
+    return (fashion_mnist(split)[0] + 1) / 2
+
+
+def fashion_fid(fake_images_0_1: torch.Tensor, split: str = "test-2000") -> float:
+    """FD of Fashion-MNIST images (N, 1, 32, 32) in [0, 1] to a split, in the shipped classifier's feature space.
+    The floor (train split vs full test split) is recorded in ``critsample/assets/fashion-classifier/config.json``."""
+    return fid(fashion_real(split), fake_images_0_1, features=fashion_features("cpu"))

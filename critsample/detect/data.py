@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets import digits_split
+from ..datasets import digits_split, fashion_mnist
 from ..denoisers import Denoiser
 from ..errors import UserError
 from ..models.classifiers import load_classifier
@@ -29,11 +29,11 @@ def classifier_name(cfg: DetectConfig, model: Denoiser) -> str:
         return cfg.classifier
     if model.family == "oracle":
         return "oracle-bayes"
-    if model.dataset == "digits":
-        return "digits"
+    if model.dataset in ("digits", "fashion-mnist"):
+        return model.dataset
     if (model.num_classes or 0) == 1000 or model.num_classes is None:
         return "resnet-50"
-    raise UserError(f"No default classifier for {model.name}; pass --classifier digits, resnet-50 or module.path:callable.")
+    raise UserError(f"No default classifier for {model.name}; pass --classifier digits, fashion-mnist, resnet-50 or module.path:callable.")
 
 
 class OracleClassifier(torch.nn.Module):
@@ -61,15 +61,17 @@ def load_classifier_for(cfg: DetectConfig, model: Denoiser, device) -> torch.nn.
 
 
 def load_data(cfg: DetectConfig, model: Denoiser, n: int, device, class_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n clean samples in model space (+ labels): --data, the digits test split, or an oracle's exact samples."""
+    """n clean samples in model space (+ labels): --data, the digits test split, the 2,000 Fashion-MNIST test images
+    bundled in the package (the same with or without Debian's full set, so detections do not depend on it), or an
+    oracle's exact samples."""
     if cfg.data:
         return _load_user_data(Path(cfg.data), model, n, device, class_id)
     if model.family == "oracle":
         g = unit_generator(stable_hash({"data": model.name, "seed": cfg.seed}))
         y = class_rows(model, n, class_id)
         return model.sample_data(n, y, generator=g).to(device), y
-    if model.dataset == "digits":
-        x, y = digits_split("test")
+    if model.dataset in ("digits", "fashion-mnist"):
+        x, y = digits_split("test") if model.dataset == "digits" else fashion_mnist("test-2000")
         if class_id is not None:
             keep = y == class_id
             x, y = x[keep], y[keep]

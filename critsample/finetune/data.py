@@ -1,4 +1,4 @@
-"""Lightning DataModules: the bundled digits, image folders (encoded by the VAE in the step), precomputed latents."""
+"""Lightning DataModules: the bundled digits, Fashion-MNIST, image folders (encoded by the VAE in the step), precomputed latents."""
 
 from __future__ import annotations
 
@@ -164,3 +164,36 @@ class LatentsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST in [-1, 1], shape (1, 32, 32) (28 x 28 padded by 2 background pixels); ``data``: a folder with
+    the four idx files (default: Debian's ``dataset-fashion-mnist``). Validation uses the first ``val_size`` test
+    images (the test split is never trained on)."""
+
+    def __init__(self, batch_size: int = 64, data: str | None = None, num_workers: int = 0, val_size: int = 512):
+        super().__init__()
+        self.save_hyperparameters()
+
+    @property
+    def dataset_name(self) -> str:
+        """"fashion-mnist" (a model trained here is probed on its test split and classifier)."""
+        return "fashion-mnist"
+
+    def setup(self, stage: str | None = None) -> None:
+        from ..datasets import fashion_mnist
+
+        if stage in (None, "fit"):
+            self.train_set = TensorDataset(*fashion_mnist("train", self.hparams.data))
+        x, y = fashion_mnist("test", self.hparams.data)
+        n = self.hparams.val_size
+        self.test_set = TensorDataset(x[:n], y[:n])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256, shuffle=False, num_workers=0)

@@ -5,6 +5,8 @@ penultimate-layer features (B, d) with ``features``; ``num_features`` = d and ``
 
 - ``digits``: :class:`DigitsCNN`, shipped in ``critsample/assets/digits-classifier/`` (trained by
   ``python -m critsample.finetune.classifier``; its ``config.json`` records command, seed and test accuracy).
+- ``fashion-mnist``: :class:`FashionCNN`, shipped in ``critsample/assets/fashion-classifier/`` (trained by
+  ``python -m critsample.finetune.fashion_classifier``; its ``config.json`` records command, seed and test accuracy).
 - ``resnet-50``: ``microsoft/resnet-50`` through transformers, with its image processor's resize, crop and
   normalisation redone in torch (differentiable, on the input's device). Fetched only through
   :func:`critsample.models.hub.fetch_snapshot` (safetensors weights; announced; ``HF_HUB_OFFLINE`` honoured).
@@ -26,7 +28,8 @@ from . import bundled_path
 from .hub import fetch_snapshot
 
 DIGITS_CLASSIFIER = "digits-classifier"  # asset folder
-CLASSIFIERS = {"digits": "package", "resnet-50": "microsoft/resnet-50"}
+FASHION_CLASSIFIER = "fashion-classifier"  # asset folder
+CLASSIFIERS = {"digits": "package", "fashion-mnist": "package", "resnet-50": "microsoft/resnet-50"}
 
 
 class DigitsCNN(nn.Module):
@@ -86,6 +89,63 @@ def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsCNN:
         )
     cfg = json.loads((folder / "config.json").read_text())
     model = DigitsCNN(**cfg["arch"])
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.config = cfg
+    return model.to(device).eval().requires_grad_(False)
+
+
+class FashionCNN(nn.Module):
+    """CNN for Fashion-MNIST padded to 32 x 32. Input (B, 1, 32, 32) in [0, 1] (0 = background); output logits.
+
+    Three stages of 3 x 3 convolutions (two of ``width``, two of 2 ``width``, one of 4 ``width`` channels), each
+    followed by 2 x 2 max-pooling (32 -> 16 -> 8 -> 4), then a GELU hidden layer of ``feature_dim`` units (the
+    penultimate features, for FD) and a linear head. GELU everywhere (no exact zeros in the features; smooth input
+    gradients for the probes); no batch norm, so train and eval modes compute the same function.
+    """
+
+    def __init__(self, width: int = 16, feature_dim: int = 128, num_classes: int = 10):
+        super().__init__()
+        w = width
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # (B, w, 16, 16)
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # (B, 2w, 8, 8)
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2),  # (B, 4w, 4, 4)
+            nn.Flatten(),
+            nn.Linear(64 * w, feature_dim), nn.GELU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.arch = dict(width=width, feature_dim=feature_dim, num_classes=num_classes)
+        self.num_features = feature_dim
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 32, 32) in [0, 1] -> penultimate features (B, feature_dim)."""
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+    predict_logits = forward
+    reset_parameters = DigitsCNN.reset_parameters
+
+
+def load_fashion_classifier(device: str | torch.device = "cpu") -> FashionCNN:
+    """The shipped Fashion-MNIST classifier in eval mode (parameters frozen; input gradients still flow)."""
+    from safetensors.torch import load_file
+
+    folder = bundled_path(FASHION_CLASSIFIER)
+    if not (folder / "model.safetensors").exists():
+        raise UserError(
+            f"The bundled Fashion-MNIST classifier is missing from {folder}; reinstall critsample or run "
+            f"`python -m critsample.finetune.fashion_classifier --out {folder}`."
+        )
+    cfg = json.loads((folder / "config.json").read_text())
+    model = FashionCNN(**cfg["arch"])
     model.load_state_dict(load_file(folder / "model.safetensors"))
     model.config = cfg
     return model.to(device).eval().requires_grad_(False)
@@ -229,7 +289,7 @@ def import_classifier(path: str) -> ImportedClassifier:
 
 
 def load_classifier(name_or_import_path: str, device: str | torch.device = "cpu") -> nn.Module:
-    """``digits`` (bundled), ``resnet-50`` (microsoft/resnet-50), or ``module.path:callable``.
+    """``digits`` or ``fashion-mnist`` (bundled), ``resnet-50`` (microsoft/resnet-50), or ``module.path:callable``.
 
     The result is an ``nn.Module`` in eval mode: ``clf(x)`` and ``clf.predict_logits(x)`` give logits of images in
     [0, 1], ``clf.features(x)`` the penultimate features (B, ``clf.num_features``).
@@ -237,6 +297,8 @@ def load_classifier(name_or_import_path: str, device: str | torch.device = "cpu"
     name = str(name_or_import_path)
     if name == "digits":
         return load_digits_classifier(device)
+    if name == "fashion-mnist":
+        return load_fashion_classifier(device)
     if name in CLASSIFIERS:
         return load_hf_classifier(CLASSIFIERS[name], device)
     return import_classifier(name).to(device)
