@@ -11,7 +11,8 @@ DIGITS_TEST_FRACTION = 0.2
 
 
 def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed digits split: a permutation of the 1,797 images with seed 0; the last 20 % (359 images) are the test split.
+    """The fixed digits split: a permutation of the 1,797 images with seed 0; the last 20 % (359 images) are the test
+    split.
 
     Returns images (N, 1, 8, 8) float32 in [-1, 1] (pixel values 0..16 scaled) and labels (N,) int64.
     The test split is never trained on.

@@ -59,7 +59,8 @@ def classifier_error(logits_or_labels: torch.Tensor, target: torch.Tensor | int)
     return p, math.sqrt(p * (1.0 - p) / n)
 
 
-def class_histogram(logits_or_labels: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def class_histogram(logits_or_labels: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
     """Fraction of predictions in each class (float64, (K,)) and the Bernoulli one-sigma bar of each fraction."""
     pred = _labels(logits_or_labels)
     if num_classes is None:
@@ -113,7 +114,7 @@ def bootstrap(
             idx = torch.randint(lengths[0], (lengths[0],), generator=g)
             resampled = [_take(s, idx) for s in samples]
         else:
-            resampled = [_take(s, torch.randint(n, (n,), generator=g)) for s, n in zip(samples, lengths)]
+            resampled = [_take(s, torch.randint(n, (n,), generator=g)) for s, n in zip(samples, lengths, strict=True)]
         reps[b] = float(fn(*resampled))
     return value, float(reps.std(ddof=1))
 
@@ -180,17 +181,19 @@ def inception_features(device: str | torch.device = "cpu") -> nn.Module:
     if not list(checkpoints.glob(f"*{INCEPTION_WEIGHTS}")):  # the weights come from a GitHub release on first use
         if hub_offline():
             raise UserError(
-                f"The InceptionV3 FID weights (*{INCEPTION_WEIGHTS}) are not in {checkpoints} and HF_HUB_OFFLINE is set, so nothing is "
-                "downloaded; run once with network access, or pass features=<nn.Module returning (N, d) features>."
+                f"The InceptionV3 FID weights (*{INCEPTION_WEIGHTS}) are not in {checkpoints} and HF_HUB_OFFLINE is "
+                "set, so nothing is downloaded; run once with network access, or pass features=<nn.Module returning "
+                "(N, d) features>."
             )
-        print(f"critsample: downloading the InceptionV3 FID weights (1 file, about 0.1 GB) from torch-fidelity's GitHub releases "
-              f"to {checkpoints}. Set HF_HUB_OFFLINE=1 to forbid downloads.", file=sys.stderr)
+        print("critsample: downloading the InceptionV3 FID weights (1 file, about 0.1 GB) from torch-fidelity's "
+              f"GitHub releases to {checkpoints}. Set HF_HUB_OFFLINE=1 to forbid downloads.", file=sys.stderr)
     try:
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
     except Exception as e:
         raise UserError(
             f"The InceptionV3 FID weights could not be fetched ({type(e).__name__}); run once with network access "
-            f"(torch-fidelity caches *{INCEPTION_WEIGHTS} in {checkpoints}), or pass features=<nn.Module returning (N, d) features>."
+            f"(torch-fidelity caches *{INCEPTION_WEIGHTS} in {checkpoints}), or pass features=<nn.Module returning (N, "
+            "d) features>."
         ) from None
     return _InceptionFeatures(net).to(device)
 
@@ -200,7 +203,8 @@ def extract_features(images: torch.Tensor, features: nn.Module, batch_size: int 
     """(N, ...) images in [0, 1] -> (N, d) float64 features, on the CPU, in batches on the module's device."""
     param = next(features.parameters(), None)
     device = param.device if param is not None else images.device
-    out = [features(images[i : i + batch_size].to(device)).to(torch.float64).cpu() for i in range(0, len(images), batch_size)]
+    out = [features(images[i : i + batch_size].to(device)).to(torch.float64).cpu() for i in range(0, len(images),
+                                                                                                  batch_size)]
     return torch.cat(out).flatten(1)
 
 
@@ -263,7 +267,8 @@ def fid(
     """FID between two image sets in [0, 1], (N, C, H, W). ``features``: an ``nn.Module`` (images -> (N, d)) with a
     ``num_features`` attribute, e.g. :func:`digits_features`; None = the standard InceptionV3."""
     features = _resolve(features, real_images)
-    return frechet_distance(extract_features(real_images, features, batch_size), extract_features(fake_images, features, batch_size))
+    return frechet_distance(extract_features(real_images, features, batch_size),
+                            extract_features(fake_images, features, batch_size))
 
 
 def fid_with_bootstrap(

@@ -77,7 +77,8 @@ def test_test_split_falls_back_to_the_bundled_part(monkeypatch, tmp_path):
     x2, y2 = fashion_mnist("test-2000")
     torch.testing.assert_close(x, x2, rtol=0, atol=0)
     assert torch.equal(y, y2)
-    torch.testing.assert_close(x[:, :, 2:30, 2:30], torch.from_numpy(fashion_mnist_bundled()[0]).float()[:, None] / 127.5 - 1)
+    torch.testing.assert_close(x[:, :, 2:30, 2:30],
+                               torch.from_numpy(fashion_mnist_bundled()[0]).float()[:, None] / 127.5 - 1)
 
 
 def test_missing_train_split_is_one_sentence_naming_apt_and_data(monkeypatch, tmp_path):
@@ -106,7 +107,8 @@ def test_bad_files_are_user_errors(tmp_path):
 
 def test_fit_without_the_data_exits_2_in_one_sentence(tmp_path, capsys):
     code = main(["fit", "--config", str(REPO / "configs/fit/dit-fashion.yaml"), "--data.data", str(tmp_path),
-                 "--trainer.logger", "false", "--ckpt_path", "null", "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"])
+                 "--trainer.logger", "false", "--ckpt_path", "null", "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.max_steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]

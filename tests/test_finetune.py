@@ -133,7 +133,9 @@ def test_bad_window_in_the_cli_exits_2_in_one_sentence(tiny_model, tmp_path, cap
     assert line.startswith("critsample: error: A window") and "0 <= t0 < t1 <= 1" in line and line.endswith(".")
 
 
-@pytest.mark.parametrize("configs", [["dit-digits.yaml"], ["dit-digits-locality.yaml"], ["dit-fashion.yaml"], ["dit-xl-latents.yaml"],
+@pytest.mark.parametrize("configs",
+                         [["dit-digits.yaml"], ["dit-digits-locality.yaml"], ["dit-fashion.yaml"],
+                          ["dit-xl-latents.yaml"],
                                      ["dit-xl-imagefolder.yaml"], ["dit-xl-latents.yaml", "fsdp.yaml"]])
 def test_shipped_fit_configs_load_without_weights(configs, capsys):
     args = ["fit"] + [a for c in configs for a in ("--config", str(REPO / "configs/fit" / c))] + ["--print_config"]

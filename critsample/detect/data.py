@@ -33,7 +33,8 @@ def classifier_name(cfg: DetectConfig, model: Denoiser) -> str:
         return model.dataset
     if (model.num_classes or 0) == 1000 or model.num_classes is None:
         return "resnet-50"
-    raise UserError(f"No default classifier for {model.name}; pass --classifier digits, fashion-mnist, resnet-50 or module.path:callable.")
+    raise UserError(f"No default classifier for {model.name}; pass --classifier digits, fashion-mnist, resnet-50 or "
+                    "module.path:callable.")
 
 
 class OracleClassifier(torch.nn.Module):
@@ -60,7 +61,8 @@ def load_classifier_for(cfg: DetectConfig, model: Denoiser, device) -> torch.nn.
     return load_classifier(name, device)
 
 
-def load_data(cfg: DetectConfig, model: Denoiser, n: int, device, class_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_data(cfg: DetectConfig, model: Denoiser, n: int, device, class_id: int | None) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor | None]:
     """n clean samples in model space (+ labels): --data, the digits test split, the 2,000 Fashion-MNIST test images
     bundled in the package (the same with or without Debian's full set, so detections do not depend on it), or an
     oracle's exact samples."""
@@ -76,7 +78,8 @@ def load_data(cfg: DetectConfig, model: Denoiser, n: int, device, class_id: int 
             keep = y == class_id
             x, y = x[keep], y[keep]
         return model.encode((x + 1) / 2).to(device), y
-    raise UserError(f"{model.name} has no default dataset: pass --data with an image folder or a .pt/.npz of latents (or use --fb.source generated and no train trajectory).")
+    raise UserError(f"{model.name} has no default dataset: pass --data with an image folder or a .pt/.npz of latents "
+                    "(or use --fb.source generated and no train trajectory).")
 
 
 def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,11 +91,12 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
         if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
             obj = {"latents": obj}
         if not isinstance(obj, dict):
-            raise UserError(f"--data {path} holds a {type(obj).__name__}; store a tensor or a dict with 'latents' or 'images' (and optional 'labels').")
+            raise UserError(f"--data {path} holds a {type(obj).__name__}; store a tensor or a dict with 'latents' or "
+                            "'images' (and optional 'labels').")
         kind = "latents" if "latents" in obj else "images" if "images" in obj else None
         if kind is None:
-            raise UserError(f"--data {path} has neither 'latents' nor 'images' (it has {', '.join(map(repr, obj)) or 'nothing'}); "
-                            "store one of them (and optional 'labels').")
+            raise UserError(f"--data {path} has neither 'latents' nor 'images' (it has "
+                            f"{', '.join(map(repr, obj)) or 'nothing'}); store one of them (and optional 'labels').")
         x = check_samples(obj[kind], path, kind=kind)
         if obj.get("labels") is not None:
             labels = check_labels(obj["labels"], x.shape[0], path, num_classes=model.num_classes)
@@ -107,7 +111,8 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
         size = model.sample_shape[-1] * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
         imgs = []
         for f in files:
-            im = Image.open(f).convert("RGB" if model.sample_shape[0] != 1 or getattr(model, "vae", None) is not None else "L")
+            im = Image.open(f).convert("RGB" if model.sample_shape[0] != 1 or getattr(model, "vae",
+                                                                                      None) is not None else "L")
             s = size / min(im.size)
             im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
             left, top = (im.width - size) // 2, (im.height - size) // 2
@@ -115,7 +120,8 @@ def _load_user_data(path: Path, model: Denoiser, n: int, device, class_id) -> tu
             imgs.append(torch.from_numpy(arr).reshape(size, size, -1).permute(2, 0, 1))
         x = _encode(model, torch.stack(imgs), device)
     if tuple(x.shape[1:]) != tuple(model.sample_shape):
-        raise UserError(f"--data gives samples of shape {tuple(x.shape[1:])} but {model.name} takes {tuple(model.sample_shape)}.")
+        raise UserError(f"--data gives samples of shape {tuple(x.shape[1:])} but {model.name} takes "
+                        f"{tuple(model.sample_shape)}.")
     if labels is None and class_id is not None:
         labels = torch.full((x.shape[0],), class_id, dtype=torch.long)
     return x.to(device), (labels[: x.shape[0]] if labels is not None else None)

@@ -1,4 +1,5 @@
-"""Lightning DataModules: the bundled digits, Fashion-MNIST, image folders (encoded by the VAE in the step), precomputed latents."""
+"""Lightning DataModules: the bundled digits, Fashion-MNIST, image folders (encoded by the VAE in the step), precomputed
+latents."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ class LatentsDataModule(L.LightningDataModule):
 
 
         if not Path(self.hparams.path).exists():
-            raise UserError(f"No latents at {self.hparams.path}; write them with `python -m critsample.finetune.encode`.")
+            raise UserError(f"No latents at {self.hparams.path}; write them with `python -m "
+                            "critsample.finetune.encode`.")
         # Memory-mapped and kept in the stored dtype (fp16): the ranks of a node share the pages of one file instead
         # of each holding a float32 copy (ImageNet-256: ~10 GB on disk, ~20 GB per rank as float32).
         path, option = self.hparams.path, "LatentsDataModule path"
@@ -150,9 +152,10 @@ class LatentsDataModule(L.LightningDataModule):
         missing = [k for k in ("latents", "labels") if not isinstance(blob, dict) or k not in blob]
         if missing:
             has = ", ".join(map(repr, blob)) if isinstance(blob, dict) else f"a {type(blob).__name__}"
-            raise UserError(f"{option} {path} has no {' and no '.join(map(repr, missing))} (it holds {has or 'nothing'}); write it with "
-                            "`python -m critsample.finetune.encode`.")
-        latents = check_samples(blob["latents"], path, option, kind="latents")  # validated once, in chunks (stays memory-mapped)
+            raise UserError(f"{option} {path} has no {' and no '.join(map(repr, missing))} (it holds "
+                            f"{has or 'nothing'}); write it with `python -m critsample.finetune.encode`.")
+        # validated once, in chunks (stays memory-mapped)
+        latents = check_samples(blob["latents"], path, option, kind="latents")
         full = _FloatLatents(latents, check_labels(blob["labels"], len(latents), path, option))
         n_val = max(1, int(len(full) * self.hparams.val_fraction))
         g = torch.Generator().manual_seed(0)

@@ -98,7 +98,8 @@ def train_fashion_classifier(
     x_part = (x_part + 1) / 2
     test_acc = _batched_accuracy(model, x_test, y_test)
     with torch.no_grad():  # the FD floor of this feature space: train split vs test split
-        fd_floor = frechet_distance(_batched(model.features, x_train).double(), _batched(model.features, x_test).double())
+        fd_floor = frechet_distance(_batched(model.features, x_train).double(),
+                                    _batched(model.features, x_test).double())
     info = dict(
         arch=model.arch,
         architecture="FashionCNN: [conv3x3 w, GELU] x2, maxpool2, [conv3x3 2w, GELU] x2, maxpool2, conv3x3 4w, GELU, "
@@ -126,7 +127,8 @@ def train_fashion_classifier(
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         info["train_command"] = "python -m critsample.finetune.fashion_classifier " + shlex.join(sys.argv[1:]) \
-            if Path(sys.argv[0]).stem == "fashion_classifier" else f"train_fashion_classifier(seed={seed}, epochs={epochs}, out={out!r})"
+            if Path(sys.argv[0]).stem == "fashion_classifier" else (f"train_fashion_classifier(seed={seed}, "
+                                                                    f"epochs={epochs}, out={out!r})")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
         (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
         (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")

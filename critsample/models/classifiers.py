@@ -219,14 +219,16 @@ def load_hf_classifier(repo_id: str, device: str | torch.device = "cpu") -> HFIm
     try:
         from transformers import AutoModelForImageClassification
     except ImportError as e:
-        raise UserError(f"The {repo_id} classifier needs transformers ({e.name} is missing): `pip install transformers`.") from None
-    folder = fetch_snapshot(repo_id, HF_CLASSIFIER_FILES, what="Weights of the image classifier", required=tuple(HF_CLASSIFIER_FILES),
+        raise UserError(f"The {repo_id} classifier needs transformers ({e.name} is missing): `pip install "
+                        "transformers`.") from None
+    folder = fetch_snapshot(repo_id, HF_CLASSIFIER_FILES, what="Weights of the image "
+                                                               "classifier", required=tuple(HF_CLASSIFIER_FILES),
                             alternative="use a local classifier as `--classifier module.path:callable`")
     try:
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except Exception as e:
-        raise UserError(f"The classifier {repo_id} in {folder} does not load ({type(e).__name__}); delete that folder and "
-                        f"fetch it again with `hf download {repo_id}`.") from None
+        raise UserError(f"The classifier {repo_id} in {folder} does not load ({type(e).__name__}); delete that folder "
+                        f"and fetch it again with `hf download {repo_id}`.") from None
     return HFImageClassifier(model, json.loads((folder / "preprocessor_config.json").read_text()), repo_id).to(device)
 
 
@@ -254,7 +256,8 @@ class ImportedClassifier(nn.Module):
         if callable(getattr(self.module, "features", None)):
             return self.module.features(x)
         if self._last_linear is None:
-            raise UserError(f"{self.path} has no `features` method and no nn.Linear layer whose input could serve as features.")
+            raise UserError(f"{self.path} has no `features` method and no nn.Linear layer whose input could serve as "
+                            "features.")
         seen = []
         handle = self._last_linear.register_forward_hook(lambda m, args, out: seen.append(args[0]))
         try:
@@ -268,7 +271,8 @@ def import_classifier(path: str) -> ImportedClassifier:
     """``package.module:callable`` (dots after the colon reach attributes) -> the callable's ``nn.Module``."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f"Classifier {path!r} is not a known name ({', '.join(CLASSIFIERS)}) or an import path 'module.path:callable'.")
+        raise UserError(f"Classifier {path!r} is not a known name ({', '.join(CLASSIFIERS)}) or an import path "
+                        "'module.path:callable'.")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
@@ -282,9 +286,11 @@ def import_classifier(path: str) -> ImportedClassifier:
     try:
         module = obj()
     except Exception as e:
-        raise UserError(f"Calling {path!r} failed ({type(e).__name__}: {e}); it should take no arguments and return an nn.Module.") from None
+        raise UserError(f"Calling {path!r} failed ({type(e).__name__}: {e}); it should take no arguments and return an "
+                        "nn.Module.") from None
     if not isinstance(module, nn.Module):
-        raise UserError(f"{path!r} returned a {type(module).__name__}, not an nn.Module mapping [0, 1] images to logits.")
+        raise UserError(f"{path!r} returned a {type(module).__name__}, not an nn.Module mapping [0, 1] images to "
+                        "logits.")
     return ImportedClassifier(module, path)
 
 
