@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..datasets import FASHION_BUNDLED_N, FASHION_BUNDLED_SEED, fashion_mnist
 from ..metrics import frechet_distance
 from ..models.classifiers import FashionCNN
+from ..store import atomic_write
 from .classifier import random_shift
 
 TRAIN_DEFAULTS = dict(epochs=10, batch_size=128, lr=3e-3, weight_decay=5e-4, label_smoothing=0.05, max_shift=1)
@@ -122,16 +123,16 @@ def train_fashion_classifier(
         torch_threads=torch.get_num_threads(),
     )
     if out is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         info["train_command"] = "python -m critsample.finetune.fashion_classifier " + shlex.join(sys.argv[1:]) \
             if Path(sys.argv[0]).stem == "fashion_classifier" else (f"train_fashion_classifier(seed={seed}, "
                                                                     f"epochs={epochs}, out={out!r})")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+        atomic_write(folder / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
         (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
-        (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
     return model, info
 
 
