@@ -158,7 +158,33 @@ def test_coverage_table_for_the_docs(tmp_path):
 # -- paired uncertainty of window differences (issue 22, item 1) ------------------------------------------------------
 
 
-def test_paired_difference_of_correlated_windows_is_tighter_and_covers(tmp_path):
+@pytest.fixture(scope="module")
+def fb_pair(tmp_path_factory):
+    """Global and r = 2 forward-backward of the isotropic mixture, 1024 samples at 15 noise levels in [0.05, 0.95]."""
+    name, out = "gmm-mixture:N=8,mu=0.5,s2=1", tmp_path_factory.mktemp("fb_pair")
+    cfg = detect.DetectConfig.from_preset(
+        "fast", model=name, out=str(out), wandb=False, probes=["forward_backward"],
+        fb={"num_t": 15, "t_min": SB_T_MIN, "t_max": 0.95, "samples": 1024, "steps": 20, "batch": 512, "radii": [2]})
+    oracle = critsample.load(name)
+    return oracle, detect.run(cfg, oracle), np.load(out / "arrays" / "forward_backward.npz")
+
+
+def test_the_forward_backward_floor_check_fires_when_the_grid_starts_on_the_rise(fb_pair):
+    """The same oracle outcomes with the grid cut to start at t = 0.45 (already 8 % of the way up to chance, rising
+    fast): the window is invalid (the floor lies below the grid) instead of a biased valid one; the full grid, whose
+    first noise levels sit at the floor, is valid."""
+    from critsample.detect import estimators
+
+    oracle, _, arrays = fb_pair
+    err, t = arrays["error"][0], arrays["t"]
+    full = estimators.threshold_window("fb", "symmetry_breaking", t, err, oracle.schedule, chance=0.5)
+    assert full.valid, full.reason
+    cut = t >= 0.45
+    late = estimators.threshold_window("fb", "symmetry_breaking", t[cut], err[:, cut], oracle.schedule, chance=0.5)
+    assert not late.valid and "floor lies below the probed grid" in late.reason and late.extra["floor_step_z"] > 1.645
+
+
+def test_paired_difference_of_correlated_windows_is_tighter_and_covers(fb_pair):
     """Global and local (r = 2) forward-backward on the isotropic mixture share clean images and noise: the detection
     reports their difference with a paired sigma below hypot(sigma_A, sigma_B). Then, with the 1024 stored per-sample
     outcomes as the population (the estimator on all of them is the truth), 120 subsamples of 128 rows: the reported
@@ -166,19 +192,13 @@ def test_paired_difference_of_correlated_windows_is_tighter_and_covers(tmp_path)
     joint bootstrap, without the grid term) in >= 85 % (measured 0.96 over 148 runs)."""
     from critsample.detect import estimators
 
-    name = "gmm-mixture:N=8,mu=0.5,s2=1"
-    cfg = detect.DetectConfig.from_preset(
-        "fast", model=name, out=str(tmp_path), wandb=False, probes=["forward_backward"],
-        fb={"num_t": 15, "t_min": SB_T_MIN, "t_max": 0.95, "samples": 1024, "steps": 20, "batch": 512, "radii": [2]})
-    oracle = critsample.load(name)
-    s = detect.run(cfg, oracle)
+    oracle, s, arrays = fb_pair
     u = s["concurrence"]["forward_backward"]["uncertainty"]
     assert u["pairing"].startswith("paired") and u["correlation"] > 0.5
     assert u["sampling_sigma"] ** 2 + u["grid_sigma"] ** 2 == pytest.approx(
         s["concurrence"]["forward_backward"]["combined_uncertainty_log_snr"] ** 2)
     assert s["concurrence"]["forward_backward"]["combined_uncertainty_log_snr"] < 0.8 * u["unpaired_sigma"]
 
-    arrays = np.load(tmp_path / "arrays" / "forward_backward.npz")
     err, t, sch = arrays["error"], arrays["t"], oracle.schedule
 
     def pair(rows, seed, n_boot=200):
