@@ -14,7 +14,22 @@ The statistics are the judge-independent part, written once:
 * :func:`paired`: drop ``d = a_B - a_P`` (baseline B minus plan P) and ratio ``rho = F_P / F_B``, each with a **paired
   bootstrap** bar: one index set resamples the rows of B and P together (:func:`~critsample.metrics.bootstrap`), so the
   bar is that of the difference on shared noise (samples drawn from the same (seed, i): :mod:`critsample.seeded`);
-* :func:`quality`: both, the record ``certify`` keeps for every plan.
+* :func:`quality`: both, the record ``certify`` keeps for every plan, with the one-sided upper confidence bounds
+  (level ``LEVEL`` = 0.95) that certification decides on:
+
+  - ``accuracy_drop_upper``: :func:`drop_upper_bound`, an exact bound for a paired binary design. Of the ``n`` pairs,
+    ``b`` are right under B and wrong under P, ``c`` the reverse (discordant pairs); (b, c, n - b - c) is trinomial
+    with probabilities (p_b, p_c, 1 - p_b - p_c) and the drop is Delta = p_b - p_c. The bound inverts the exact
+    one-sided test of Delta <= Delta_0 on the statistic b - c, its nuisance q = p_b + p_c restricted to a
+    Clopper-Pearson set of level 1 - gamma (Berger and Boos 1994: p-value = sup over that set + gamma, gamma = 0.001).
+    It is >= (b - c) / n, valid at every n (no normal approximation, no bootstrap) and conservative (exact coverage
+    0.99-1.0 at n = 20; 8 vs 3 discordant pairs of 1000 give 1.38 points where the normal approximation says 1.03);
+    with no discordant pair it is still > 0 and shrinks like 4.8 / n (the bootstrap would say +- 0 there);
+  - ``fd_ratio_upper``: from the same paired-bootstrap resamples as its bar (one index set resamples both arms' rows):
+    the estimate plus the distance from the resamples' median to their ``LEVEL`` percentile, i.e. the percentile bound
+    re-centered on the estimate. The plain percentile is not used because a resample repeats rows, which raises both
+    FDs and pulls their ratio toward 1: 40 mirrored digits against 40 real ones have ratio 4.0 and resampled ratios
+    around 2.5, so the plain 95 % percentile (2.5) would sit below the estimate.
 
 Shipped: :class:`DigitsJudge` (the bundled digits classifier's accuracy and its penultimate-feature FD to the digits
 test split). :func:`for_model` picks the judge of a model; a model without one gets one sentence (:class:`UserError`).
@@ -29,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats as sps
 
 from .errors import UserError
 from .metrics import FrechetReference, bootstrap, digits_features, digits_real, extract_features
@@ -114,27 +130,80 @@ def absolute(judge: Judge, scores: Scores, n_boot: int, seed: int) -> dict:
     return {"accuracy": acc, "accuracy_sigma": math.sqrt(acc * (1 - acc) / n), "fd": fd, "fd_sigma": fd_sigma}
 
 
-def paired(judge: Judge, baseline: Scores, scores: Scores, n_boot: int, seed: int) -> dict:
+LEVEL = 0.95  # one-sided confidence of the certification bounds
+NUISANCE_GAMMA = 0.001  # Berger-Boos: confidence spent on restricting the discordance rate q
+
+
+def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) bounds of a binomial proportion, each one-sided at level 1 - ``alpha``."""
+    lo = 0.0 if k <= 0 else float(sps.beta.ppf(alpha, k, n - k + 1))
+    hi = 1.0 if k >= n else float(sps.beta.ppf(1 - alpha, k + 1, n - k))
+    return lo, hi
+
+
+def diff_cdf(t: float, n: int, q: float, delta: float) -> float:
+    """P(b - c <= t) for (b, c, n - b - c) trinomial with probabilities ((q + delta) / 2, (q - delta) / 2, 1 - q):
+    the number m = b + c of discordant pairs is Bin(n, q) and, given m, b is Bin(m, (q + delta) / (2 q))."""
+    if q <= 0:
+        return 1.0 if t >= 0 else 0.0
+    m = np.arange(n + 1)
+    p = min(1.0, max(0.0, (q + delta) / (2 * q)))
+    return float(np.sum(sps.binom.pmf(m, n, q) * sps.binom.cdf(np.floor((m + t) / 2), m, p)))
+
+
+def drop_upper_bound(b: int, c: int, n: int, level: float = LEVEL, gamma: float = NUISANCE_GAMMA,
+                     grid: int = 25, tol: float = 1e-5) -> float:
+    """Exact one-sided upper confidence bound of the paired drop Delta = p_b - p_c (module docstring): the largest
+    Delta_0 that the test of Delta <= Delta_0 on b - c does not reject at 1 - ``level``, its p-value the sup of
+    P(b - c <= b_obs - c_obs) over q in the Clopper-Pearson set of q (two-sided, level 1 - ``gamma``; ``grid`` points)
+    plus ``gamma``. Bisection to ``tol``."""
+    if not (0 <= b and 0 <= c and b + c <= n and n >= 1):
+        raise ValueError(f"Discordant counts need 0 <= b, c and b + c <= n; got b={b}, c={c}, n={n}.")
+    alpha, t = 1 - level, b - c
+    q_lo, q_hi = clopper_pearson(b + c, n, gamma / 2)
+
+    def rejected(delta: float) -> bool:
+        lo = max(delta, q_lo)
+        if lo > q_hi:  # no nuisance value of the confidence set is compatible with Delta_0
+            return True
+        p = max(diff_cdf(t, n, q, delta) for q in np.unique(np.linspace(lo, q_hi, grid)))
+        return p + gamma <= alpha
+
+    lo, hi = t / n, 1.0
+    if not rejected(hi):
+        return 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if rejected(mid) else (mid, hi)
+    return hi
+
+
+def paired(judge: Judge, baseline: Scores, scores: Scores, n_boot: int, seed: int, level: float = LEVEL) -> dict:
     """Accuracy drop ``baseline - scores`` and FD ratio ``scores / baseline`` with paired-bootstrap bars (one index set
-    for both sets' rows: they must be the same samples' noise, in the same order)."""
+    for both sets' rows: they must be the same samples' noise, in the same order) and their one-sided upper bounds at
+    ``level`` (module docstring): exact from the discordant pairs for the drop, the re-centered bootstrap percentile
+    for the ratio."""
     if len(baseline) != len(scores):
         raise ValueError(f"Paired statistics need the same samples; got {len(baseline)} and {len(scores)}.")
+    if n_boot < 2:
+        raise ValueError(f"bootstrap needs n_boot >= 2; got {n_boot}.")
     cb, fb, cp, fp = baseline.rows, baseline.features, scores.rows, scores.features
-    idx = torch.arange(len(cb))
-    cache: dict = {}
+    n = len(cb)
 
-    def stats(i: torch.Tensor):
-        key = i.numpy().tobytes()
-        if key not in cache:
-            j = i.numpy()
-            cache[key] = (cb[j].mean() - cp[j].mean(), judge.fd(fp[i]) / judge.fd(fb[i]))
-        return cache[key]
+    def stats(i: np.ndarray) -> tuple[float, float]:
+        return cb[i].mean() - cp[i].mean(), judge.fd(fp[torch.as_tensor(i)]) / judge.fd(fb[torch.as_tensor(i)])
 
-    drop, drop_sigma = bootstrap(lambda i: stats(i)[0], idx, n_boot=n_boot,
-                                 generator=torch.Generator().manual_seed(torch_seed(seed)))
-    ratio, ratio_sigma = bootstrap(lambda i: stats(i)[1], idx, n_boot=n_boot,
-                                   generator=torch.Generator().manual_seed(torch_seed(seed)))
-    return {"accuracy_drop": drop, "accuracy_drop_sigma": drop_sigma, "fd_ratio": ratio, "fd_ratio_sigma": ratio_sigma}
+    drop, ratio = stats(np.arange(n))
+    g = torch.Generator().manual_seed(torch_seed(seed))
+    reps = np.array([stats(torch.randint(n, (n,), generator=g).numpy()) for _ in range(n_boot)], dtype=np.float64)
+    b = int(np.sum((cb == 1) & (cp == 0)))
+    c = int(np.sum((cb == 0) & (cp == 1)))
+    return {"accuracy_drop": float(drop), "accuracy_drop_sigma": float(reps[:, 0].std(ddof=1)),
+            "accuracy_drop_upper": drop_upper_bound(b, c, n, level), "fd_ratio": float(ratio),
+            "fd_ratio_sigma": float(reps[:, 1].std(ddof=1)),
+            "fd_ratio_upper": float(ratio + np.quantile(reps[:, 1], level) - np.median(reps[:, 1])),
+            "discordant": {"b": b, "c": c, "n": n},
+            "level": level}
 
 
 def quality(judge: Judge, scores: Scores, baseline: Scores, n_boot: int, seed: int) -> dict:

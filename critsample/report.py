@@ -171,8 +171,12 @@ def plot_heatmaps(t, radii, panels: dict, path, *, title: str | None = None, lab
 
 def plot_frontier(certification: dict, path):
     """Cost vs accuracy and cost vs FD of a certification (:meth:`critsample.certify.Certification.to_dict`): every
-    plan with its one-sigma bar, the Pareto front of each panel as a step line, the tolerance bound dashed, the
-    baseline as a square and the chosen plan as a star. Cost = analytic GFLOPs per sample (forwards when unknown)."""
+    plan with its one-sigma bar and its one-sided 95 % bound (a small triangle: baseline accuracy minus the drop's
+    upper bound, baseline FD times the ratio's upper bound; certification compares these with the dashed tolerance),
+    the Pareto front of each panel as a step line, the baseline as a square and the chosen plan as a star, all in
+    sample; with a ``confirmation`` (``critsample tune``), the chosen plan and the baseline measured again on the
+    fresh seed (diamond, hollow square) with the fresh bound. Cost = analytic GFLOPs per sample (forwards when
+    unknown)."""
     plt = _plt()
     entries = [certification["baseline"], *certification["candidates"]]
     flops = np.array([e["cost"]["flops"] if e["cost"]["flops"] is not None else np.nan for e in entries], dtype=float)
@@ -183,7 +187,15 @@ def plot_frontier(certification: dict, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     panels = (("accuracy", "class accuracy", "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
               ("fd", "FD to the reference data", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
+    conf = certification.get("confirmation")
+
+    def bound_of(q: dict, b: dict, key: str) -> float:
+        return b["accuracy"] - q["accuracy_drop_upper"] if key == "accuracy" else b["fd"] * q["fd_ratio_upper"]
+
     for ax, (key, label, front, bound) in zip(axes, panels, strict=True):
+        if all("accuracy_drop_upper" in e["quality"] for e in entries):
+            ax.plot(cost, [bound_of(e["quality"], base, key) for e in entries], "^" if key == "fd" else "v", ms=4,
+                    color="tab:red", alpha=0.6, ls="none", label="95 % bound (in sample)")
         for kind, color in colors.items():
             idx = [i for i, e in enumerate(entries) if e["name"].startswith(kind)]
             if idx:
@@ -198,11 +210,20 @@ def plot_frontier(certification: dict, path):
         ax.plot(cost[0], base[key], "s", ms=9, mfc="none", color="k", label="baseline")
         chosen = next(i for i, e in enumerate(entries) if e.get("chosen"))
         ax.plot(cost[chosen], entries[chosen]["quality"][key], "*", ms=16, color="gold", mec="k", label="chosen")
+        if conf is not None:
+            q, b = conf["quality"], conf["baseline_quality"]
+            ax.errorbar(cost[chosen], q[key], yerr=q[f"{key}_sigma"], fmt="D", ms=7, capsize=2, color="tab:purple",
+                        mec="k", label=f"chosen, fresh seed {conf['seed']}")
+            ax.plot(cost[0], b[key], "s", ms=9, mfc="none", color="tab:purple", label="baseline, fresh seed")
+            ax.plot(cost[chosen], bound_of(q, b, key), "^" if key == "fd" else "v", ms=7, color="tab:purple",
+                    label="95 % bound (fresh)")
         ax.set_xlabel("GFLOPs per sample" if use_flops else "forwards per sample")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
+    verdict = "" if conf is None else (" (confirmed on fresh noise)" if conf["passed"] else
+                                        " (NOT confirmed on fresh noise: full guidance kept)")
     fig.suptitle(f"cost-quality frontier ({certification['setup'].get('num_samples')} paired samples): chosen "
-                 f"{certification['name']}",
+                 f"{conf['candidate'] if conf else certification['name']}{verdict}",
                  fontsize=9)
     return _save(fig, path)
 

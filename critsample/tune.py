@@ -7,6 +7,14 @@ Reads a ``summary.json`` of ``critsample detect``, searches plans around its win
 accuracy and cost vs FD, :func:`critsample.report.plot_frontier`), and the chosen plan into the summary as its top-level
 ``plan`` object (:func:`critsample.summary.write_plan`), which ``critsample sample --adaptive --summary`` then uses.
 
+Confirmation on fresh noise: the search's winner is flattered by the samples that chose it, so the chosen plan and full
+guidance are sampled again on ``--fresh_seed`` (default ``seed + 1``; seeds never share noise,
+:mod:`critsample.seeded`) and judged by the same rule (:func:`critsample.certify.confirm`). The record's ``quality`` is
+that fresh measurement with its bounds; the search's numbers stay beside it as ``in_sample``. When the fresh bounds
+fail the tolerance the plan is **not** certified (``certified: false``) and full guidance is written as the plan
+(``confirmation.decision``): trying the next-cheapest candidate on the same fresh seed would make that seed a
+selection set too, and its numbers would flatter again; rerun with more samples (``--num``) instead.
+
 Resuming: each plan's samples are one unit of a :class:`~critsample.store.Store` under ``out/.units``, keyed by the
 plan, the number of samples, the seed and a fingerprint of the model's weights; a rerun with the same options samples
 nothing (the metrics, seconds of CPU, are computed again from the stored samples).
@@ -24,7 +32,7 @@ import torch
 from . import plans
 from . import summary as summary_io
 from .attention import check_radius
-from .certify import Certification, Grid, Tolerance, certify, search, summary_windows
+from .certify import Certification, Grid, Tolerance, certify, confirm, search, summary_windows
 from .errors import UserError
 from .models import load
 from .options import GuidanceOptions, ModelOptions, OutputOptions, SeedOptions, StepsOptions, validate_sections
@@ -47,6 +55,8 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
     """Integrator steps of every plan (``critsample sample --steps`` must match to use the certified plan)."""
     seed: int = 0
     """Seed of the paired noise: sample i of every plan starts from a hash of (seed, i)."""
+    fresh_seed: int | None = None
+    """Seed of the confirmation on fresh noise (default seed + 1; must differ from seed)."""
     accuracy_tolerance: float = 1.0
     """Largest accepted drop of class accuracy vs full guidance, in percentage points."""
     fd_tolerance: float = 0.10
@@ -95,6 +105,10 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
         if self.measure not in ("all", "cheapest"):
             raise UserError(f"--measure is all or cheapest; got {self.measure!r}.")
         Tolerance(self.accuracy_tolerance, self.fd_tolerance)
+        if self.fresh_seed is not None and (isinstance(self.fresh_seed, bool) or not isinstance(self.fresh_seed, int)
+                                            or self.fresh_seed == self.seed):
+            raise UserError(f"--fresh_seed must be an integer other than --seed ({self.seed}); got "
+                            f"{self.fresh_seed!r}.")
 
 
 def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None, on_plan=None,
@@ -121,17 +135,41 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
                                     tolerance=Tolerance(cfg.accuracy_tolerance, cfg.fd_tolerance),
                                     batch_size=cfg.batch_size, measure=cfg.measure,
                                     on_plan=on_plan, progress=progress)
-    record = result.to_dict()
+    fresh_seed = cfg.seed + 1 if cfg.fresh_seed is None else cfg.fresh_seed
+    fresh_store = Store(out / ".units", model_fingerprint(model, model.name), fresh_seed)
+    confirmation = confirm(model, result, fresh_seed, n_boot=cfg.n_boot, store=fresh_store,
+                           batch_size=cfg.batch_size, on_plan=on_plan, progress=progress)
+    record = confirmed(result, confirmation)
     windows = {k: v and {"t": list(v[0]), "source": v[1]} for k, v in summary_windows(summary).items()}
     record["setup"].update(guidance=w, sampler=cfg.sampler, windows=windows,
                            grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside,
                                  "interval": cfg.interval,
                                  "measure": cfg.measure},
-                           units_computed_this_run=store.computed, units_loaded=store.loaded)
+                           units_computed_this_run=store.computed, units_loaded=store.loaded,
+                           confirmation_units_computed=fresh_store.computed,
+                           confirmation_units_loaded=fresh_store.loaded)
     atomic_write(out / "frontier.json", json.dumps(summary_io.jsonable(record), indent=1))
     plot_frontier(summary_io.jsonable(record), out / "frontier.png")
     summary_path = Path(cfg.summary)
     summary_io.write_plan(summary_path,
                           {**{k: v for k, v in record.items() if k != "candidates"},
                            "frontier": str(out / "frontier.json")})
+    return record
+
+
+def confirmed(result: Certification, confirmation: dict) -> dict:
+    """The record of a search and its fresh confirmation (module docstring): ``quality`` fresh with its bounds,
+    ``in_sample`` the search's; the chosen plan when it passed again, else full guidance with ``certified: false``."""
+    record = result.to_dict()
+    chosen_is_base = result.chosen is result.baseline
+    passed = confirmation["passed"]
+    decision = ("full guidance chosen in the search (no candidate certified); measured again on fresh noise"
+                if chosen_is_base else "kept: the fresh bounds are within tolerance" if passed else
+                "full guidance kept: the chosen plan's fresh bounds exceed the tolerance")
+    record.update(in_sample=record["quality"], quality=confirmation["quality"], certified=bool(passed),
+                  confirmation={**confirmation, "candidate": result.chosen["name"], "decision": decision})
+    if not passed:
+        base = result.baseline
+        record.update(plan=base["plan"], name=base["name"], cost=base["cost"], in_sample=base["quality"],
+                      quality=confirmation["baseline_quality"])
     return record

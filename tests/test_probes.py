@@ -383,3 +383,26 @@ def test_dit_digits_probes_find_a_transition(tmp_path):
     curve = gaps["cond_gap_eps"].mean(0)
     k = int(curve.argmax())
     assert 0 < k < len(times) - 1
+
+
+def test_a_scan_cannot_pass_by_construction():
+    """A scan whose minimum is a stretch of exact zeros (a saturated metric) or flat within noise up to the scan's edge
+    is no window, each with its reason; a clear interior minimum stays valid (issue 22, item 3)."""
+    sch = Schedule()
+    t0s = np.linspace(0.0, 0.8, 9)
+    g = np.random.default_rng(5)
+    # error 0 over positions 2..5, high elsewhere: argmin used to pick position 2 and call it valid
+    p = np.array([0.6, 0.3, 0.0, 0.0, 0.0, 0.0, 0.3, 0.5, 0.7])
+    sat = estimators.scan_minimum("s", "symmetry_breaking", t0s, (g.random((400, 9)) < p).astype(float), 0.2, sch)
+    assert not sat.valid and "saturates" in sat.reason and sat.extra["tied_at_extremum"] == 4
+    # a shallow minimum at position 3 whose neighbours down to position 0 are within noise of it
+    p = np.array([0.21, 0.205, 0.2, 0.19, 0.2, 0.3, 0.4, 0.5, 0.6])
+    flat = estimators.scan_minimum("f", "symmetry_breaking", t0s, (g.random((300, 9)) < p).astype(float), 0.2, sch)
+    assert not flat.valid and "flat within noise up to the edge" in flat.reason
+    assert 0 in flat.extra["near_extremum_positions"]
+    # a clear interior minimum: valid, its near set away from the edges
+    p = np.array([0.6, 0.5, 0.35, 0.1, 0.35, 0.5, 0.6, 0.7, 0.8])
+    ok = estimators.scan_minimum("o", "symmetry_breaking", t0s, (g.random((300, 9)) < p).astype(float), 0.2, sch)
+    assert ok.valid and ok.extra["near_extremum_positions"] == [3]
+    near = estimators.near_extremum(np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert near.tolist() == [True, False, True]  # exact ties are near; a zero-variance worse position is not

@@ -27,11 +27,14 @@ def run_tune(argv: list[str]) -> int:
         print(f"  {'measured' if computed else 'stored  '} {plan.name}", file=sys.stderr, flush=True)
 
     record = run(cfg, device=pick_device(cfg.device), on_plan=on_plan, progress=True)
-    q, c, base = record["quality"], record["cost"], record["baseline"]
-    print(f"certified: {record['name']}")
-    print(f"  accuracy {q['accuracy']:.4f} +- {q['accuracy_sigma']:.4f} (drop {100 * q['accuracy_drop']:+.2f} +- "
-          f"{100 * q['accuracy_drop_sigma']:.2f} points vs full {base['quality']['accuracy']:.4f}), FD {q['fd']:.3f} "
-          f"+- {q['fd_sigma']:.3f} (ratio {q['fd_ratio']:.3f} +- {q['fd_ratio_sigma']:.3f})")
+    q, c, base, conf = record["quality"], record["cost"], record["baseline"], record["confirmation"]
+    print(f"{'certified' if record['certified'] else 'NOT certified'}: {record['name']} ({conf['decision']})")
+    for label, qq in (("fresh seed " + str(conf["seed"]), q), ("in sample", record["in_sample"])):
+        print(f"  {label}: accuracy {qq['accuracy']:.4f} +- {qq['accuracy_sigma']:.4f} (drop "
+              f"{100 * qq['accuracy_drop']:+.2f} +- {100 * qq['accuracy_drop_sigma']:.2f} points, 95 % bound "
+              f"{100 * qq['accuracy_drop_upper']:.2f}), FD {qq['fd']:.3f} +- {qq['fd_sigma']:.3f} (ratio "
+              f"{qq['fd_ratio']:.3f} +- {qq['fd_ratio_sigma']:.3f}, 95 % bound {qq['fd_ratio_upper']:.3f})")
+    print(f"  full guidance (search seed): accuracy {base['quality']['accuracy']:.4f}")
     print(f"  cost: {c['forwards']} forwards/sample, FLOPs {c['flops_ratio']:.3f} x full, measured "
           f"{c['speedup_seconds']:.2f}x faster")
     print(f"wrote {cfg.out}/frontier.json, {cfg.out}/frontier.png and the plan into {cfg.summary} "

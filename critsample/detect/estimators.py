@@ -22,21 +22,47 @@ Rules:
   mean error; floor = its minimum, plateau = ``chance`` (1 - 1/K for K classes: a fully noised image is denoised into
   a random class) or, when K is unknown, the fitted maximum. The center is where the fit crosses floor + 50 % of the
   rise (interpolated in log-SNR), the window spans the 25 % and 75 % crossings. Invalid if the rise is below
-  ``min_rise``, if the fit starts above the 25 % level (the floor lies outside the grid) or never reaches 75 %.
+  ``min_rise``, if the fit never reaches 75 %, or if the **floor is not seen** (:func:`floor_seen`): the isotonic fit's
+  minimum is always its first point, so "the fit starts above the 25 % level" could never fire; instead the error
+  must not rise significantly (one-sided paired z-test at 5 % on the per-sample outcomes) and materially (by more than
+  10 % of the rise) between the first two noise levels, else the first point is already on the rise and the floor
+  lies below the grid (a grid starting at t = 0.66 on an oracle biased the center by -0.76 nats and was valid 94 %
+  of the time). The check runs on the full data, not per resample.
 * **Windowed scans** (:func:`scan_minimum`): each scan position's window [t0, t0 + w] is placed at its log-SNR
   midpoint; the argmin (argmax for the complement scans) of the mean error over positions is refined by a parabola
   through it and its two neighbours in log-SNR; the window is that position's window. Invalid if the extremum is at
-  the first or last position, or if the positions' errors do not differ significantly (Friedman's test on the paired
-  samples, Cochran's Q for 0/1 errors, p >= 0.05).
+  the first or last position, if the positions' errors do not differ significantly (Friedman's test on the paired
+  samples, Cochran's Q for 0/1 errors, p >= 0.05), if the minimum is **flat within noise up to an edge** (the positions
+  not significantly worse than the extremum, by a one-sided paired z-test at 5 % on the per-sample differences,
+  include the first or last position: the extremum's side is not determined), or if the metric **saturates** there
+  (two or more positions tie exactly at the extremum, e.g. a classifier error of 0 over a stretch: ``argmin`` would
+  pick the first of them by construction).
 * **Combined windows** (:func:`combine`): center = median of the members' log-SNR centers; width = median of the
   widths of the members whose width is measured (a scan's width is its window width w, a hyperparameter, so scans only
-  contribute their centers); uncertainty = sqrt(variance of the member centers + median member variance): the spread
-  of the probes is a systematic uncertainty and is not divided by sqrt(n).
+  contribute their centers); uncertainty = sqrt(variance of the member centers + sampling variance + grid term): the
+  spread of the probes is a systematic uncertainty and is not divided by sqrt(n); the sampling variance is that of the
+  median over the **joint** bootstrap (resample b of every member uses the same row indices, see below, and the
+  combined replicate is the median of the members' replicate centers), and the grid term (the members' median) enters
+  once.
 * **Concurrence** (:func:`concurrence`): a test with three outcomes on the difference d of the two centers in
-  log-SNR against a tolerance Delta (nats): with sigma = sqrt(sigma_A^2 + sigma_B^2) and the 95 % interval
-  d +- 1.96 sigma, *concurrent* if the interval lies inside [-Delta, Delta], *not concurrent* if it lies outside, and
-  *inconclusive* otherwise; *no window* when either side has no valid window. More noise widens the interval, so it
-  can only make the verdict inconclusive. The overlap (intersection over union, in log-SNR) is reported beside it.
+  log-SNR against a tolerance Delta (nats): with the 95 % interval d +- 1.96 sigma_d, *concurrent* if the interval lies
+  inside [-Delta, Delta], *not concurrent* if it lies outside, and *inconclusive* otherwise; *no window* when either
+  side has no valid window. More noise widens the interval, so it can only make the verdict inconclusive. The overlap
+  (intersection over union, in log-SNR) is reported beside it.
+
+**Paired uncertainty of a difference.** Two windows measured on the same samples and noise are correlated (0.9 and
+more on the oracles), so sigma_d is not hypot(sigma_A, sigma_B). Every rule resamples rows with the index sets of one
+stream, ``numpy_seed(seed)`` and the number of rows n (:func:`_bootstrap`): windows with the same (seed, n, n_boot)
+(``Window.stream``; every probe passes the detection's seed, and row i of every probe is sample i) saw the same
+resampled rows in resample b, so d_b = c_A,b - c_B,b is the joint bootstrap of both rules, and
+
+    sigma_d^2 = var_b(d_b) + g^2 + s_A^2 + s_B^2
+
+with g the grid-resolution term counted **once** (the coarser side's spacing / sqrt(12) at its center; the old sum
+put it in twice) and s^2 the part of a side's reported variance that is not sampling or grid (a combined window's
+member spread; a caller's inflated uncertainty), so more reported noise still only widens the interval. Windows from
+different streams (different numbers of rows) are resampled independently: var_b(c_A) + var_b(c_B) + g^2 + s^2 terms.
+Windows without bootstrap replicates fall back to hypot(sigma_A, sigma_B). Single windows' numbers are unchanged.
 """
 
 from __future__ import annotations
@@ -79,9 +105,29 @@ class Window:
     valid: bool = True
     reason: str = ""  # why the window is invalid ("" when valid)
     extra: dict = field(default_factory=dict)
+    # bootstrap replicate centers in log-SNR (NaN: no window in that resample), resample b of the stream below
+    boot: np.ndarray | None = field(default=None, repr=False, compare=False)
+    stream: tuple | None = None  # (seed, rows, n_boot) of the resample index sets: equal streams are paired
 
     def to_dict(self) -> dict:
-        return jsonable(asdict(self))
+        d = asdict(self)
+        d.pop("boot"), d.pop("stream")
+        return jsonable(d)
+
+    @property
+    def resolution(self) -> float:
+        """The grid-resolution term of the center (log-SNR), 0 when unknown."""
+        return float(self.extra.get("grid_resolution_log_snr") or 0.0)
+
+    def sampling_variance(self) -> float:
+        """Variance of the finite bootstrap replicate centers (0 without replicates)."""
+        b = self.boot[np.isfinite(self.boot)] if self.boot is not None else np.array([])
+        return float(np.var(b)) if b.size > 1 else 0.0
+
+    def systematic_variance(self) -> float:
+        """The part of the reported variance that is neither sampling nor grid (module docstring)."""
+        u = self.log_snr_uncertainty if math.isfinite(self.log_snr_uncertainty) else 0.0
+        return max(0.0, u * u - self.sampling_variance() - self.resolution**2)
 
 
 def _lam(schedule: Schedule, t) -> np.ndarray:
@@ -107,11 +153,15 @@ def _window(
     probe: str, family: str, schedule: Schedule, lam_start: float, lam_end: float, lam_grid: np.ndarray,
     boot: np.ndarray,
     *, rule: str, reason: str = "", center: float | None = None, extra: dict | None = None,
+    stream: tuple | None = None,
 ) -> Window:
-    """A Window from log-SNR edges (and center: default their midpoint), bootstrap centers and the probed grid."""
+    """A Window from log-SNR edges (and center: default their midpoint), bootstrap centers (all replicates, NaN where
+    a resample found no window; ``stream`` their index sets) and the probed grid."""
     c = (lam_start + lam_end) / 2 if center is None else center
-    boot = boot[np.isfinite(boot)] if boot.size else boot
-    unc = math.hypot(float(np.std(boot)) if boot.size > 1 else 0.0, _resolution(lam_grid, c))
+    replicates = np.asarray(boot, dtype=np.float64)
+    boot = replicates[np.isfinite(replicates)] if replicates.size else replicates
+    res = _resolution(lam_grid, c)
+    unc = math.hypot(float(np.std(boot)) if boot.size > 1 else 0.0, res)
     t_start, t_end, t_c = _t(schedule, lam_start), _t(schedule, lam_end), _t(schedule, c)
     slope = schedule.log_snr_slope(t_c) if math.isfinite(t_c) else math.nan
     return Window(
@@ -119,14 +169,22 @@ def _window(
         log_snr_start=lam_start, log_snr_end=lam_end, log_snr_center=c, log_snr_width=lam_start - lam_end,
         log_snr_uncertainty=unc, rule=rule, valid=not reason and math.isfinite(c),
         reason=reason or ("" if math.isfinite(c) else "no window found"),
-        extra={**(extra or {}), "bootstrap_resamples": int(boot.size)},
+        extra={**(extra or {}), "bootstrap_resamples": int(boot.size), "grid_resolution_log_snr": res},
+        boot=replicates if stream is not None else None, stream=stream,
     )
+
+
+def _stream(rows: np.ndarray, n_boot: int, seed: int) -> tuple | None:
+    """The identity of :func:`_bootstrap`'s index sets for these rows (None when it draws none)."""
+    n = rows.shape[0]
+    return (int(seed), int(n), int(n_boot)) if n >= 2 and n_boot >= 1 else None
 
 
 def _bootstrap(rule: Callable[[np.ndarray], float], rows: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray,
                                                                                                        float]:
     """Centers of ``rule`` on ``n_boot`` resamples of the rows (NaN = no window in that resample) and the fraction
-    valid."""
+    valid. The index sets depend on (seed, number of rows) alone, so rules run on arrays whose row i is the same sample
+    see the same resampled rows (module docstring: paired differences)."""
     n = rows.shape[0]
     if n < 2 or n_boot < 1:
         return np.array([]), 1.0
@@ -201,6 +259,7 @@ def half_max_window(
     boot, fraction = _bootstrap(rule, curves, n_boot, seed)
     return _window(
         probe, family, schedule, start, end, lam, boot, reason=reason or _unstable(fraction),
+        stream=_stream(curves, n_boot, seed),
         rule="full width at half maximum of the sample-mean curve, edges interpolated in log-SNR; center = log-SNR "
              "midpoint",
         extra={"peak_t": float(t[k]) if k >= 0 else None, "peak_z": z, "min_z": min_z,
@@ -246,9 +305,7 @@ def _threshold(lam: np.ndarray, e: np.ndarray, min_rise: float, chance: float | 
     level = lambda f: floor + f * (plateau - floor)  # noqa: E731
     lo, mid, hi = (_crossing(lam, fit, level(f)) for f in (0.25, 0.5, 0.75))
     reason = ""
-    if fit[0] >= level(0.25):
-        reason = "the error is already above 25% of its rise at the first noise level (the floor lies outside the grid)"
-    elif not math.isfinite(hi):
+    if not math.isfinite(hi):
         reason = "the error never reaches 75% of its rise toward chance within the probed grid"
     return lo, mid, hi, floor, plateau, reason
 
@@ -262,6 +319,10 @@ def threshold_window(
     t, errors = _sorted(t, errors)
     lam = _lam(schedule, t)
     lo, mid, hi, floor, plateau, reason = _threshold(lam, errors.mean(0), min_rise, chance)
+    seen, floor_z, floor_step = floor_seen(errors, plateau - floor)
+    if not reason and not seen:
+        reason = (f"the error already rises between the first two noise levels (by {floor_step:.3g}, z = "
+                  f"{floor_z:.1f}): the floor lies below the probed grid")
 
     def rule(rows: np.ndarray) -> float:
         out = _threshold(lam, rows.mean(0), min_rise, chance)
@@ -270,12 +331,30 @@ def threshold_window(
     boot, fraction = _bootstrap(rule, errors, n_boot, seed)
     w = _window(
         probe, family, schedule, lo, hi, lam, boot, center=mid, reason=reason or _unstable(fraction),
+        stream=_stream(errors, n_boot, seed),
         rule=("isotonic fit of error vs t; center = crossing of floor + 50% of the rise toward "
               + ("chance (1 - 1/K)" if chance is not None else "the fitted plateau")
               + ", window = 25%..75% crossings (log-SNR)"),
-        extra={"floor": floor, "plateau": plateau, "chance": chance, "bootstrap_valid_fraction": fraction},
+        extra={"floor": floor, "plateau": plateau, "chance": chance, "bootstrap_valid_fraction": fraction,
+               "floor_step": floor_step, "floor_step_z": floor_z},
     )
     return w
+
+
+def floor_seen(errors: np.ndarray, rise: float, z: float = 1.6448536269514722,
+               material: float = 0.1) -> tuple[bool, float, float]:
+    """(seen, z, step): whether the floor of a rising error curve (n, T) ordered by t is observed on the grid: the
+    step from the first to the second noise level is not both significant (one-sided paired z > ``z``) and material
+    (> ``material`` x ``rise``)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 2 or errors.shape[1] < 2:
+        return True, 0.0, 0.0
+    d = errors[:, 1] - errors[:, 0]
+    step = float(d.mean())
+    se = float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    zz = step / se if se > 0 else (math.inf if step > 0 else 0.0)
+    significant = zz > z
+    return not (significant and math.isfinite(rise) and step > material * rise), zz, step
 
 
 # -- windowed scans ----------------------------------------------------------------------------
@@ -308,6 +387,19 @@ def positions_differ(errors: np.ndarray) -> float:
     return p if math.isfinite(p) else 1.0
 
 
+def near_extremum(errors: np.ndarray, sign: float = 1.0, z: float = 1.6448536269514722) -> np.ndarray:
+    """(P,) bool: the scan positions not significantly worse than the best one (argmin of ``sign`` x mean), by a
+    one-sided paired z-test on the per-sample differences (samples share noise across positions); the best is
+    included. A difference with zero standard error counts as significant unless it is zero."""
+    e = sign * np.asarray(errors, dtype=np.float64)
+    k = int(np.argmin(e.mean(0)))
+    diff = e - e[:, k : k + 1]  # (n, P) >= 0 on average
+    n = e.shape[0]
+    se = diff.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(e.shape[1])
+    m = diff.mean(0)
+    return np.where(se > 0, m <= z * se, m <= 0)
+
+
 def scan_positions(schedule: Schedule, t0s, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Log-SNR (start, end, midpoint) of the scan windows [t0, min(t0 + w, 1)]."""
     t0s = np.asarray(t0s, dtype=np.float64)
@@ -330,12 +422,20 @@ def scan_minimum(
     mean = errors.mean(0)
     c, k = _extremum(lam_mid, mean, sign)
     p_value = positions_differ(errors)
+    near = near_extremum(errors, sign)
+    ties = int(np.sum(sign * mean == np.min(sign * mean)))
     reason = ""
     if k in (0, len(mean) - 1):
         reason = f"the arg{'max' if maximum else 'min'} is on the edge of the scan"
     elif not p_value < ALPHA:
         reason = ("the scan has no contrast: the positions' errors do not differ (Friedman / Cochran's Q p = "
                   f"{p_value:.2f} >= {ALPHA:g})")
+    elif ties > 1:
+        reason = (f"the metric saturates: {ties} positions tie exactly at the scan's "
+                  f"{'maximum' if maximum else 'minimum'} ({float(mean[k]):.3g}), so its position is not determined")
+    elif near[0] or near[-1]:
+        reason = ("the extremum is flat within noise up to the edge of the scan: positions "
+                  f"{', '.join(str(i) for i in np.nonzero(near)[0])} of {len(mean)} are not significantly worse")
 
     def rule(rows: np.ndarray) -> float:
         cb, kb = _extremum(lam_mid, rows.mean(0), sign)
@@ -345,9 +445,11 @@ def scan_minimum(
     half = float(np.interp(-c, -lam_mid, (lam_start - lam_end) / 2))  # half width of the window placed at c
     return _window(
         probe, family, schedule, c + half, c - half, lam_mid, boot, center=c, reason=reason or _unstable(fraction),
+        stream=_stream(errors, n_boot, seed),
         rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window log-SNR midpoints, "
              "parabola-refined; window = that position's window",
-        extra={"scan_width": width, "contrast_p_value": p_value, "bootstrap_valid_fraction": fraction},
+        extra={"scan_width": width, "contrast_p_value": p_value, "bootstrap_valid_fraction": fraction,
+               "near_extremum_positions": np.nonzero(near)[0].tolist(), "tied_at_extremum": ties},
     )
 
 
@@ -382,7 +484,14 @@ def combine(windows: list[Window], schedule: Schedule, name: str = "critical_win
     sig = np.array([w.log_snr_uncertainty if math.isfinite(w.log_snr_uncertainty) else 0.0 for w in ws])
     c = float(np.median(centers))
     spread = float(np.var(centers, ddof=1)) if len(ws) > 1 else 0.0
-    unc = math.sqrt(spread + float(np.median(sig**2)))
+    boot, stream = _joint_median(ws)
+    if boot is None:  # members without replicates: the median member variance stands for sampling and grid
+        res, unc = 0.0, math.sqrt(spread + float(np.median(sig**2)))
+    else:
+        finite = boot[np.isfinite(boot)]
+        res = float(np.median([w.resolution for w in ws]))
+        extra_sys = float(np.median([w.systematic_variance() for w in ws]))
+        unc = math.sqrt(spread + extra_sys + (float(np.var(finite)) if finite.size > 1 else 0.0) + res**2)
     measured = [w.log_snr_width for w in ws if "scan_width" not in w.extra and math.isfinite(w.log_snr_width)]
     widths = measured or [w.log_snr_width for w in ws]  # scans only: their window width is all there is
     width = float(np.median(widths))
@@ -393,10 +502,28 @@ def combine(windows: list[Window], schedule: Schedule, name: str = "critical_win
         name, "combined", t_start, t_end, t_c, t_end - t_start, unc / slope if slope > 0 else math.nan,
         log_snr_start=lam_hi, log_snr_end=lam_lo, log_snr_center=c, log_snr_width=width, log_snr_uncertainty=unc,
         rule="median of member log-SNR centers; median width of the members with a measured width (scans contribute "
-             "centers only); uncertainty sqrt(var of member centers + median member variance)",
+             "centers only); uncertainty sqrt(var of member centers + var of the median over the joint bootstrap + "
+             "grid term once)",
         extra={"members": [w.probe for w in ws], "member_centers_log_snr": centers.tolist(),
-               "width_from": "measured widths" if measured else "scan widths (no member with a measured width)"},
+               "width_from": "measured widths" if measured else "scan widths (no member with a measured width)",
+               "grid_resolution_log_snr": res, "member_spread_variance": spread,
+               "joint_bootstrap": stream is not None},
+        boot=boot, stream=stream,
     )
+
+
+def _joint_median(ws: list[Window]) -> tuple[np.ndarray | None, tuple | None]:
+    """Replicate b of the combined center: the median of the members' finite replicate centers of resample b (NaN
+    when none), and the common stream (None when the members' streams differ: their resamples are then independent).
+    (None, None) when a member has no replicates."""
+    if any(w.boot is None for w in ws) or len({len(w.boot) for w in ws}) != 1:
+        return None, None
+    reps = np.stack([w.boot for w in ws])  # (members, n_boot)
+    ok = np.isfinite(reps)
+    with np.errstate(all="ignore"):
+        med = np.array([np.median(reps[ok[:, b], b]) if ok[:, b].any() else math.nan for b in range(reps.shape[1])])
+    streams = {w.stream for w in ws}
+    return med, (streams.pop() if len(streams) == 1 else None)
 
 
 def _interval(w: Window) -> tuple[float, float]:
@@ -418,7 +545,8 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
     inter = max(0.0, min(a1, b1) - max(a0, b0))
     union = max(a1, b1) - min(a0, b0)
     d = a.log_snr_center - b.log_snr_center
-    sigma = math.hypot(a.log_snr_uncertainty, b.log_snr_uncertainty)
+    parts = difference_sigma(a, b)
+    sigma = parts["sigma"]
     lo, hi = d - Z95 * sigma, d + Z95 * sigma
     if -tolerance <= lo and hi <= tolerance:
         outcome = "concurrent"
@@ -429,9 +557,35 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
     return jsonable({
         **names, "outcome": outcome, "concurrent": outcome == "concurrent",
         "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi],
-        "combined_uncertainty_log_snr": sigma,
+        "combined_uncertainty_log_snr": sigma, "uncertainty": {k: v for k, v in parts.items() if k != "sigma"},
         "center_distance_t": abs(a.center - b.center), "iou": inter / union if union > 0 else 0.0,
         "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, "
                     f"{hi:+.2f}] against a tolerance of +-{tolerance:g}; windows overlap "
                     f"{100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),
     })
+
+
+def difference_sigma(a: Window, b: Window) -> dict:
+    """One-sigma of the difference of two window centers (log-SNR) by the paired rule of the module docstring, and its
+    parts: ``pairing`` (paired / independent / no replicates), sampling and grid terms, the replicate correlation and
+    the unpaired hypot(sigma_A, sigma_B) for comparison."""
+    unpaired = math.hypot(a.log_snr_uncertainty, b.log_snr_uncertainty)
+    if a.boot is None or b.boot is None:
+        return {"sigma": unpaired, "pairing": "none (no bootstrap replicates): hypot(sigma_A, sigma_B)",
+                "unpaired_sigma": unpaired}
+    grid = max(a.resolution, b.resolution)
+    systematic = a.systematic_variance() + b.systematic_variance()
+    out = {"unpaired_sigma": unpaired, "grid_sigma": grid, "systematic_sigma": math.sqrt(systematic)}
+    if a.stream is not None and a.stream == b.stream:
+        both = np.isfinite(a.boot) & np.isfinite(b.boot)
+        diff = (a.boot - b.boot)[both]
+        sampling = float(np.var(diff)) if diff.size > 1 else a.sampling_variance() + b.sampling_variance()
+        corr = float(np.corrcoef(a.boot[both], b.boot[both])[0, 1]) if diff.size > 2 and np.std(
+            a.boot[both]) > 0 and np.std(b.boot[both]) > 0 else math.nan
+        out.update(pairing="paired: both rules on the same resampled rows", replicates=int(diff.size),
+                   correlation=corr)
+    else:
+        sampling = a.sampling_variance() + b.sampling_variance()
+        out.update(pairing="independent: different resample streams (numbers of rows)")
+    out.update(sampling_sigma=math.sqrt(sampling), sigma=math.sqrt(sampling + grid**2 + systematic))
+    return out
