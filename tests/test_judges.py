@@ -12,7 +12,7 @@ import torch
 
 import critsample
 from critsample import judges, metrics
-from critsample.datasets import digits_split
+from critsample.datasets import digits_split, fashion_mnist_bundled
 from critsample.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +73,16 @@ def test_no_module_reaches_into_the_private_fid_metric():
         names = {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n,
                                                                                      ast.ImportFrom) for a in n.names}
         assert "_fid_metric" not in names, path
+
+
+def test_fashion_judge_is_the_fashion_classifier_and_its_fd_to_the_bundled_test_images():
+    judge = judges.for_model(critsample.load("dit-fashion"))
+    assert isinstance(judge, judges.FashionJudge) and judge.name == "fashion-mnist"
+    x, y = metrics.fashion_real("test-2000")[:60], torch.from_numpy(fashion_mnist_bundled()[1][:60].astype(np.int64))
+    s = judge.score(x, y)
+    pred = judge.classifier.predict_logits(x).argmax(1)
+    assert np.array_equal(s.rows, (pred == y).double().numpy()) and s.rows.mean() > 0.8
+    assert s.features.shape == (60, 128) and s.features.dtype == torch.float64
+    real = metrics.extract_features(metrics.fashion_real("test-2000"), metrics.fashion_features())
+    assert judge.fd(s.features) == metrics.frechet_distance(real, s.features)
+    assert judge.fd(s.features) < judge.fd(judge.score(x.flip(-2), y).features)  # upside-down garments: farther
