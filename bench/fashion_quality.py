@@ -1,6 +1,6 @@
 """Quality bars of the bundled dit-fashion model (issue 25: guided sampling at its default guidance, DDIM).
 
-    python bench/fashion_quality.py [--model dit-fashion] [--per-class 30] [--uncond 300] [--steps 50]
+    python bench/fashion_quality.py [--model dit-fashion] [--per-class 50] [--uncond 500] [--steps 50]
                                     [--out runs/bench/fashion_quality]
 
 Bars: conditional samples classified as the requested class >= 80 %; unconditional class fractions each in 5-15 %; FD
@@ -12,8 +12,8 @@ iterator (sample i from (seed, i)) through critsample.evaluate.generate; the jud
 One torch thread. Prints a table and a 10 x 10 PNG grid (rows = classes); last line: one JSON object.
 
 Sizes: on one thread of the shared 2-core machine, with dit-fashion training beside it, a guided 50-step DDIM sample
-took 1.3 s and an unguided one 0.55 s (20 of each, 15:02 UTC): 30 per class + 300 unconditional is about 9 minutes
-there (fewer on a free core).
+took 1.3 s and an unguided one 0.55 s (20 of each, 15:02 UTC); the defaults (50 per class + 500 unconditional) took
+16 min on the final weights beside `critsample detect` on the other core (use --per-class 30 --uncond 300 for ~9).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def train_floor(judge: judges.ClassifierJudge, n: int, seed: int) -> float | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dit-fashion")
-    ap.add_argument("--per-class", type=int, default=30)
-    ap.add_argument("--uncond", type=int, default=300)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--uncond", type=int, default=500)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's own default guidance")
     ap.add_argument("--seed", type=int, default=0)
