@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from .denoisers import NULL, Denoiser
-from .judges import DigitsJudge, fd_bootstrap
+from .judges import ClassifierJudge, DigitsJudge, fd_bootstrap
 from .sampling import Plan
 from .seeded import sample_images
 
@@ -53,7 +53,12 @@ class Quality:
 def digits_quality(gen: Generated, classifier=None, n_boot: int = 20, seed: int = 0) -> Quality:
     """Accuracy of the bundled digits classifier on conditional rows and digits-FID against the test split
     (:class:`~critsample.judges.DigitsJudge`; the FID bar is the bootstrap over the generated set)."""
-    judge = DigitsJudge(classifier)
+    return judged_quality(gen, DigitsJudge(classifier), n_boot, seed)
+
+
+def judged_quality(gen: Generated, judge: ClassifierJudge, n_boot: int = 20, seed: int = 0) -> Quality:
+    """Accuracy of a classifier judge on the conditional rows of ``gen``, the predicted class fractions of all its
+    rows, and the FD of all its rows to the judge's reference set (bootstrap bar over the generated set)."""
     scores = judge.score(gen.images, gen.labels)
     cond = (gen.labels != NULL).numpy()
     if cond.any():

@@ -31,8 +31,10 @@ The statistics are the judge-independent part, written once:
     FDs and pulls their ratio toward 1: 40 mirrored digits against 40 real ones have ratio 4.0 and resampled ratios
     around 2.5, so the plain 95 % percentile (2.5) would sit below the estimate.
 
-Shipped: :class:`DigitsJudge` (the bundled digits classifier's accuracy and its penultimate-feature FD to the digits
-test split). :func:`for_model` picks the judge of a model; a model without one gets one sentence (:class:`UserError`).
+Shipped: :class:`ClassifierJudge` of a dataset (:data:`DATASETS`: its bundled classifier's accuracy and the FD of its
+penultimate features to the dataset's reference test images): :class:`DigitsJudge` (the digits test split) and
+:class:`FashionJudge` (the 2,000 bundled Fashion-MNIST test images). :func:`for_model` picks the judge of a model by
+the dataset it was trained on; a model without one gets one sentence (:class:`UserError`).
 ``certify`` (plans), ``evaluate.digits_quality`` (benches, fine-tune evaluation) and ``bench/adaptive.py`` judge
 through here, and detect's windowed scans take their FD bars from :func:`fd_bootstrap`.
 """
@@ -47,7 +49,15 @@ import torch
 from scipy import stats as sps
 
 from .errors import UserError
-from .metrics import FrechetReference, bootstrap, digits_features, digits_real, extract_features
+from .metrics import (
+    FrechetReference,
+    bootstrap,
+    digits_features,
+    digits_real,
+    extract_features,
+    fashion_features,
+    fashion_real,
+)
 from .models.classifiers import load_classifier
 from .options import torch_seed
 
@@ -82,17 +92,20 @@ class Judge:
         return self.reference(features)
 
 
-class DigitsJudge(Judge):
-    """The bundled digits classifier: correctness of its argmax against the requested class, and FD of its
-    penultimate features (64) to the digits test split."""
+class ClassifierJudge(Judge):
+    """A dataset's shipped classifier: correctness of its argmax against the requested class, and FD of its
+    penultimate features to the dataset's reference test images (:data:`DATASETS`)."""
 
-    name = "digits"
     score_name = "accuracy"
 
-    def __init__(self, classifier=None):
-        self.classifier = classifier if classifier is not None else load_classifier("digits")
-        self.features = digits_features()
-        self.reference = FrechetReference(extract_features(digits_real("test"), self.features))
+    def __init__(self, dataset: str, classifier=None):
+        if dataset not in DATASETS:
+            raise UserError(f"No judge for dataset {dataset!r}; the judged datasets are {', '.join(DATASETS)}.")
+        classifier_name, features, reference_images = DATASETS[dataset]
+        self.name = dataset
+        self.classifier = classifier if classifier is not None else load_classifier(classifier_name)
+        self.features = features()
+        self.reference = FrechetReference(extract_features(reference_images(), self.features))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, targets: torch.Tensor) -> Scores:
@@ -101,12 +114,41 @@ class DigitsJudge(Judge):
         return Scores(correct, extract_features(images, self.features), pred.numpy())
 
 
+# dataset -> (classifier name for load_classifier, its feature map, the FD reference images in [0, 1])
+DATASETS = {
+    # the digits test split (359 images, never trained on)
+    "digits": ("digits", digits_features, lambda: digits_real("test")),
+    # the 2,000 test images bundled in the package: the same set with or without Debian's full Fashion-MNIST
+    "fashion-mnist": ("fashion-mnist", fashion_features, lambda: fashion_real("test-2000")),
+}
+
+
+class DigitsJudge(ClassifierJudge):
+    """The bundled digits classifier: accuracy and FD of its penultimate features (64) to the digits test split."""
+
+    def __init__(self, classifier=None):
+        super().__init__("digits", classifier)
+
+
+class FashionJudge(ClassifierJudge):
+    """The bundled Fashion-MNIST classifier: accuracy and FD of its penultimate features (128) to the 2,000 bundled
+    test images."""
+
+    def __init__(self, classifier=None):
+        super().__init__("fashion-mnist", classifier)
+
+
+JUDGES = {"digits": DigitsJudge, "fashion-mnist": FashionJudge}  # dataset -> its judge
+
+
 def for_model(model) -> Judge:
-    """The judge of ``model`` (a ``Denoiser``): the digits judge for models trained on digits; else one sentence."""
-    if model.num_classes is None or model.dataset != "digits":
-        raise UserError(f"Quality is measured with the bundled digits classifier and digits-FD; {model.name} is not a "
-                        "digits model (dit-digits or a model trained on digits), so it has no judge yet.")
-    return DigitsJudge()
+    """The judge of ``model`` (a ``Denoiser``): the classifier judge of the dataset it was trained on (``digits``,
+    ``fashion-mnist``); else one sentence."""
+    if model.num_classes is None or model.dataset not in JUDGES:
+        raise UserError(f"Quality is measured with a dataset's bundled classifier and its FD ({', '.join(DATASETS)}); "
+                        f"{model.name} is not a class-conditional model trained on one of them (dit-digits, "
+                        "dit-fashion), so it has no judge yet.")
+    return JUDGES[model.dataset]()
 
 
 # -- statistics ------------------------------------------------------------------------------------------------------

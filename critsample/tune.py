@@ -48,7 +48,8 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
     """summary.json of ``critsample detect`` (or its folder): the windows the search starts from; the certified plan is
     written into it."""
     model: str = "dit-digits"
-    """Registry name or local folder of a digits model (quality is judged with the bundled digits classifier)."""
+    """Registry name or local folder of a class model trained on a judged dataset (dit-digits, dit-fashion: quality is
+    judged with the dataset's bundled classifier, critsample.judges.for_model)."""
     num: int = 1000
     """Samples per plan (the same classes and noise for every plan); the bars shrink as 1 / sqrt(num)."""
     steps: int = 50

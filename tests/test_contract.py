@@ -1,9 +1,10 @@
 """The contract matrix: every model family users run, through every command, from the CLI and from Python.
 
-Families (one fixture each): the bundled dit-digits, a latent class DiT (VAE, learned sigma, 1000 classes), SD3, the
-SD3.5 layout (qk RMS-norm, image-only ``attn2``), PixArt-Sigma, FLUX.1-dev and an analytic oracle. The neural ones are
+Families (one fixture each): the bundled dit-digits and dit-fashion (16 x 16 tokens), a latent class DiT (VAE, learned
+sigma, 1000 classes), SD3, the SD3.5 layout (qk RMS-norm, image-only ``attn2``), PixArt-Sigma, FLUX.1-dev and an
+analytic oracle. The neural ones are
 tiny random pipelines written with ``save_pretrained`` (tests/conftest.py) and loaded through ``critsample.load`` from
-their folder; dit-digits and the oracle are loaded by name. Paths: every probe of ``detect``; ``sample`` plain,
+their folder; the bundled DiTs and the oracle are loaded by name. Paths: every probe of ``detect``; ``sample`` plain,
 ``--interval``, ``--adaptive --window --radius`` and ``--adaptive --summary``; resuming both after a simulated kill;
 ``fit`` + export + reload + sample where the family trains. Each output is checked against what can be counted:
 images finite in [0, 1], a summary that carries every probe run and a critical window or an explicit null, and
@@ -91,12 +92,14 @@ class Family:
         return argv
 
 
-FAMILIES = ["dit-digits", "dit", "sd3", "sd35", "pixart", "flux", "oracle"]
+FAMILIES = ["dit-digits", "dit-fashion", "dit", "sd3", "sd35", "pixart", "flux", "oracle"]
 
 
 def _load_family(key: str, request) -> Family:
     if key == "dit-digits":
         return Family(key, "dit-digits", critsample.load("dit-digits"), has_data=True, trains=True)
+    if key == "dit-fashion":  # fine-tuned in fit on a tensor file (its own config needs the full Fashion-MNIST)
+        return Family(key, "dit-fashion", critsample.load("dit-fashion"), has_data=True, trains=True)
     if key == "oracle":
         return Family(key, ORACLE, critsample.load(ORACLE), has_data=True, trains=False)
     folder = {

@@ -12,7 +12,7 @@ import torch
 
 import critsample
 from critsample import judges, metrics
-from critsample.datasets import digits_split
+from critsample.datasets import digits_split, fashion_mnist_bundled
 from critsample.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +121,16 @@ def test_zero_discordant_pairs_give_a_positive_bound_that_shrinks_like_one_over_
     assert all(2 < n * b < 8 for n, b in zip((50, 200, 1000), bounds, strict=True))
     u = judges.drop_upper_bound
     assert u(5, 0, 1000) > u(0, 0, 1000) > u(0, 5, 1000)
+
+
+def test_fashion_judge_is_the_fashion_classifier_and_its_fd_to_the_bundled_test_images():
+    judge = judges.for_model(critsample.load("dit-fashion"))
+    assert isinstance(judge, judges.FashionJudge) and judge.name == "fashion-mnist"
+    x, y = metrics.fashion_real("test-2000")[:60], torch.from_numpy(fashion_mnist_bundled()[1][:60].astype(np.int64))
+    s = judge.score(x, y)
+    pred = judge.classifier.predict_logits(x).argmax(1)
+    assert np.array_equal(s.rows, (pred == y).double().numpy()) and s.rows.mean() > 0.8
+    assert s.features.shape == (60, 128) and s.features.dtype == torch.float64
+    real = metrics.extract_features(metrics.fashion_real("test-2000"), metrics.fashion_features())
+    assert judge.fd(s.features) == metrics.frechet_distance(real, s.features)
+    assert judge.fd(s.features) < judge.fd(judge.score(x.flip(-2), y).features)  # upside-down garments: farther

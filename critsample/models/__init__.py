@@ -47,6 +47,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
                   "FLUX.1-dev (gated), 1024 px, guidance-distilled (3.5)"),
         ModelSpec("dit-digits", "dit", "package", "bundled class-conditional DiT on scikit-learn digits, 8x8 pixels"),
+        ModelSpec("dit-fashion", "dit", "package",
+                  "bundled class-conditional DiT on Fashion-MNIST, 32x32 pixels, patch 2 (16x16 tokens)"),
     ]
 }
 
@@ -116,9 +118,10 @@ def family_of(folder: Path) -> str:
 def load(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
          trust_pickled_weights: bool = False, **kwargs) -> Denoiser:
     """Load a denoiser by registry name (``dit-xl``, ``dit-xl-512``, ``sd3-medium``, ``pixart-alpha``, ``pixart-sigma``,
-    ``flux-schnell``, ``flux-dev``, ``dit-digits``, ``gmm-...``) or from a local diffusers folder. Weights are read from
-    safetensors only; ``trust_pickled_weights`` also accepts pickled ``*.bin`` weights (only for files you trust:
-    unpickling can run code). ``kwargs`` go to the family's loader (e.g. ``guide_channels=3`` for DiT)."""
+    ``flux-schnell``, ``flux-dev``, ``dit-digits``, ``dit-fashion``, ``gmm-...``) or from a local diffusers folder.
+    Weights are read from safetensors only; ``trust_pickled_weights`` also accepts pickled ``*.bin`` weights (only for
+    files you trust: unpickling can run code). ``kwargs`` go to the family's loader (e.g. ``guide_channels=3``
+    for DiT)."""
     with trusting_pickled_weights(trust_pickled_weights):
         model, folder = _load(str(name_or_path), device, dtype, **kwargs)
     if folder is not None and not trust_pickled_weights:  # every weight came from the folder's safetensors
