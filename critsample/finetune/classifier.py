@@ -43,6 +43,45 @@ def accuracy(model: torch.nn.Module, images_0_1: torch.Tensor, labels: torch.Ten
     return (model(images_0_1).argmax(-1) == labels).double().mean().item()
 
 
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, *, epochs: int, batch_size: int,
+        lr: float, weight_decay: float, label_smoothing: float, augment, on_epoch=None) -> None:
+    """The training loop of the shipped classifiers: AdamW with a one-cycle learning rate over ``epochs`` passes
+    (the last incomplete batch of an epoch dropped), batch order and ``augment(xb, g)`` drawn from ``g``;
+    ``on_epoch(epoch, mean_loss)`` after each pass. Leaves the model in eval mode."""
+    steps_per_epoch = len(y) // batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y), generator=g)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            loss = F.cross_entropy(model(augment(x[idx], g)), y[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        if on_epoch is not None:
+            on_epoch(epoch, total / steps_per_epoch)
+    model.eval()
+
+
+def save(model: torch.nn.Module, info: dict, out: str, module: str, call: str) -> None:
+    """Write a trained classifier to ``out`` (``model.safetensors``, ``config.json`` with ``info`` and the command
+    that made it: ``python -m critsample.finetune.<module> ...`` when run as that script, else ``call``)."""
+    from safetensors.torch import save as to_bytes
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    script = f"python -m critsample.finetune.{module} " + shlex.join(sys.argv[1:])
+    info["train_command"] = script if Path(sys.argv[0]).stem == module else call
+    atomic_write(folder / "model.safetensors", to_bytes({k: v.contiguous() for k, v in model.state_dict().items()}))
+    (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
+    atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
+
+
 def train_digits_classifier(
     seed: int = 0,
     epochs: int = TRAIN_DEFAULTS["epochs"],
@@ -74,21 +113,8 @@ def train_digits_classifier(
     x_train, y_train = digits_split("train")
     x_train = (x_train + 1) / 2  # the classifier takes [0, 1]
     model = DigitsCNN(width=width, feature_dim=feature_dim).reset_parameters(g)
-    steps_per_epoch = len(y_train) // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(y_train), generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            xb = random_shift(x_train[idx], max_shift, g)
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    fit(model, x_train, y_train, g, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, augment=lambda xb, g: random_shift(xb, max_shift, g))
     train_seconds = time.perf_counter() - start
 
     x_test, y_test = digits_split("test")
@@ -116,16 +142,7 @@ def train_digits_classifier(
         torch_threads=torch.get_num_threads(),
     )
     if out is not None:
-        from safetensors.torch import save
-
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        info["train_command"] = "python -m critsample.finetune.classifier " + shlex.join(sys.argv[1:]) \
-            if Path(sys.argv[0]).stem == "classifier" \
-            else f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})"
-        atomic_write(folder / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-        (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
-        atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
+        save(model, info, out, "classifier", f"train_digits_classifier(seed={seed}, epochs={epochs}, out={out!r})")
     return model, info
 
 

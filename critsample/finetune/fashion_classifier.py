@@ -10,20 +10,14 @@ is only evaluated, once, after the last epoch (no model selection on it).
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..datasets import FASHION_BUNDLED_N, FASHION_BUNDLED_SEED, fashion_mnist
 from ..metrics import frechet_distance
 from ..models.classifiers import FashionCNN
-from ..store import atomic_write
-from .classifier import random_shift
+from .classifier import fit, random_shift, save
 
 TRAIN_DEFAULTS = dict(epochs=10, batch_size=128, lr=3e-3, weight_decay=5e-4, label_smoothing=0.05, max_shift=1)
 
@@ -72,25 +66,10 @@ def train_fashion_classifier(
     x_train, y_train = fashion_mnist("train", data)
     x_train = (x_train + 1) / 2  # the classifier takes [0, 1]
     model = FashionCNN(width=width, feature_dim=feature_dim).reset_parameters(g)
-    steps_per_epoch = len(y_train) // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(y_train), generator=g)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            xb = random_flip(random_shift(x_train[idx], max_shift, g), g)
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / steps_per_epoch:.4f}, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
-    model.eval()
+    fit(model, x_train, y_train, g, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, augment=lambda xb, g: random_flip(random_shift(xb, max_shift, g), g),
+        on_epoch=lambda e, loss: print(f"epoch {e + 1}/{epochs}: loss {loss:.4f}, "
+                                       f"{time.perf_counter() - start:.0f} s", flush=True))
     train_seconds = time.perf_counter() - start
 
     x_test, y_test = fashion_mnist("test", data)
@@ -123,16 +102,8 @@ def train_fashion_classifier(
         torch_threads=torch.get_num_threads(),
     )
     if out is not None:
-        from safetensors.torch import save
-
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        info["train_command"] = "python -m critsample.finetune.fashion_classifier " + shlex.join(sys.argv[1:]) \
-            if Path(sys.argv[0]).stem == "fashion_classifier" else (f"train_fashion_classifier(seed={seed}, "
-                                                                    f"epochs={epochs}, out={out!r})")
-        atomic_write(folder / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-        (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships in the package
-        atomic_write(folder / "config.json", json.dumps(info, indent=2) + "\n")
+        save(model, info, out, "fashion_classifier",
+             f"train_fashion_classifier(seed={seed}, epochs={epochs}, out={out!r})")
     return model, info
 
 

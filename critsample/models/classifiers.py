@@ -32,7 +32,36 @@ FASHION_CLASSIFIER = "fashion-classifier"  # asset folder
 CLASSIFIERS = {"digits": "package", "fashion-mnist": "package", "resnet-50": "microsoft/resnet-50"}
 
 
-class DigitsCNN(nn.Module):
+class _SmallCNN(nn.Module):
+    """What the bundled dataset CNNs share: a ``trunk`` ending in the GELU feature layer and a linear ``head``."""
+
+    def _finish(self, trunk: nn.Sequential, width: int, feature_dim: int, num_classes: int) -> None:
+        self.trunk = trunk
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.arch = dict(width=width, feature_dim=feature_dim, num_classes=num_classes)
+        self.num_features = feature_dim
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> penultimate features (B, feature_dim)."""
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+    predict_logits = forward
+
+    def reset_parameters(self, generator: torch.Generator) -> _SmallCNN:
+        """PyTorch's default Conv/Linear initialisation, drawn from ``generator`` instead of the global RNG."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+        return self
+
+
+class DigitsCNN(_SmallCNN):
     """Small CNN for 8 x 8 digits. Input (B, 1, 8, 8) in [0, 1] (0 = background); output logits (B, num_classes).
 
     Two 3 x 3 conv pairs with 2 x 2 max-pooling (8 -> 4 -> 2), then a GELU hidden layer of ``feature_dim`` units
@@ -43,7 +72,7 @@ class DigitsCNN(nn.Module):
     def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = 10):
         super().__init__()
         w = width
-        self.trunk = nn.Sequential(
+        self._finish(nn.Sequential(
             nn.Conv2d(1, w, 3, padding=1), nn.GELU(),
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
             nn.MaxPool2d(2),  # (B, w, 4, 4)
@@ -52,49 +81,33 @@ class DigitsCNN(nn.Module):
             nn.MaxPool2d(2),  # (B, 2w, 2, 2)
             nn.Flatten(),
             nn.Linear(8 * w, feature_dim), nn.GELU(),
-        )
-        self.head = nn.Linear(feature_dim, num_classes)
-        self.arch = dict(width=width, feature_dim=feature_dim, num_classes=num_classes)
-        self.num_features = feature_dim
-        self.num_classes = num_classes
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 8, 8) in [0, 1] -> penultimate features (B, feature_dim)."""
-        return self.trunk(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
-
-    predict_logits = forward
-
-    def reset_parameters(self, generator: torch.Generator) -> DigitsCNN:
-        """PyTorch's default Conv/Linear initialisation, drawn from ``generator`` instead of the global RNG."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
-                bound = 1 / math.sqrt(m.weight[0].numel())
-                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
-        return self
+        ), width, feature_dim, num_classes)
 
 
-def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsCNN:
-    """The shipped digits classifier in eval mode (parameters frozen; input gradients still flow)."""
+def _load_bundled_cnn(cls: type[_SmallCNN], asset: str, what: str, trainer: str, device) -> _SmallCNN:
+    """A shipped classifier (``model.safetensors`` + ``config.json`` in the asset folder) in eval mode (parameters
+    frozen; input gradients still flow); a missing file names the trainer that writes it."""
     from safetensors.torch import load_file
 
-    folder = bundled_path(DIGITS_CLASSIFIER)
+    folder = bundled_path(asset)
     if not (folder / "model.safetensors").exists():
         raise UserError(
-            f"The bundled digits classifier is missing from {folder}; reinstall critsample or run "
-            f"`python -m critsample.finetune.classifier --out {folder}`."
+            f"The bundled {what} classifier is missing from {folder}; reinstall critsample or run "
+            f"`python -m {trainer} --out {folder}`."
         )
     cfg = json.loads((folder / "config.json").read_text())
-    model = DigitsCNN(**cfg["arch"])
+    model = cls(**cfg["arch"])
     model.load_state_dict(load_file(folder / "model.safetensors"))
     model.config = cfg
     return model.to(device).eval().requires_grad_(False)
 
 
-class FashionCNN(nn.Module):
+def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsCNN:
+    """The shipped digits classifier in eval mode (parameters frozen; input gradients still flow)."""
+    return _load_bundled_cnn(DigitsCNN, DIGITS_CLASSIFIER, "digits", "critsample.finetune.classifier", device)
+
+
+class FashionCNN(_SmallCNN):
     """CNN for Fashion-MNIST padded to 32 x 32. Input (B, 1, 32, 32) in [0, 1] (0 = background); output logits.
 
     Three stages of 3 x 3 convolutions (two of ``width``, two of 2 ``width``, one of 4 ``width`` channels), each
@@ -106,7 +119,7 @@ class FashionCNN(nn.Module):
     def __init__(self, width: int = 16, feature_dim: int = 128, num_classes: int = 10):
         super().__init__()
         w = width
-        self.trunk = nn.Sequential(
+        self._finish(nn.Sequential(
             nn.Conv2d(1, w, 3, padding=1), nn.GELU(),
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
             nn.MaxPool2d(2),  # (B, w, 16, 16)
@@ -117,38 +130,13 @@ class FashionCNN(nn.Module):
             nn.MaxPool2d(2),  # (B, 4w, 4, 4)
             nn.Flatten(),
             nn.Linear(64 * w, feature_dim), nn.GELU(),
-        )
-        self.head = nn.Linear(feature_dim, num_classes)
-        self.arch = dict(width=width, feature_dim=feature_dim, num_classes=num_classes)
-        self.num_features = feature_dim
-        self.num_classes = num_classes
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 32, 32) in [0, 1] -> penultimate features (B, feature_dim)."""
-        return self.trunk(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
-
-    predict_logits = forward
-    reset_parameters = DigitsCNN.reset_parameters
+        ), width, feature_dim, num_classes)
 
 
 def load_fashion_classifier(device: str | torch.device = "cpu") -> FashionCNN:
     """The shipped Fashion-MNIST classifier in eval mode (parameters frozen; input gradients still flow)."""
-    from safetensors.torch import load_file
-
-    folder = bundled_path(FASHION_CLASSIFIER)
-    if not (folder / "model.safetensors").exists():
-        raise UserError(
-            f"The bundled Fashion-MNIST classifier is missing from {folder}; reinstall critsample or run "
-            f"`python -m critsample.finetune.fashion_classifier --out {folder}`."
-        )
-    cfg = json.loads((folder / "config.json").read_text())
-    model = FashionCNN(**cfg["arch"])
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    model.config = cfg
-    return model.to(device).eval().requires_grad_(False)
+    return _load_bundled_cnn(FashionCNN, FASHION_CLASSIFIER, "Fashion-MNIST", "critsample.finetune.fashion_classifier",
+                             device)
 
 
 class HFImageClassifier(nn.Module):
