@@ -248,3 +248,13 @@ def test_a_model_without_data_needs_data_for_the_linear_kinds(sd3_folder, tmp_pa
     assert torch.allclose(den.stats.means[0], lat.reshape(40, -1).double().mean(0), atol=1e-5)
     # stored, keyed by the data's fingerprint
     assert any(p.name.endswith(".npz") for p in (cache / "critsample" / "gaussian").rglob("*"))
+
+
+def test_pipeline_callbacks_refuse_plans_with_outside_kinds():
+    from critsample import PromptCond
+    from critsample.pipelines import SD3PlanCallback
+
+    cond = PromptCond(torch.zeros(1, 4, 8), torch.zeros(1, 4))
+    with pytest.raises(UserError, match="has gaussian steps; sample plans with outside kinds with critsample.sample"):
+        SD3PlanCallback(Plan([Step("cond"), Step("cond", kind="gaussian")]), cond, cond, (4, 4))
+    SD3PlanCallback(Plan([Step("cond"), Step("cond", radius=1)]), cond, cond, (4, 4))  # network steps still run
