@@ -258,3 +258,10 @@ def test_pipeline_callbacks_refuse_plans_with_outside_kinds():
     with pytest.raises(UserError, match="has gaussian steps; sample plans with outside kinds with critsample.sample"):
         SD3PlanCallback(Plan([Step("cond"), Step("cond", kind="gaussian")]), cond, cond, (4, 4))
     SD3PlanCallback(Plan([Step("cond"), Step("cond", radius=1)]), cond, cond, (4, 4))  # network steps still run
+
+
+def test_a_plan_of_global_kinds_needs_no_radius(digits):
+    p = plans.adaptive(digits, 8, 4.0, (0.3, 0.6), None, "local-cond", kinds=("gaussian", "gaussian"))
+    assert {s.kind for s in p.steps if s.mode != "guided"} == {"gaussian"}
+    with pytest.raises(UserError, match="needs a local radius"):
+        plans.adaptive(digits, 8, 4.0, (0.3, 0.6), None, "local-cond", kinds=("gaussian", "network"))
