@@ -310,3 +310,13 @@ def test_the_frontier_figure_draws_one_group_per_outside_kinds(tmp_path, monkeyp
     assert (tmp_path / "f.png").stat().st_size > 0
     assert set(labels) >= {"full", "interval", "adaptive: network", "adaptive: gaussian/network",
                            "adaptive: gaussian"}
+
+
+def test_tune_takes_kinds_and_refuses_unknown_ones():
+    from critsample.tune import TuneConfig
+
+    assert TuneConfig(summary="s.json", kinds=["network", "gaussian"]).kinds == ["network", "gaussian"]
+    with pytest.raises(UserError, match="step kinds among network, gaussian, local-linear, student"):
+        TuneConfig(summary="s.json", kinds=["gaussian", "wiener"])
+    with pytest.raises(UserError, match="at least one step kind"):
+        TuneConfig(summary="s.json", kinds=[])
