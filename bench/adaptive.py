@@ -121,9 +121,16 @@ def digits_part(args) -> dict:
                 print(f"no {kind} plan was certified: its arm is full guidance")
             arms[kind] = res.plan
             continue
-        # not certified: the pool's candidate closest to it (lowest accuracy-drop bound, then FD bound, then cost)
-        best = min(res.candidates, key=lambda e: (e["quality"]["accuracy_drop_upper"], e["quality"]["fd_ratio_upper"],
-                                                  e["cost"]["flops"]))
+        # not certified: the pool's candidate closest to it (the smaller of its two bounds' excess over the tolerance,
+        # in units of the tolerance, then the cheaper)
+        tol = res.tolerance
+
+        def excess(e: dict, tol=tol) -> tuple[float, float]:
+            q = e["quality"]
+            return (max(100 * q["accuracy_drop_upper"] / tol.accuracy_points,
+                        (q["fd_ratio_upper"] - 1) / tol.fd_relative), e["cost"]["flops"])
+
+        best = min(res.candidates, key=excess)
         print(f"no {kind} plan was certified: racing its closest candidate {best['name']} (NOT certified)")
         arms[kind] = Plan.from_dict(best["plan"])
     print(f"race: {len(arms)} arms x {args.race_num} samples, {args.steps} steps, fresh noise (seed {args.race_seed})",
