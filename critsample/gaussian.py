@@ -186,10 +186,11 @@ class _LinearOutside(Denoiser):
         if n != batch:
             raise ValueError(f"Conditioning has {n} rows but x has {batch}.")
 
-    def _tensor(self, name: str, value: torch.Tensor, device) -> torch.Tensor:
+    def _tensor(self, name: str, value, device) -> torch.Tensor:
+        """``value`` (a tensor, or a function making it: computed once) on ``device``, cached."""
         key = (name, str(device))
         if key not in self._on:
-            self._on[key] = value.to(device)
+            self._on[key] = (value() if callable(value) else value).to(device)
         return self._on[key]
 
     def _classes(self, cond: Cond, batch: int, device) -> torch.Tensor:
@@ -242,7 +243,7 @@ class GaussianDenoiser(_LinearOutside):
         out = torch.empty_like(x)
         if st.full:
             V, lam = self._tensor("V", st.basis, dev), self._tensor("lam", st.eigvals, dev)
-            zm = self._tensor("zm", st.means @ st.basis, dev)  # (K, R) class means in the eigenbasis
+            zm = self._tensor("zm", lambda: st.means @ st.basis, dev)  # (K, R) class means in the eigenbasis
             h = 1.0 / (a * a * lam + s * s)  # (R,) eigenvalues of (a^2 S + s^2 I)^{-1}
             z = x @ V  # (B, R)
             if cond.any():  # (G) of the row's class
