@@ -87,7 +87,7 @@ def race(model, arms: dict[str, Plan], args) -> dict:
     labels = torch.arange(args.race_num) % model.num_classes
     images = {k: [] for k in arms}
     seconds = {k: 0.0 for k in arms}
-    batches = list(seeded_batches(args.race_num, args.batch_size, args.race_seed))
+    batches = list(seeded_batches(args.race_num, args.race_batch_size, args.race_seed))
     for b, batch in enumerate(batches):
         for name, plan in arms.items():
             t0 = time.perf_counter()
@@ -358,6 +358,8 @@ def main() -> None:
     ap.add_argument("--search-seed", type=int, default=0)
     ap.add_argument("--race-seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--race-batch-size", type=int, default=None,
+                    help="samples per race batch (default --batch-size; smaller: more interleaving)")
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3,
                     help="least timing rounds of the architecture table (median); cheap slices get more")
@@ -366,6 +368,7 @@ def main() -> None:
     ap.add_argument("--skip-architectures", action="store_true")
     args = ap.parse_args()
     args.race_num = args.race_num or args.num
+    args.race_batch_size = args.race_batch_size or args.batch_size
     torch.set_num_threads(1)
     torch.manual_seed(0)  # random weights of the architecture table only; sampling uses per-sample generators
 
@@ -397,6 +400,7 @@ def main() -> None:
         "arch_windowed_speedup_vs_interval": {row["arch"]: row["speedup_windowed_vs_interval"] for row in rows},
         "arch_windowed_flops_vs_interval": {row["arch"]: row["flops_windowed_vs_interval"] for row in rows},
         "setup": {"steps": args.steps, "num_search": args.num, "num_race": args.race_num, "kinds": args.kinds,
+                  "race_batch_size": args.race_batch_size,
                   "search_seed": args.search_seed, "race_seed": args.race_seed, "threads": 1,
                   "grid": {"shifts": args.shifts, "scales": args.scales, "radii": args.radii, "outside": args.outside},
                   "fd": "digits-FD: Frechet distance of the digits classifier's penultimate features to the test "
