@@ -17,7 +17,9 @@ The contract:
 - the strictly local denoiser at token i reads only the tokens of its window;
 - sampling equals the family's diffusers pipeline, images included, and a plan run inside the pipeline through its
   step callback (SD3, FLUX) equals ``critsample.sample``;
-- the analytic FLOPs count the (query, key) pairs the network's attention computes, globally and in a window.
+- the analytic FLOPs count the (query, key) pairs the network's attention computes, globally and in a window;
+- ``critsample tune`` (its dry run too) and ``critsample sample --adaptive --summary`` run from the CLI, judged by the
+  family's judge read from a saved folder as the real one is (classifier, ResNet, CLIP, or the user's).
 
 A new family is one entry of :data:`FAMILIES` (and, for a new kind of folder, one builder in conftest.py).
 Family-specific behaviour (prompt encoding, VAE factors, micro-conditions, schedulers, registry names) stays in the
