@@ -153,9 +153,13 @@ class ClassifierJudge(Judge):
         self.features = features()
         self.reference = FrechetReference(extract_features(reference_images(), self.features))
 
+    batch_size = 64  # images per classifier forward (ResNet-50 at 224 px)
+
     @torch.no_grad()
     def score(self, images: torch.Tensor, targets: torch.Tensor) -> Scores:
-        pred = self.classifier.predict_logits(images).argmax(1).cpu()
+        device = next(self.classifier.parameters(), torch.empty(0)).device
+        pred = torch.cat([self.classifier.predict_logits(images[i : i + self.batch_size].to(device)).argmax(1).cpu()
+                          for i in range(0, len(images), self.batch_size)])
         correct = (pred == torch.as_tensor(targets).cpu()).numpy().astype(np.float64)
         return Scores(correct, extract_features(images, self.features), pred.numpy())
 
@@ -296,8 +300,8 @@ def _check_fits(model, name: str, targets: str) -> None:
 def import_judge(path: str, model=None):
     """``package.module:factory`` -> the judge ``factory(model)`` (or ``factory()`` when it takes no argument)
     returns: an object with ``score(images, targets) -> Scores`` and ``fd(features) -> float`` (and optionally
-    ``name``, ``score_name``, ``targets`` = "class" or "prompt", ``reference`` None to be given full guidance's
-    samples, :class:`Judge` shows them)."""
+    ``name``, ``score_name``, ``targets`` = "class" or "prompt", and ``reference = None`` with a
+    ``set_reference(features)`` method to be given full guidance's samples; :class:`Judge` shows them)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--judge {path!r} is not module.path:factory.")
@@ -324,8 +328,6 @@ def import_judge(path: str, model=None):
     if not (callable(getattr(judge, "score", None)) and callable(getattr(judge, "fd", None))):
         raise UserError(f"--judge {path!r} returned a {type(judge).__name__} without score(images, targets) and "
                         "fd(features) methods (critsample.judges.Judge).")
-    if not hasattr(judge, "reference"):
-        judge.reference = True  # its fd has its own reference: certify gives it none
     return judge
 
 
