@@ -190,14 +190,21 @@ def conditioning(model: Denoiser, num: int, prompts: list[str] | None = None) ->
     """The rows of the paired design: (conditioning, the judge's targets, row index). Class models: sample i has class
     ``i % K`` (targets: the class ids); text models: prompt ``i % P`` of ``prompts`` (default: the bundled list), each
     prompt encoded once (targets: the prompt strings, index: i % P)."""
+    targets, index, prompts = _rows(model, num, prompts)
+    return (model.encode_prompt(prompts)[index] if prompts is not None else index), targets, index
+
+
+def _rows(model: Denoiser, num: int, prompts: list[str] | None) -> tuple[list | torch.Tensor, torch.Tensor,
+                                                                        list | None]:
+    """(targets, row index, the prompt list or None) of :func:`conditioning`, without encoding anything."""
     if model.num_classes is None:
         prompts = list(prompts) if prompts else prompt_lists.read()
         index = torch.arange(num) % len(prompts)
-        return model.encode_prompt(prompts)[index], [prompts[i] for i in index.tolist()], index
+        return [prompts[i] for i in index.tolist()], index, prompts
     if prompts:
         raise UserError(f"{model.name} is class-conditional: --prompts applies to text models only.")
     labels = torch.arange(num) % model.num_classes
-    return labels, labels, labels
+    return labels, labels, None
 
 
 @torch.no_grad()
@@ -231,7 +238,8 @@ class Certification:
 
     def to_dict(self) -> dict:
         tol = {**asdict(self.tolerance),
-               "rule": "one-sided 95 % upper bounds: accuracy drop (exact, discordant pairs) <= accuracy_points / 100 "
+               "rule": "one-sided 95 % upper bounds: score drop (exact from the discordant pairs for 0 / 1 scores, "
+               "re-centered paired-bootstrap percentile for continuous ones) <= accuracy_points / 100 "
                "and FD / FD_baseline (re-centered paired-bootstrap percentile) <= 1 + fd_relative; cheapest certified "
                "plan by analytic FLOPs (forwards when none)"}
         judge = self.setup.get("judge") or {}
@@ -283,8 +291,7 @@ def certify(
     if measure not in ("all", "cheapest"):
         raise UserError("measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first "
                         f"certified); got {measure!r}.")
-    _, targets, _ = conditioning(model, num, prompts)
-    prompts = None if model.num_classes is not None else list(prompts) if prompts else prompt_lists.read()
+    targets, _, prompts = _rows(model, num, prompts)
     needs_reference = getattr(judge, "reference", True) is None
     grid = model.grid(torch.empty(1, *model.sample_shape))
     others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler,
