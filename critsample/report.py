@@ -185,8 +185,10 @@ def plot_frontier(certification: dict, path):
     base, tol = certification["baseline"]["quality"], certification["tolerance"]
     colors = {"full": "k", "interval": "tab:blue", "adaptive": "tab:orange"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    panels = (("accuracy", "class accuracy", "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
-              ("fd", "FD to the reference data", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
+    score = {"accuracy": "class accuracy", "clip_score": "CLIP score / 100"}.get(base.get("score", "accuracy"),
+                                                                                 base.get("score", "score"))
+    panels = (("accuracy", score, "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
+              ("fd", "FD to the judge's reference", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
     conf = certification.get("confirmation")
 
     def bound_of(q: dict, b: dict, key: str) -> float:
