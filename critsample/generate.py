@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from . import outside as outside_kinds
 from . import plans
 from . import summary as summary_io
 from .attention import check_radius
@@ -85,6 +86,12 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
     outside: str | None = None
     """Denoiser outside the window: local-cond (the default when no certified plan is used: measured, see
     ``critsample.plans``), local-uncond (the paper's) or global-uncond."""
+    kinds: list[str] | None = None
+    """Step kinds outside the window for --adaptive: one for both sides, or two (high-noise side, low-noise side):
+    network (the model with its attention window), gaussian, local-linear (critsample.outside), student."""
+    data: str | None = None
+    """Data the gaussian and local-linear kinds are fitted on (an image folder or a .pt/.npz of latents or images,
+    optional labels); default: the model's bundled training data (dit-digits, dit-fashion); text models need it."""
     interval: str | None = None
     """Limited-interval guidance (Kynkaanniemi et al. 2024) on t0:t1 instead of full guidance."""
     batch_invariant: bool = False
@@ -112,8 +119,15 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
         for name in ("window", "interval"):
             if getattr(self, name) is not None:
                 TimeWindow.parse(getattr(self, name), f"--{name}")
+        if self.kinds is not None:
+            if len(self.kinds) not in (1, 2):
+                raise UserError(f"--kinds takes one step kind (both sides) or two (high-noise, low-noise side); got "
+                                f"{self.kinds!r}.")
+            for k in self.kinds:
+                outside_kinds.check_kind(k)
         if not self.adaptive:
-            given = [f"--{n}" for n in ("summary", "window", "radius", "outside") if getattr(self, n) is not None]
+            given = [f"--{n}" for n in ("summary", "window", "radius", "outside", "kinds")
+                     if getattr(self, n) is not None]
             if given:
                 raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --adaptive "
                                 f"plans; add --adaptive or drop {'it' if len(given) == 1 else 'them'}.")
@@ -130,7 +144,7 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
         window, radius = cfg.window, cfg.radius
         outside = cfg.outside or plans.DEFAULT_OUTSIDE
         source = cfg.summary or (_shipped(model) if window is None else None)
-        if source and window is None and radius is None and cfg.outside is None:
+        if source and window is None and radius is None and cfg.outside is None and cfg.kinds is None:
             certified = _certified(cfg, model, w, source)
             if certified is not None:
                 return certified
@@ -148,10 +162,12 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
         if window is None:
             raise UserError(f"--adaptive needs a window and {model.name} ships none: pass --summary DIR/summary.json "
                             "(from `critsample detect`) or --window t0:t1.")
-        if radius is None and outside != "global-uncond":
+        kinds = tuple(cfg.kinds or [outside_kinds.NETWORK]) * (2 if len(cfg.kinds or [1]) == 1 else 1)
+        local = [k for k in kinds if outside_kinds.takes_radius(k)]
+        if radius is None and outside != "global-uncond" and local:
             raise UserError("--adaptive with a local outside denoiser needs --radius R (or a summary that suggests "
                             "one).")
-        return plans.adaptive(model, cfg.steps, w, window, radius, outside, cfg.sampler)
+        return plans.adaptive(model, cfg.steps, w, window, radius, outside, cfg.sampler, kinds=kinds)
     if cfg.interval:
         return plans.interval_guidance(model, cfg.steps, w, cfg.interval, cfg.sampler)
     return plans.full_guidance(model, cfg.steps, w, cfg.sampler)
@@ -210,8 +226,14 @@ def _batches(cfg: SampleConfig, plan: Plan, model: Denoiser, out: Path) -> Store
     """The store of finished batches. Their keys hold every option a sample depends on (not ``--num``: sample i is the
     same in a longer run), the plan, and the model's weights (a retrained model of the same name never reuses them)."""
     options = {k: v for k, v in vars(cfg).items() if k not in ("out", "wandb", "device", "num")}
-    return Store(out / ".batches", model_fingerprint(model, model.name), cfg.seed,
-                 {"sample": {"options": options, "plan": plan.to_dict()}})
+    for k in ("kinds", "data"):  # options of the outside kinds: absent from the keys of plans without them
+        if options.get(k) is None:
+            options.pop(k, None)
+    config = {"options": options, "plan": plan.to_dict()}
+    ident = outside_kinds.identity(model, plan)
+    if ident:
+        config["outside"] = ident
+    return Store(out / ".batches", model_fingerprint(model, model.name), cfg.seed, {"sample": config})
 
 
 def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.device | str | None = None,
@@ -225,7 +247,10 @@ def run(cfg: SampleConfig, model: Denoiser | None = None, *, device: torch.devic
     device = next(model.parameters(), torch.empty(0)).device
     if cfg.radius is not None:
         check_radius(cfg.radius, model.token_grid, bound="grid", model=model.name)
+    outside_kinds.use_data(model, cfg.data)
     plan = build_plan(cfg, model)
+    for kind in {st.kind for st in plan.steps}:  # fitted (or a missing --data said) before any sampling
+        outside_kinds.denoiser_for(model, kind)
     cond, labels = conditioning(cfg, model, device)
     out = Path(cfg.out)
     store = _batches(cfg, plan, model, out)
