@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 
 import critsample
-from critsample import certify, judges, plans
+from critsample import certify, judges, outside, plans
 from critsample import summary as summary_io
 from critsample.flops import forward_flops, plan_flops, transformer_shape
-from critsample.sampling import Plan, Step
+from critsample.sampling import Plan
 from critsample.seeded import sample_batch, seeded_batches
 from critsample.store import Store, model_fingerprint
 
@@ -54,48 +54,45 @@ from critsample.store import Store, model_fingerprint
 
 
 def search(model, summary: dict, args) -> dict:
-    """The cheapest certified adaptive and interval plans around the summary's windows (resumable)."""
+    """The cheapest certified plan of each pool around the summary's windows (resumable): limited-interval guidance,
+    adaptive with the network's windowed attention outside, adaptive with cheap outside kinds (any side not network)."""
     w = args.guidance if args.guidance is not None else model.default_guidance
-    grid = certify.Grid(tuple(args.shifts), tuple(args.scales), tuple(args.radii), tuple(args.outside), interval=True)
-    candidates = certify.search(model, summary, args.steps, w, grid)
     baseline = plans.full_guidance(model, args.steps, w)
     store = Store(Path(args.out) / ".units", model_fingerprint(model, model.name), args.search_seed)
     tol = certify.Tolerance(args.accuracy_tolerance, args.fd_tolerance)
+    kinds = tuple(dict.fromkeys(["network", *args.kinds]))
+    grid = certify.Grid(tuple(args.shifts), tuple(args.scales), tuple(args.radii), tuple(args.outside), interval=True,
+                        kinds=kinds)
+    candidates = certify.search(model, summary, args.steps, w, grid)
+    pools = {
+        "interval": [p for p in candidates if certify.kind(p) == "interval"],
+        "windowed": [p for p in candidates if certify.kind(p) == "adaptive"
+                     and all(s.kind == "network" for s in p.steps)],
+        "cheap": [p for p in candidates if any(s.kind != "network" for s in p.steps)],
+    }
     found = {}
-    for kind in ("adaptive", "interval"):
-        pool = [p for p in candidates if certify.kind(p) == kind]
+    for kind, pool in pools.items():
         print(f"search: {len(pool)} {kind} candidates, cheapest first, {args.num} paired samples each", flush=True)
         res = certify.certify(model, baseline, pool, num=args.num, seed=args.search_seed, tolerance=tol,
-                              n_boot=args.n_boot,
-                              store=store, measure="cheapest", progress=True,
+                              n_boot=args.n_boot, store=store, measure="cheapest", progress=False,
                               on_plan=lambda p, c: print(f"  {'measured' if c else 'stored  '} {p.name}", flush=True))
         for e in res.candidates:
             q = e["quality"]
-            print(f"    {e['name']}: drop {100 * q['accuracy_drop']:+.2f} +- {100 * q['accuracy_drop_sigma']:.2f} pt, "
-                  f"FD ratio {q['fd_ratio']:.3f} +- {q['fd_ratio_sigma']:.3f}, FLOPs x{e['cost']['flops_ratio']:.3f} "
-                  f"{'CERTIFIED' if e['certified'] else ''}")
+            print(f"    {e['name']}: drop {100 * q['accuracy_drop']:+.2f} +- {100 * q['accuracy_drop_sigma']:.2f} pt "
+                  f"(bound {100 * q['accuracy_drop_upper']:.2f}), FD ratio {q['fd_ratio']:.3f} +- "
+                  f"{q['fd_ratio_sigma']:.3f} (bound {q['fd_ratio_upper']:.3f}), FLOPs x{e['cost']['flops_ratio']:.3f} "
+                  f"{'CERTIFIED' if e['certified'] else ''}", flush=True)
         found[kind] = res
-    return {"baseline": baseline, "adaptive": found["adaptive"], "interval": found["interval"], "guidance": w,
-            "windows": certify.summary_windows(summary)}
-
-
-def other_outside(plan: Plan) -> Plan | None:
-    """The same plan with the other local outside mode (cond <-> uncond on the local steps), None if it has none."""
-    swap = {"cond": "uncond", "uncond": "cond"}
-    if not any(s.radius is not None for s in plan.steps):
-        return None
-    steps = [Step(swap[s.mode], s.radius, s.guidance) if s.mode in swap else s for s in plan.steps]
-    mode = "local-uncond" if any(s.mode == "uncond" for s in steps) else "local-cond"
-    return Plan(steps, sampler=plan.sampler, name=f"{plan.name} with outside={mode}", times=plan.times)
+    return {"baseline": baseline, **found, "guidance": w, "windows": certify.summary_windows(summary)}
 
 
 @torch.no_grad()
 def race(model, arms: dict[str, Plan], args) -> dict:
     """All arms on the same fresh noise, batches interleaved; quality vs full guidance with paired bars."""
-    labels = torch.arange(args.num) % model.num_classes
+    labels = torch.arange(args.race_num) % model.num_classes
     images = {k: [] for k in arms}
     seconds = {k: 0.0 for k in arms}
-    batches = list(seeded_batches(args.num, args.batch_size, args.race_seed))
+    batches = list(seeded_batches(args.race_num, args.batch_size, args.race_seed))
     for b, batch in enumerate(batches):
         for name, plan in arms.items():
             t0 = time.perf_counter()
@@ -117,36 +114,33 @@ def race(model, arms: dict[str, Plan], args) -> dict:
 
 def digits_part(args) -> dict:
     model = critsample.load("dit-digits")
+    outside.use_data(model, args.data)
     summary = summary_io.read(args.summary, model.name, require_window=False)
     found = search(model, summary, args)
-    adaptive, interval = found["adaptive"], found["interval"]
-    if adaptive.chosen is adaptive.baseline:
-        print("no adaptive plan was certified: the race runs full guidance as the 'adaptive' arm (speedup 1)")
-    if interval.chosen is interval.baseline:
-        print("no interval plan was certified: the best interval plan is full guidance")
-    arms = {"full": found["baseline"], "interval": interval.plan, "adaptive": adaptive.plan}
-    swapped = other_outside(adaptive.plan)
-    if swapped is not None:
-        arms["adaptive_other_outside"] = swapped
-    print(f"race: {len(arms)} arms x {args.num} samples, {args.steps} steps, fresh noise (seed {args.race_seed})",
+    arms = {"full": found["baseline"]}
+    for kind in ("interval", "windowed", "cheap"):
+        res = found[kind]
+        if res.chosen is res.baseline:
+            print(f"no {kind} plan was certified: its arm is full guidance")
+        arms[kind] = res.plan
+    print(f"race: {len(arms)} arms x {args.race_num} samples, {args.steps} steps, fresh noise (seed {args.race_seed})",
           flush=True)
     res = race(model, arms, args)
     print(f"\ndit-digits, {args.steps} steps, w={found['guidance']:g}, guidance window {found['windows']['guidance']}, "
-          f"attention window {found['windows']['attention']}, {args.num} samples per arm")
-    print(f"{'arm':24s} {'wall s':>7s} {'speedup':>8s} {'FLOPs':>6s} {'fwd':>4s} {'accuracy':>16s} {'drop (pt)':>14s} "
-          f"{'digits-FD':>15s} {'FD ratio':>14s}")
+          f"attention window {found['windows']['attention']}, {args.race_num} samples per arm")
+    print(f"{'arm':10s} {'wall s':>7s} {'vs full':>8s} {'vs int':>7s} {'FLOPs':>6s} {'fwd':>4s} {'accuracy':>16s} "
+          f"{'drop (pt)':>14s} {'digits-FD':>15s} {'FD ratio':>14s}")
     for name, r in res.items():
         q = r["quality"]
         speedup, flops = res["full"]["seconds"] / r["seconds"], r["flops"] / res["full"]["flops"]
-        print(f"{name:24s} {r['seconds']:7.1f} {speedup:8.2f} {flops:6.3f} "
-              f"{r['forwards']:4d} {q['accuracy']:8.4f} +- {q['accuracy_sigma']:.4f} "
-              f"{100 * q['accuracy_drop']:+6.2f} +- "
-              f"{100 * q['accuracy_drop_sigma']:.2f} {q['fd']:7.3f} +- {q['fd_sigma']:.3f} "
-              f"{q['fd_ratio']:6.3f} +- {q['fd_ratio_sigma']:.3f}")
+        print(f"{name:10s} {r['seconds']:7.1f} {speedup:8.2f} {res['interval']['seconds'] / r['seconds']:7.2f} "
+              f"{flops:6.3f} {r['forwards']:4d} {q['accuracy']:8.4f} +- {q['accuracy_sigma']:.4f} "
+              f"{100 * q['accuracy_drop']:+6.2f} +- {100 * q['accuracy_drop_sigma']:.2f} {q['fd']:7.3f} +- "
+              f"{q['fd_sigma']:.3f} {q['fd_ratio']:6.3f} +- {q['fd_ratio_sigma']:.3f}")
     for name, r in res.items():
         print(f"  {name}: {r['description']}")
     return {"res": res, "arms": arms, "guidance": found["guidance"], "windows": found["windows"],
-            "search": {k: found[k].to_dict() for k in ("adaptive", "interval")}}
+            "search": {k: found[k].to_dict() for k in ("interval", "windowed", "cheap")}}
 
 
 # -- part 2: real architectures --------------------------------------------------------------------------------------
@@ -209,7 +203,33 @@ def _slice(arch: str):
 
 
 def _pattern(plan: Plan) -> list[str]:
-    return ["guided" if s.mode == "guided" else ("local" if s.radius is not None else "cond") for s in plan.steps]
+    """Each step's kind for the timing table: guided, cond (global network), local (windowed network) or an outside
+    kind's name."""
+    return ["guided" if s.mode == "guided" else s.kind if s.kind != "network" else
+            ("local" if s.radius is not None else "cond") for s in plan.steps]
+
+
+def _cheap_denoisers(model, kinds: set[str], radius: int) -> dict:
+    """Outside denoisers of the architecture's latent size: Gaussian statistics with random factors (timing and FLOPs
+    only: full covariance up to critsample.gaussian.FULL_MAX dimensions, else rank 256 plus the diagonal)."""
+    from critsample.gaussian import DEFAULT_RANK, FULL_MAX, GaussianDenoiser, GaussianStats, LocalLinearDenoiser
+
+    shape = tuple(model.sample_shape)
+    D = int(torch.tensor(shape).prod())
+    R = D if D <= FULL_MAX else DEFAULT_RANK
+    g = torch.Generator().manual_seed(0)
+    K = model.num_classes or 1
+    stats = GaussianStats(shape, torch.full((K,), 1.0 / K, dtype=torch.float64),
+                          torch.randn(K, D, generator=g, dtype=torch.float64) * 0.1,
+                          torch.randn(D, R, generator=g, dtype=torch.float64) / D**0.5,
+                          torch.rand(R, generator=g, dtype=torch.float64) + 0.1,
+                          None if R == D else torch.rand(D, generator=g, dtype=torch.float64) + 0.1)
+    out = {}
+    if "gaussian" in kinds:
+        out["gaussian"] = GaussianDenoiser(model, stats)
+    if "local-linear" in kinds:
+        out["local-linear"] = LocalLinearDenoiser(model, stats)
+    return out
 
 
 def _time_kinds(model, x1, cond, kinds: dict, repeats: int, budget_s: float = 120.0) -> dict[str, float]:
@@ -239,54 +259,67 @@ def _time_kinds(model, x1, cond, kinds: dict, repeats: int, budget_s: float = 12
 
 
 @torch.no_grad()
-def architecture_part(adaptive: Plan, repeats: int, only: list[str] | None) -> list[dict]:
-    """Per-step-kind slice timings x depth and analytic whole-network FLOPs, interval vs adaptive at the same window.
+def architecture_part(cheap: Plan, windowed: Plan, repeats: int, only: list[str] | None) -> list[dict]:
+    """Per-step-kind timings and analytic whole-network FLOPs: interval vs the cheap-outside plan vs windowed attention,
+    at the same guidance window (the certified cheap plan's steps mapped by position).
 
-    The adaptive arm is the certified plan's guidance window with local attention at every step outside it (the
-    paper's sampler; the interval arm runs global conditional steps there). An attention window is a property of the
-    model it was certified on, so the dit-digits one is only a second arm here (``attention_window``: the certified
-    plan's steps mapped by position, global conditional inside its attention window): what such a window costs.
-    """
-    pat_certified = _pattern(adaptive)
-    pat_interval = ["guided" if k == "guided" else "cond" for k in pat_certified]  # limited-interval at the same window
-    pat_adaptive = ["guided" if k == "guided" else "local" for k in pat_certified]  # local at every step outside it
-    pat_full = ["guided"] * len(pat_certified)
-    patterns = (("full", pat_full), ("interval", pat_interval), ("adaptive", pat_adaptive),
-                ("attention_window", pat_certified))
+    Network steps: one slice of the network timed and multiplied by the depth; outside steps: the whole outside
+    denoiser at the latent size (critsample.gaussian with random statistics: the cost does not depend on the values).
+    The interval arm runs global conditional steps where the cheap plan runs outside kinds or local steps; the windowed
+    arm runs the network with local attention there (the paper's sampler)."""
+    pat_cheap = _pattern(cheap)
+    pat_interval = ["guided" if k == "guided" else "cond" for k in pat_cheap]
+    pat_windowed = ["guided" if k == "guided" else "local" for k in pat_cheap]
+    pat_full = ["guided"] * len(pat_cheap)
+    patterns = (("full", pat_full), ("interval", pat_interval), ("windowed", pat_windowed), ("cheap", pat_cheap))
     rows = []
     for arch, (radius, depth) in ARCHS.items():
-        if only and arch not in only:
+        if arch not in (only or ["dit-xl-256", "sd3-medium-1024"]):
             continue
         model, cond = _slice(arch)
         model.eval()
         x1 = torch.randn(1, *model.sample_shape)
-        # local-cond outside: one forward
+        outside_kinds = {k for k in pat_cheap if k not in ("guided", "cond", "local")}
+        cheap_dens = _cheap_denoisers(model, outside_kinds, radius)
+        missing = outside_kinds - set(cheap_dens)
+        if missing:
+            print(f"{arch}: no timing for outside kinds {sorted(missing)} (not built here); skipped")
+            continue
+        r_cheap = next((s.radius for s in cheap.steps if s.kind == "local-linear"), None)
         kinds = {"guided": (None, 4.0), "cond": (None, None), "local": (radius, None)}
         med = {k: s * depth for k, s in _time_kinds(model, x1, cond, kinds, repeats).items()}
+        for k, den in cheap_dens.items():
+            r = r_cheap if k == "local-linear" else None
+            den.predict(x1, 0.5, cond, radius=r)  # filters of this time solved once (cached, as in a run)
+            ts = []
+            for _ in range(max(repeats, 5)):
+                t0 = time.perf_counter()
+                den.predict(x1, 0.5, cond, radius=r)
+                ts.append(time.perf_counter() - t0)
+            med[k] = sorted(ts)[len(ts) // 2]
         shape = transformer_shape(model)
         shape["layers"] = shape["layers"] * depth
         grid = model.grid(x1)
         fl = {"guided": 2 * forward_flops(shape, grid, None).total, "cond": forward_flops(shape, grid, None).total,
               "local": forward_flops(shape, grid, radius).total}
+        for k, den in cheap_dens.items():
+            fl[k] = den.flops(grid, r_cheap if k == "local-linear" else None, unconditional=False)
         sec = {n: sum(med[k] for k in pat) for n, pat in patterns}
         flo = {n: sum(fl[k] for k in pat) for n, pat in patterns}
         rows.append({
             "arch": arch, "grid": f"{grid[0]}x{grid[1]}", "radius": radius, "seconds_per_step": med,
-            "speedup_adaptive_vs_interval": sec["interval"] / sec["adaptive"],
-            "flops_bound_adaptive_vs_interval": flo["interval"] / flo["adaptive"],
-            "speedup_interval_vs_full": sec["full"] / sec["interval"],
-            "speedup_adaptive_vs_full": sec["full"] / sec["adaptive"],
-            "flops_ratio_adaptive_vs_full": flo["adaptive"] / flo["full"],
-            # the same guidance window with dit-digits' certified attention window: global conditional steps inside it
-            "speedup_attention_window_vs_interval": sec["interval"] / sec["attention_window"],
-            "flops_bound_attention_window_vs_interval": flo["interval"] / flo["attention_window"],
+            "flops_per_step": fl,
+            "speedup_cheap_vs_interval": sec["interval"] / sec["cheap"],
+            "flops_cheap_vs_interval": flo["interval"] / flo["cheap"],
+            "speedup_windowed_vs_interval": sec["interval"] / sec["windowed"],
+            "flops_windowed_vs_interval": flo["interval"] / flo["windowed"],
+            "speedup_cheap_vs_full": sec["full"] / sec["cheap"],
         })
         r = rows[-1]
-        print(f"{arch:18s} {r['grid']:>6s} {radius:3d} {med['guided']:9.2f} {med['cond']:8.2f} {med['local']:8.2f} "
-              f"{r['speedup_interval_vs_full']:9.2f} {r['speedup_adaptive_vs_full']:9.2f} "
-              f"{r['speedup_adaptive_vs_interval']:9.3f} "
-              f"{r['flops_bound_adaptive_vs_interval']:9.3f} {r['speedup_attention_window_vs_interval']:9.3f} "
-              f"{r['flops_bound_attention_window_vs_interval']:9.3f}", flush=True)
+        print(f"{arch:16s} {r['grid']:>6s} {radius:3d} " + " ".join(f"{k} {v:.3g}s" for k, v in med.items())
+              + f" | cheap/int x{r['speedup_cheap_vs_interval']:.3f} (FLOPs x{r['flops_cheap_vs_interval']:.3f}), "
+              f"windowed/int x{r['speedup_windowed_vs_interval']:.3f} (FLOPs x{r['flops_windowed_vs_interval']:.3f}),"
+              f" cheap/full x{r['speedup_cheap_vs_full']:.3f}", flush=True)
         del model
     return rows
 
@@ -297,7 +330,8 @@ def main() -> None:
                     help="summary.json of critsample detect on dit-digits")
     ap.add_argument("--out", default="runs/bench-adaptive", help="stored samples of the search (a rerun resumes)")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--num", type=int, default=600, help="samples per plan, in the search and in the race")
+    ap.add_argument("--num", type=int, default=600, help="samples per plan in the search (>= ~500 to certify at all)")
+    ap.add_argument("--race-num", type=int, default=None, help="samples per arm in the race (default --num)")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--accuracy-tolerance", type=float, default=1.0, help="points")
     ap.add_argument("--fd-tolerance", type=float, default=0.10, help="relative")
@@ -305,57 +339,54 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.5])
     ap.add_argument("--radii", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--outside", nargs="+", default=list(plans.OUTSIDE))
+    ap.add_argument("--kinds", nargs="+", default=["gaussian", "local-linear"],
+                    help="cheap outside kinds searched on each side (with network)")
+    ap.add_argument("--data", default=None, help="data of the gaussian / local-linear statistics (default: bundled)")
     ap.add_argument("--search-seed", type=int, default=0)
     ap.add_argument("--race-seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3,
                     help="least timing rounds of the architecture table (median); cheap slices get more")
-    ap.add_argument("--archs", nargs="*", default=None, help=f"subset of {', '.join(ARCHS)}")
+    ap.add_argument("--archs", nargs="*", default=None, help=f"subset of {', '.join(ARCHS)} (default: DiT-XL/2 256, "
+                    "SD3-medium 1024)")
     ap.add_argument("--skip-architectures", action="store_true")
     args = ap.parse_args()
+    args.race_num = args.race_num or args.num
     torch.set_num_threads(1)
     torch.manual_seed(0)  # random weights of the architecture table only; sampling uses per-sample generators
 
     d = digits_part(args)
     rows = []
     if not args.skip_architectures:
-        print("\nReal architectures, random weights, batch 1, one thread; the certified plan's steps: "
-              f"{d['arms']['adaptive'].name}")
-        print(f"{'arch':18s} {'grid':>6s} {'r':>3s} {'s guided':>9s} {'s cond':>8s} {'s local':>8s} {'int/full':>9s} "
-              f"{'ada/full':>9s} {'ada/int':>9s} {'FLOPs bnd':>9s} {'aw/int':>9s} {'FLOPs bnd':>9s}")
-        print("  (seconds per step of the whole network; ada: local attention at every step outside the guidance"
-              " window; aw: global inside dit-digits' certified attention window)")
-        rows = architecture_part(d["arms"]["adaptive"], args.repeats, args.archs)
+        print("\nReal architectures, random weights, batch 1, one thread; the cheap plan's steps: "
+              f"{d['arms']['cheap'].name}", flush=True)
+        rows = architecture_part(d["arms"]["cheap"], d["arms"]["windowed"], args.repeats, args.archs)
     r = d["res"]
-    other = r.get("adaptive_other_outside")
+    q = {k: r[k]["quality"] for k in r}
     print(json.dumps(summary_io.jsonable({
-        "speedup_vs_full": r["full"]["seconds"] / r["adaptive"]["seconds"],
-        "speedup_vs_interval": r["interval"]["seconds"] / r["adaptive"]["seconds"],
-        "accuracy_full": r["full"]["quality"]["accuracy"],
-        "accuracy_interval": r["interval"]["quality"]["accuracy"],
-        "accuracy_adaptive": r["adaptive"]["quality"]["accuracy"],
-        "fid_full": r["full"]["quality"]["fd"],
-        "fid_interval": r["interval"]["quality"]["fd"],
-        "fid_adaptive": r["adaptive"]["quality"]["fd"],
-        "flops_ratio": r["adaptive"]["flops"] / r["full"]["flops"],
-        "arch_speedup_vs_interval": {row["arch"]: row["speedup_adaptive_vs_interval"] for row in rows},
-        "arch_flops_bound_vs_interval": {row["arch"]: row["flops_bound_adaptive_vs_interval"] for row in rows},
-        "arch_speedup_attention_window_vs_interval":
-            {row["arch"]: row["speedup_attention_window_vs_interval"] for row in rows},
-        "arch_flops_bound_attention_window_vs_interval":
-            {row["arch"]: row["flops_bound_attention_window_vs_interval"] for row in rows},
-        "accuracy_drop_adaptive_points": 100 * r["adaptive"]["quality"]["accuracy_drop"],
-        "accuracy_drop_adaptive_sigma_points": 100 * r["adaptive"]["quality"]["accuracy_drop_sigma"],
-        "fd_ratio_adaptive": r["adaptive"]["quality"]["fd_ratio"],
-        "fd_ratio_adaptive_sigma": r["adaptive"]["quality"]["fd_ratio_sigma"],
-        "plan_adaptive": r["adaptive"]["plan"], "plan_interval": r["interval"]["plan"],
-        "other_outside": other and {"plan": other["plan"], "accuracy": other["quality"]["accuracy"],
-                                    "accuracy_drop_points": 100 * other["quality"]["accuracy_drop"],
-                                    "fd": other["quality"]["fd"],
-                                    "speedup_vs_full": r["full"]["seconds"] / other["seconds"]},
-        "setup": {"steps": args.steps, "num": args.num, "search_seed": args.search_seed, "race_seed": args.race_seed,
-                  "threads": 1,
+        "speedup_vs_full": r["full"]["seconds"] / r["cheap"]["seconds"],
+        "speedup_vs_interval": r["interval"]["seconds"] / r["cheap"]["seconds"],
+        "speedup_windowed_vs_full": r["full"]["seconds"] / r["windowed"]["seconds"],
+        "speedup_windowed_vs_interval": r["interval"]["seconds"] / r["windowed"]["seconds"],
+        **{f"accuracy_{k}": q[k]["accuracy"] for k in r},
+        **{f"accuracy_drop_{k}_points": 100 * q[k]["accuracy_drop"] for k in r if k != "full"},
+        **{f"accuracy_drop_{k}_sigma_points": 100 * q[k]["accuracy_drop_sigma"] for k in r if k != "full"},
+        **{f"fd_{k}": q[k]["fd"] for k in r},
+        **{f"fd_ratio_{k}": q[k]["fd_ratio"] for k in r if k != "full"},
+        **{f"fd_ratio_{k}_sigma": q[k]["fd_ratio_sigma"] for k in r if k != "full"},
+        "flops_ratio": r["cheap"]["flops"] / r["full"]["flops"],
+        "flops_ratio_vs_interval": r["cheap"]["flops"] / r["interval"]["flops"],
+        "plan": r["cheap"]["plan"], "plan_interval": r["interval"]["plan"], "plan_windowed": r["windowed"]["plan"],
+        "certified": {k: d["search"][k]["name"] != d["search"][k]["baseline"]["name"]
+                      for k in ("interval", "windowed", "cheap")},
+        "arch_speedup_vs_interval": {row["arch"]: row["speedup_cheap_vs_interval"] for row in rows},
+        "arch_flops_vs_interval": {row["arch"]: row["flops_cheap_vs_interval"] for row in rows},
+        "arch_windowed_speedup_vs_interval": {row["arch"]: row["speedup_windowed_vs_interval"] for row in rows},
+        "arch_windowed_flops_vs_interval": {row["arch"]: row["flops_windowed_vs_interval"] for row in rows},
+        "setup": {"steps": args.steps, "num_search": args.num, "num_race": args.race_num, "kinds": args.kinds,
+                  "search_seed": args.search_seed, "race_seed": args.race_seed, "threads": 1,
+                  "grid": {"shifts": args.shifts, "scales": args.scales, "radii": args.radii, "outside": args.outside},
                   "fd": "digits-FD: Frechet distance of the digits classifier's penultimate features to the test "
                         "split"},
     })))

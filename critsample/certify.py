@@ -45,7 +45,9 @@ locality scan's (``windows.window_locality``), else local forward-backward's (``
 combined nonlocality window (invalid windows are skipped). Around G the grid (:class:`Grid`) moves the center by
 ``shifts`` x its width and scales the width by ``scales`` (clipped to [0, 1]); at each window it proposes
 limited-interval guidance and the adaptive plans for each outside mode and radius, the local modes once with A
-(global attention kept on A outside G) and once without it. Plans with the same steps are measured once.
+(global attention kept on A outside G) and once without it, and each of these with every pair of step kinds
+(``kinds``: ``network``, ``gaussian``, ``local-linear``, ``student``; :mod:`critsample.outside`) on the high-noise and
+the low-noise side of G. Plans with the same steps are measured once; certification is the same for every kind.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.progress import Progress
 
-from . import judges, plans
+from . import judges, outside, plans
 from . import prompts as prompt_lists
 from . import summary as summary_io
 from .denoisers import Cond, Denoiser
 from .errors import UserError
 from .flops import plan_flops
 from .options import TimeWindow, is_global
+from .outside import NETWORK, takes_radius
 from .sampling import Plan
 from .seeded import sample_images
 from .store import Store
@@ -100,6 +103,8 @@ class Grid:
     radii: tuple[int, ...] = ()  # empty: the summary's suggested radius (1 and 2 when it suggests none)
     outside: tuple[str, ...] = plans.OUTSIDE
     interval: bool = True  # also limited-interval guidance at every window
+    # step kinds outside the window (critsample.outside), tried on each side: every (high-noise, low-noise) pair
+    kinds: tuple[str, ...] = (NETWORK,)
 
 
 # -- candidate windows --------------------------------------------------------------------------------------------
@@ -147,18 +152,22 @@ def search(model: Denoiser, summary: dict, steps: int, guidance: float, grid: Gr
     suggested = summary_io.suggested_radius(summary)
     local = tuple(r for r in DEFAULT_RADII if not is_global(r, model.token_grid)) or DEFAULT_RADII[:1]
     radii = grid.radii or ((suggested,) if suggested else local)
+    pairs = [(hi, lo) for hi in grid.kinds for lo in grid.kinds]
     out = []
     for window in grid_windows(wins["guidance"][0], grid):
         if grid.interval:
             out.append(plans.interval_guidance(model, steps, guidance, window, sampler))
         for mode in grid.outside:
-            if mode == "global-uncond":
-                out.append(plans.adaptive(model, steps, guidance, window, None, mode, sampler))
-                continue
-            for r in radii:
-                out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler))
-                if attention is not None:
-                    out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler, attention=attention))
+            for kinds in pairs:
+                if mode == "global-uncond":
+                    if not any(k != NETWORK and takes_radius(k) for k in kinds):
+                        out.append(plans.adaptive(model, steps, guidance, window, None, mode, sampler, kinds=kinds))
+                    continue
+                for r in radii:
+                    out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler, kinds=kinds))
+                    if attention is not None:
+                        out.append(plans.adaptive(model, steps, guidance, window, r, mode, sampler,
+                                                  attention=attention, kinds=kinds))
     return distinct(out)
 
 
@@ -175,12 +184,25 @@ def distinct(candidates: list[Plan]) -> list[Plan]:
 
 def kind(plan: Plan) -> str:
     """``full`` (guided global every step), ``interval`` (guided or conditional, global attention: limited-interval
-    guidance), or ``adaptive`` (anything with unconditional or local outside steps), read from the steps."""
-    if all(s.mode == "guided" and s.radius is None for s in plan.steps):
+    guidance), or ``adaptive`` (anything with unconditional, local or outside-kind steps), read from the steps."""
+    network = all(s.kind == NETWORK for s in plan.steps)
+    if network and all(s.mode == "guided" and s.radius is None for s in plan.steps):
         return "full"
-    if all(s.mode in ("guided", "cond") and s.radius is None for s in plan.steps):
+    if network and all(s.mode in ("guided", "cond") and s.radius is None for s in plan.steps):
         return "interval"
     return "adaptive"
+
+
+def outside_kinds(plan: Plan) -> str:
+    """The step kinds of a plan's outside steps, high-noise side first (``network``, ``gaussian/local-linear``, ...):
+    the frontier figure's groups."""
+    guided = [i for i, s in enumerate(plan.steps) if s.mode == "guided"]
+    if not guided:
+        return NETWORK
+    hi = {s.kind for s in plan.steps[: guided[0]]} or {NETWORK}
+    lo = {s.kind for s in plan.steps[guided[-1] + 1:]} or {NETWORK}
+    side = ["+".join(sorted(k)) for k in (hi, lo)]
+    return side[0] if side[0] == side[1] else "/".join(side)
 
 
 # -- measurement --------------------------------------------------------------------------------------------------
@@ -316,6 +338,9 @@ def certify(
                 key["prompts"] = prompts
             if stream:
                 key["stream"] = stream
+            ident = outside.identity(model, plan)  # the outside denoisers' statistics or weights
+            if ident:
+                key["outside"] = ident
             unit = store.unit("certify", key, forwards=num * plan.forwards)
             before = store.computed
             out = {k: torch.as_tensor(v) for k, v in store.get_or_compute(unit, compute).items()}
@@ -338,7 +363,8 @@ def certify(
             else:
                 cost.update(flops_ratio=1.0 if math.isfinite(cost["flops"]) else float("nan"), forwards_ratio=1.0,
                             speedup_seconds=1.0)
-            e = {"name": plan.name, "kind": kind(plan), "plan": plan.to_dict(), "description": plan.describe(),
+            e = {"name": plan.name, "kind": kind(plan), "outside_kinds": outside_kinds(plan), "plan": plan.to_dict(),
+                 "description": plan.describe(),
                  "quality": q,
                  "fidelity": judges.fidelity(out["images"] if base is None else base["images"], out["images"]),
                  "cost": cost, "certified": base is None or tolerance.certifies(q)}

@@ -108,14 +108,24 @@ def _cross_attention_flops(shape: dict, n: int, k_img: float) -> ForwardFlops:
 
 
 def plan_flops(denoiser, plan, grid: tuple[int, int]) -> dict:
-    """Sum over a plan's steps (guided steps count twice), per sample; attention and MLP kept apart."""
+    """Sum over a plan's steps (guided steps count twice), per sample; attention and MLP kept apart, the steps of
+    outside kinds (critsample.outside) under ``outside`` with their own count."""
     shape = transformer_shape(denoiser)
     if not shape:
         return {"total": float("nan"), "note": "analytic model: no transformer FLOPs"}
-    acc = {"attention": 0.0, "projections": 0.0, "mlp": 0.0, "other": 0.0, "total": 0.0}
+    acc = {"attention": 0.0, "projections": 0.0, "mlp": 0.0, "other": 0.0, "outside": 0.0, "total": 0.0}
     for s in plan.steps:
+        if s.kind != "network":  # an outside denoiser's own analytic count (critsample.outside.step_flops)
+            from .outside import step_flops
+
+            f = step_flops(denoiser, s, grid)
+            acc["outside"] += f
+            acc["total"] += f
+            continue
         f = forward_flops(shape, grid, s.radius).to_dict()
         for k in acc:
-            acc[k] += s.forwards * f[k]
+            if k != "outside":
+                acc[k] += s.forwards * f[k]
     acc["forwards"] = plan.forwards
+    acc["network_forwards"] = sum(s.forwards for s in plan.steps if s.kind == "network")
     return acc

@@ -16,6 +16,9 @@ attention radius; what else a callback can change per step depends on the pipeli
 - ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``: nothing. They have no ``callback_on_step_end`` (only the legacy
   ``callback(step, t, latents)``), keep ``guidance_scale`` in a local variable and call the transformer without
   ``cross_attention_kwargs``; :func:`plan_callback` refuses them. Sample PixArt plans with ``critsample.sample``.
+- Plans with outside step kinds (gaussian, local-linear, student: :mod:`critsample.outside`): refused by every
+  callback (one sentence), which cannot replace the pipeline's own transformer call; sample them with
+  ``critsample.sample``.
 
 Both supported pipelines integrate with their own scheduler (FlowMatchEuler, single-step), so a run equals
 ``critsample.sample`` with the same plan and latents. The pipeline's transformer must carry critsample's window
@@ -59,6 +62,10 @@ class PlanCallback:
 
     def __init__(self, plan: Plan, cond: PromptCond, null: PromptCond, grid: tuple[int, int]):
         self.plan, self.cond, self.null, self.grid = plan, cond, null, tuple(grid)
+        kinds = sorted({s.kind for s in plan.steps} - {"network"})
+        if kinds:  # the pipeline calls its transformer itself: a callback cannot put another denoiser in its place
+            raise UserError(f"{self.pipeline} runs its own transformer at every step, but the plan has {kinds[0]} "
+                            "steps; sample plans with outside kinds with critsample.sample.")
         low = sorted({s.guidance for s in plan.steps if _guided(s) and s.guidance < 1})
         if low:
             raise UserError(

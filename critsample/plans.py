@@ -20,6 +20,7 @@ from .attention import check_radius
 from .denoisers import Denoiser
 from .errors import UserError
 from .options import TimeWindow
+from .outside import NETWORK, check_kind, takes_radius
 from .sampling import Plan, Step
 
 OUTSIDE = ("local-cond", "local-uncond", "global-uncond")
@@ -48,11 +49,15 @@ def adaptive(
     outside: str = DEFAULT_OUTSIDE,
     sampler: str = "auto",
     attention=None,
+    kinds: tuple[str, str] = (NETWORK, NETWORK),
 ) -> Plan:
     """Guided global inside ``window``; ``outside`` elsewhere (local-cond, local-uncond or global-uncond).
 
     ``attention`` (optional t0:t1, the attention window): steps outside the guidance window but inside it keep global
-    attention with the outside conditioning (one forward); local attention is used only outside both windows."""
+    attention with the outside conditioning (one forward); local attention is used only outside both windows.
+    ``kinds`` (high-noise side t > t1, low-noise side t < t0): the denoiser of the outside steps on each side,
+    ``network`` (the model with its window) or an outside kind of :mod:`critsample.outside` (gaussian, local-linear,
+    student), with the outside mode's conditioning; a kind without a radius (gaussian) runs globally."""
     t0, t1 = guided = TimeWindow.parse(window)
     a0, a1 = att_window = TimeWindow.parse(attention) if attention is not None else guided
     if outside not in OUTSIDE:
@@ -62,14 +67,20 @@ def adaptive(
         raise UserError(f"An adaptive plan with outside={outside} needs a local radius (the summary suggested none); "
                         "give one.")
     check_radius(r, denoiser.token_grid, bound="grid", model=denoiser.name)
-    out_step = Step("cond" if outside == "local-cond" else "uncond", r, 1.0)
-    out_global = Step(out_step.mode, None, 1.0)
+    high, low = (check_kind(k, "kinds") for k in kinds)
+    mode = "cond" if outside == "local-cond" else "uncond"
+    out_global = Step(mode, None, 1.0)
+    if r is None and any(k != NETWORK and takes_radius(k) for k in (high, low)):
+        raise UserError(f"The outside kinds {high}/{low} read a radius-r window; give a local radius "
+                        f"(outside={outside} has none).")
+    sides = {k: Step(mode, r if takes_radius(k) else None, 1.0, k) for k in (high, low)}
 
     def rule(t: float) -> Step:
         if t in guided:
             return Step.conditional(guidance)
-        return out_global if t in att_window else out_step
+        return out_global if t in att_window else sides[high if t > t1 else low]
 
     att = f", attention[{a0:g},{a1:g}]" if attention is not None and r is not None else ""
-    name = f"adaptive[{t0:g},{t1:g}](w={guidance:g}, outside={outside}" + (f", r={r}{att})" if r is not None else ")")
+    name = f"adaptive[{t0:g},{t1:g}](w={guidance:g}, outside={outside}" + (f", r={r}{att}" if r is not None else "")
+    name += ")" if (high, low) == (NETWORK, NETWORK) else f", kinds={high}/{low})"
     return Plan.from_rule(denoiser, steps, rule, sampler, name=name)

@@ -184,6 +184,12 @@ def plot_frontier(certification: dict, path):
     cost = flops / 1e9 if use_flops else np.array([e["cost"]["forwards"] for e in entries], dtype=float)
     base, tol = certification["baseline"]["quality"], certification["tolerance"]
     colors = {"full": "k", "interval": "tab:blue", "adaptive": "tab:orange"}
+    # adaptive plans one group per outside step kinds (network, gaussian, gaussian/local-linear, ...)
+    names = list(dict.fromkeys(_group(e) for e in entries))
+    extra = [n for n in names if n not in colors]
+    palette = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    groups = [(k, c, "o") for k, c in colors.items() if k != "adaptive"] + [
+        (n, palette[i % len(palette)], "os^vD<>p"[(i // len(palette)) % 8]) for i, n in enumerate(extra)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     score = {"accuracy": "class accuracy", "clip_score": "CLIP score / 100"}.get(base.get("score", "accuracy"),
                                                                                  base.get("score", "score"))
@@ -198,12 +204,12 @@ def plot_frontier(certification: dict, path):
         if all("accuracy_drop_upper" in e["quality"] for e in entries):
             ax.plot(cost, [bound_of(e["quality"], base, key) for e in entries], "^" if key == "fd" else "v", ms=4,
                     color="tab:red", alpha=0.6, ls="none", label="95 % bound (in sample)")
-        for kind, color in colors.items():
-            idx = [i for i, e in enumerate(entries) if e["name"].startswith(kind)]
+        for kind, color, marker in groups:
+            idx = [i for i, e in enumerate(entries) if _group(e) == kind]
             if idx:
                 ax.errorbar(cost[idx], [entries[i]["quality"][key] for i in idx],
                             yerr=[entries[i]["quality"][f"{key}_sigma"] for i in idx],
-                            fmt="o", ms=4, capsize=2, color=color, alpha=0.7, label=kind)
+                            fmt=marker, ms=4, capsize=2, color=color, alpha=0.7, label=kind)
         on = sorted((cost[i], e["quality"][key]) for i, e in enumerate(entries) if e.get(front))
         if on:
             ax.step(*zip(*on, strict=True), where="post", color="tab:green", lw=1, marker="o", ms=10, mfc="none",
@@ -228,6 +234,12 @@ def plot_frontier(certification: dict, path):
                  f"{conf['candidate'] if conf else certification['name']}{verdict}",
                  fontsize=9)
     return _save(fig, path)
+
+
+def _group(entry: dict) -> str:
+    """A frontier entry's group: full, interval, or ``adaptive`` with its outside step kinds."""
+    kind = entry.get("kind") or next((k for k in ("full", "interval") if entry["name"].startswith(k)), "adaptive")
+    return kind if kind != "adaptive" else f"adaptive: {entry.get('outside_kinds', 'network')}"
 
 
 def plot_strips(rows: dict, path, scale: int = 4):

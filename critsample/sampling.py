@@ -22,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import outside
 from .denoisers import Cond, Denoiser, is_guided
 from .errors import UserError
 from .options import SAMPLER_CHOICES, SAMPLERS  # noqa: F401  (SAMPLERS: re-exported)
@@ -32,11 +33,14 @@ Mode = Literal["cond", "uncond", "guided"]
 
 @dataclass(frozen=True)
 class Step:
-    """One step's denoiser: ``mode`` x attention ``radius`` (None = global); ``guidance`` is used by 'guided'."""
+    """One step's denoiser: ``mode`` x attention ``radius`` (None = global); ``guidance`` is used by 'guided';
+    ``kind`` names the denoiser: ``network`` (the model) or an outside kind of :mod:`critsample.outside` (gaussian,
+    local-linear, student), which takes the same mode, radius and guidance."""
 
     mode: Mode = "guided"
     radius: int | None = None
     guidance: float = 1.0
+    kind: str = "network"
 
     def __post_init__(self):
         if self.mode == "guided" and not is_guided(self.guidance):  # w = 1 is the conditional step: one forward
@@ -54,7 +58,15 @@ class Step:
 
     def label(self) -> str:
         att = "global" if self.radius is None else f"local(r={self.radius})"
-        return f"{self.mode}(w={self.guidance:g})/{att}" if self.mode == "guided" else f"{self.mode}/{att}"
+        out = f"{self.mode}(w={self.guidance:g})/{att}" if self.mode == "guided" else f"{self.mode}/{att}"
+        return out if self.kind == "network" else f"{self.kind}:{out}"
+
+    def to_dict(self) -> dict:
+        """The step's fields; ``kind`` only when it is not the network (plans written before kinds read the same)."""
+        d = asdict(self)
+        if self.kind == "network":
+            d.pop("kind")
+        return d
 
 
 @dataclass
@@ -75,6 +87,8 @@ class Plan:
         for s in self.steps:
             if s.mode not in ("cond", "uncond", "guided"):
                 raise ValueError(f"Unknown step mode {s.mode!r}; use cond, uncond or guided.")
+        for s in self.steps:
+            outside.check_kind(s.kind, "A plan step's kind")
 
     @classmethod
     def guided(cls, num_steps: int, guidance: float, radius: int | None = None, sampler: str = "auto") -> "Plan":
@@ -97,7 +111,7 @@ class Plan:
             "name": self.name,
             "sampler": self.sampler,
             "on_switch": self.on_switch,
-            "steps": [asdict(s) for s in self.steps],
+            "steps": [s.to_dict() for s in self.steps],
             "times_t": self.times,
             "forwards_per_sample": self.forwards,
         }
@@ -264,7 +278,10 @@ def sample(
             c = null
         else:
             c = cond
-        if predict is not None:
+        if step.kind != "network":  # an outside kind: exact per row, so ``predict`` (batching) does not apply
+            pred = outside.denoiser_for(denoiser, step.kind).predict(
+                xin, t, c, radius=step.radius, guidance=step.guidance if step.mode == "guided" else None)
+        elif predict is not None:
             pred = predict(xin, t, step, c)
         else:
             pred = denoiser.predict(xin, t, c, radius=step.radius,

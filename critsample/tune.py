@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import judges, plans
+from . import judges, outside, plans
 from . import prompts as prompt_lists
 from . import summary as summary_io
 from .attention import check_radius
@@ -86,6 +86,11 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
     """Outside modes searched: local-uncond, local-cond, global-uncond."""
     interval: bool = True
     """Also measure limited-interval guidance at every window of the search."""
+    kinds: list[str] = field(default_factory=lambda: ["network"])
+    """Step kinds tried outside the window, every pair on the (high-noise, low-noise) sides: network (the model with
+    its attention window), gaussian, local-linear, student (critsample.outside)."""
+    data: str | None = None
+    """Data the gaussian and local-linear kinds are fitted on (default: the model's bundled training data)."""
     measure: str = "all"
     """all: sample every candidate (the whole frontier); cheapest: sample in ascending cost and stop at the first
     certified plan (the same choice, a fraction of the work, a partial frontier)."""
@@ -115,6 +120,10 @@ class TuneConfig(OutputOptions, StepsOptions, GuidanceOptions, SeedOptions, Mode
                             f"{self.scales!r}.")
         if not all(math.isfinite(v) for v in (*self.shifts, *self.scales)):
             raise UserError(f"--shifts and --scales take finite numbers; got {self.shifts!r}, {self.scales!r}.")
+        if not self.kinds:
+            raise UserError("--kinds needs at least one step kind (network: the model itself).")
+        for k in self.kinds:
+            outside.check_kind(k)
         for r in self.radii:
             check_radius(r, (0, 0))  # an integer >= 0; the model's token grid bounds it once loaded
         if self.measure not in ("all", "cheapest"):
@@ -138,7 +147,9 @@ def _setup(cfg: TuneConfig, model):
     """The summary, guidance, baseline and candidates of a run (the dry run stops here)."""
     summary = summary_io.read(cfg.summary, model.name, require_window=False)
     w = cfg.guidance if cfg.guidance is not None else model.default_guidance
-    grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval)
+    outside.use_data(model, cfg.data)
+    grid = Grid(tuple(cfg.shifts), tuple(cfg.scales), tuple(cfg.radii), tuple(cfg.outside), cfg.interval,
+                tuple(cfg.kinds))
     candidates = search(model, summary, cfg.steps, w, grid, cfg.sampler)
     baseline = plans.full_guidance(model, cfg.steps, w, cfg.sampler)
     if all((p.sampler, tuple(p.steps)) == (baseline.sampler, tuple(baseline.steps)) for p in candidates):
@@ -208,7 +219,7 @@ def run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None
     windows = {k: v and {"t": list(v[0]), "source": v[1]} for k, v in summary_windows(summary).items()}
     record["setup"].update(guidance=w, sampler=cfg.sampler, windows=windows,
                            grid={"shifts": cfg.shifts, "scales": cfg.scales, "radii": cfg.radii, "outside": cfg.outside,
-                                 "interval": cfg.interval,
+                                 "interval": cfg.interval, "kinds": cfg.kinds, "data": cfg.data,
                                  "measure": cfg.measure},
                            prompts_file=cfg.prompts if prompts is not None and cfg.prompts else
                            (str(prompt_lists.DEFAULT.name) if prompts is not None else None),

@@ -22,7 +22,7 @@ def parser() -> ArgumentParser:
 def run_sample(argv: list[str]) -> int:
     cfg = parse_config(argv, SampleConfig, parser(),
                        flags=("adaptive", "wandb", "trust_pickled_weights", "batch_invariant"),
-                       aliases={"--class": "--classes"}, lists=("--classes", "--prompt"),
+                       aliases={"--class": "--classes"}, lists=("--classes", "--prompt", "--kinds"),
                        nonempty=("--classes", "--prompt"))
     record = run(cfg, device=pick_device(cfg.device), progress=True)
     c = record["cost"]

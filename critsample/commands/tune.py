@@ -9,7 +9,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from ..tune import TuneConfig, dry_run, run
 from .args import parse_config, pick_device
 
-LIST_OPTIONS = ("--shifts", "--scales", "--radii", "--outside")
+LIST_OPTIONS = ("--shifts", "--scales", "--radii", "--outside", "--kinds")
 
 
 def parser() -> ArgumentParser:
