@@ -286,6 +286,10 @@ def for_model(model, judge: str = "auto", weights: str | None = None, device=Non
         out = (JUDGES[name]() if name in JUDGES else ImageNetJudge(weights=weights, device=device) if name == "imagenet"
                else ClipJudge(weights=weights, device=device))
     _check_fits(model, describe(out)["name"], getattr(out, "targets", "class"))
+    if isinstance(out, ImageNetJudge) and out.classifier.num_classes != model.num_classes:
+        raise UserError(f"The imagenet judge's classifier has {out.classifier.num_classes} classes and {model.name} "
+                        f"{model.num_classes}; its accuracy would compare different labels, so pass a judge of this "
+                        "model's classes with --judge module.path:factory.")
     return out
 
 

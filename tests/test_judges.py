@@ -219,6 +219,19 @@ def test_judges_fit_their_models_and_name_the_alternative(sd3, dit):
     assert judges.for_model(critsample.load("gmm-mixture"), "conftest:tiny_judge").name == "tiny-sign"
 
 
+def test_the_imagenet_judge_reads_a_resnet_folder_and_refuses_other_label_sets(dit, judge_folders, monkeypatch):
+    from conftest import TinyInception
+
+    monkeypatch.setattr(metrics, "inception_features", lambda device="cpu": TinyInception())
+    judge = judges.for_model(dit, "imagenet", weights=str(judge_folders["imagenet"]))
+    x, y = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2, 3])
+    s = judge.score(x, y)
+    assert np.array_equal(s.rows, (judge.classifier.predict_logits(x).argmax(1) == y).double().numpy())
+    assert s.features.shape == (3, 12) and judge.reference is None and judge.name.startswith("imagenet")
+    with pytest.raises(UserError, match="1000 classes and"):
+        judges.for_model(critsample.load("dit-digits"), "imagenet", weights=str(judge_folders["imagenet"]))
+
+
 def test_missing_judge_weights_are_one_sentence_naming_the_download_and_the_judge_option(sd3_folder, dit_folder,
                                                                                         judge_folders, tmp_path,
                                                                                         capsys):
