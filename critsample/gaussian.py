@@ -237,36 +237,55 @@ class GaussianDenoiser(_LinearOutside):
         st, dev = self.stats, x.device
         if st.class_cov is not None:
             return self._per_class(x, a, s, comp)
-        V, lam = self._tensor("V", st.basis, dev), self._tensor("lam", st.eigvals, dev)
-        mu = self._tensor("mu", st.means, dev)  # (K, D)
+        logpi = torch.log(self._tensor("pi", st.priors, dev))
+        cond, mix = comp >= 0, comp < 0
+        out = torch.empty_like(x)
         if st.full:
+            V, lam = self._tensor("V", st.basis, dev), self._tensor("lam", st.eigvals, dev)
+            zm = self._tensor("zm", st.means @ st.basis, dev)  # (K, R) class means in the eigenbasis
             h = 1.0 / (a * a * lam + s * s)  # (R,) eigenvalues of (a^2 S + s^2 I)^{-1}
-            z, zm = x @ V, mu @ V  # (B, R), (K, R)
-            r = z[:, None, :] - a * zm[None]  # (B, K, R) residual x - a mu_k, in the eigenbasis
-            est = zm[None] + (a * lam * h) * r  # (B, K, R): (G) per component
-            logw = torch.log(self._tensor("pi", st.priors, dev))[None] - 0.5 * (r * r * h).sum(-1)  # (B, K)
-            w = _weights(logw, comp)
-            return (w[:, :, None] * est).sum(1) @ V.T
+            z = x @ V  # (B, R)
+            if cond.any():  # (G) of the row's class
+                m = zm[comp[cond]]
+                out[cond] = (m + (a * lam * h) * (z[cond] - a * m)) @ V.T
+            if mix.any():  # the mixture: class posterior w_k(x) times (G) of each class
+                r = z[mix][:, None, :] - a * zm[None]  # (B', K, R)
+                w = torch.softmax(logpi[None] - 0.5 * (r * r * h).sum(-1), dim=1)
+                out[mix] = (w[:, :, None] * (zm[None] + (a * lam * h) * r)).sum(1) @ V.T
+            return out
+        mu = self._tensor("mu", st.means, dev)  # (K, D)
         if a == 0.0:  # pure noise (flow models at sigma = 1): the prior mean
-            return _weights(torch.log(self._tensor("pi", st.priors, dev))[None].repeat(x.shape[0], 1), comp) @ mu
-        # low rank + diagonal: (a^2 S + s^2 I)^{-1} by Woodbury, S = V L V^T + diag(psi)
-        psi = self._tensor("psi", st.diag, dev)
-        dt = a * a * psi + s * s  # (D,)
-        core = torch.diag(1.0 / (a * a * lam)) + (V / dt[:, None]).T @ V  # (R, R)
-        chol = torch.linalg.cholesky(core)  # the log-determinant is the same for every class: it cancels in w
-        out = torch.zeros_like(x)
-        logw = torch.log(self._tensor("pi", st.priors, dev))[None].repeat(x.shape[0], 1)
-        ests = []
-        for k in range(st.classes):
-            r = x - a * mu[k]  # (B, D)
+            return _weights(logpi[None].repeat(x.shape[0], 1), comp) @ mu
+        V, lam, psi = self._tensor("V", st.basis, dev), self._tensor("lam", st.eigvals, dev), self._tensor(
+            "psi", st.diag, dev)
+        dt, chol = self._woodbury(a, s, dev)
+
+        def gauss(r: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(G) and the Mahalanobis term of residuals r = x - a mu_k: (a^2 S + s^2 I)^{-1} r by Woodbury."""
             u = r / dt
-            m_inv = u - (torch.cholesky_solve((u @ V).T, chol).T @ V.T) / dt  # (a^2 S + s^2 I)^{-1} r
-            logw[:, k] -= 0.5 * (r * m_inv).sum(1)
-            ests.append(mu[k] + a * ((m_inv @ V) * lam) @ V.T + a * psi * m_inv)
-        w = _weights(logw, comp)
-        for k, e in enumerate(ests):
-            out += w[:, k : k + 1] * e
+            m_inv = u - (torch.cholesky_solve((u @ V).T, chol).T @ V.T) / dt
+            proj = m_inv @ V
+            return mu[k] + a * (proj * lam) @ V.T + a * psi * m_inv, (r * m_inv).sum(1)
+
+        if cond.any():
+            out[cond] = gauss(x[cond] - a * mu[comp[cond]], comp[cond])[0]
+        if mix.any():
+            xm = x[mix]
+            parts = [gauss(xm - a * mu[k], k) for k in range(st.classes)]
+            w = torch.softmax(logpi[None] - 0.5 * torch.stack([p[1] for p in parts], 1), dim=1)
+            out[mix] = sum(w[:, k : k + 1] * p[0] for k, p in enumerate(parts))
         return out
+
+    def _woodbury(self, a: float, s: float, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(a^2 psi + s^2) and the Cholesky factor of Woodbury's core (L^-1 / a^2 + V^T D^-1 V), once per time (the
+        log-determinant is the same for every class: it cancels in the class weights)."""
+        key = ("woodbury", a, s, str(dev))
+        if key not in self._on:
+            st = self.stats
+            dt = a * a * st.diag + s * s
+            core = torch.diag(1.0 / (a * a * st.eigvals)) + (st.basis / dt[:, None]).T @ st.basis
+            self._on[key] = (dt.to(dev), torch.linalg.cholesky(core).to(dev))
+        return self._on[key]
 
     def _per_class(self, x, a, s, comp):
         st, dev = self.stats, x.device

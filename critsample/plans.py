@@ -62,12 +62,12 @@ def adaptive(
     a0, a1 = att_window = TimeWindow.parse(attention) if attention is not None else guided
     if outside not in OUTSIDE:
         raise UserError(f"--outside must be one of {', '.join(OUTSIDE)}; got {outside!r}.")
+    high, low = (check_kind(k, "kinds") for k in kinds)
     r = None if outside == "global-uncond" else radius
-    if r is None and outside != "global-uncond":
+    if r is None and outside != "global-uncond" and (takes_radius(high) or takes_radius(low)):
         raise UserError(f"An adaptive plan with outside={outside} needs a local radius (the summary suggested none); "
                         "give one.")
     check_radius(r, denoiser.token_grid, bound="grid", model=denoiser.name)
-    high, low = (check_kind(k, "kinds") for k in kinds)
     mode = "cond" if outside == "local-cond" else "uncond"
     out_global = Step(mode, None, 1.0)
     if r is None and any(k != NETWORK and takes_radius(k) for k in (high, low)):

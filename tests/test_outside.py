@@ -258,3 +258,65 @@ def test_pipeline_callbacks_refuse_plans_with_outside_kinds():
     with pytest.raises(UserError, match="has gaussian steps; sample plans with outside kinds with critsample.sample"):
         SD3PlanCallback(Plan([Step("cond"), Step("cond", kind="gaussian")]), cond, cond, (4, 4))
     SD3PlanCallback(Plan([Step("cond"), Step("cond", radius=1)]), cond, cond, (4, 4))  # network steps still run
+
+
+def test_a_plan_of_global_kinds_needs_no_radius(digits):
+    p = plans.adaptive(digits, 8, 4.0, (0.3, 0.6), None, "local-cond", kinds=("gaussian", "gaussian"))
+    assert {s.kind for s in p.steps if s.mode != "guided"} == {"gaussian"}
+    with pytest.raises(UserError, match="needs a local radius"):
+        plans.adaptive(digits, 8, 4.0, (0.3, 0.6), None, "local-cond", kinds=("gaussian", "network"))
+
+
+def test_the_frontier_figure_draws_one_group_per_outside_kinds(tmp_path, monkeypatch):
+    from critsample import report
+
+    def entry(name, kind, kinds, flops, acc, chosen=False):
+        q = {"accuracy": acc, "accuracy_sigma": 0.01, "fd": 2.0, "fd_sigma": 0.1, "accuracy_drop_upper": 0.005,
+             "fd_ratio_upper": 1.05}
+        return {"name": name, "kind": kind, "outside_kinds": kinds, "cost": {"flops": flops, "forwards": 10},
+                "quality": q, "chosen": chosen, "pareto_accuracy": True, "pareto_fd": True}
+
+    cert = {"baseline": entry("full(w=4)", "full", "network", 10e9, 0.99),
+            "candidates": [entry("interval[0.1,0.3]", "interval", "network", 6e9, 0.99),
+                           entry("adaptive[a]", "adaptive", "network", 5e9, 0.985),
+                           entry("adaptive[b]", "adaptive", "gaussian/network", 3e9, 0.98, chosen=True),
+                           entry("adaptive[c]", "adaptive", "gaussian", 1e9, 0.90)],
+            "tolerance": {"accuracy_points": 1.0, "fd_relative": 0.1}, "setup": {"num_samples": 600},
+            "name": "adaptive[b]"}
+    labels = []
+    real = report._plt
+
+    def spy():
+        plt = real()
+        orig = plt.subplots
+
+        def subplots(*a, **k):
+            fig, axes = orig(*a, **k)
+            for ax in axes:
+                e = ax.errorbar
+
+                def errorbar(*args, _e=e, **kw):
+                    labels.append(kw.get("label"))
+                    return _e(*args, **kw)
+
+                ax.errorbar = errorbar
+            return fig, axes
+
+        monkeypatch.setattr(plt, "subplots", subplots)  # undone after the test
+        return plt
+
+    monkeypatch.setattr(report, "_plt", spy)
+    report.plot_frontier(cert, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert set(labels) >= {"full", "interval", "adaptive: network", "adaptive: gaussian/network",
+                           "adaptive: gaussian"}
+
+
+def test_tune_takes_kinds_and_refuses_unknown_ones():
+    from critsample.tune import TuneConfig
+
+    assert TuneConfig(summary="s.json", kinds=["network", "gaussian"]).kinds == ["network", "gaussian"]
+    with pytest.raises(UserError, match="step kinds among network, gaussian, local-linear, student"):
+        TuneConfig(summary="s.json", kinds=["gaussian", "wiener"])
+    with pytest.raises(UserError, match="at least one step kind"):
+        TuneConfig(summary="s.json", kinds=[])
