@@ -135,16 +135,17 @@ def test_flops_are_every_multiply_add_and_a_small_fraction_of_the_teacher(shippe
 
 def test_the_shipped_student_beats_baselines_on_held_out_digits_outside_the_window(shipped, teacher):
     """Held-out test digits (never trained on, by teacher or student), noised at 3 steps of each side of the window,
-    class and null rows: the student's squared error to the teacher is below the zero prediction's and the
-    unit-Gaussian posterior's (eps = sigma x_t) on both sides."""
+    class and null rows: the student's squared error to the teacher is below a quarter of the zero prediction's and of
+    the unit-Gaussian posterior's (eps = sigma x_t) on both sides. (Measured at export, 359 images, 6 steps per side:
+    low side 0.067 vs 0.57 / 0.60, high side 0.0015 vs 0.026 / 0.98; student.json, heldout_error.)"""
     from critsample.datasets import digits_split
 
     x0, y = digits_split("test")
     window = tuple(json.loads((student_folder("dit-digits") / "student.json").read_text())["window"])
-    err = distill_error(shipped, teacher, x0[:128], y[:128], window, points=3, seed=5)
+    err = distill_error(shipped, teacher, x0[:64], y[:64], window, points=3, seed=5)
     for side in ("low", "high"):
         e = err[side]
-        assert e["student"] < 0.5 * min(e["zero"], e["gaussian"]), (side, e)
+        assert e["student"] < 0.25 * min(e["zero"], e["gaussian"]), (side, e)
 
 
 def test_options_are_one_sentence():
@@ -155,6 +156,15 @@ def test_options_are_one_sentence():
     with pytest.raises(UserError, match="integer >= 0"):
         StudentConfig(radius=-1).check()
     assert inspect.signature(DistillModule).parameters["window"].default == list(DIGITS_WINDOW)
+
+
+def test_the_shipped_config_prints_with_its_module_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / "configs/fit/student-digits.yaml"), "--print_config"])
+    assert e.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == "critsample.finetune.distill.DistillModule"
+    assert model["init_args"]["window"] == list(DIGITS_WINDOW) and model["init_args"]["student"]["radius"] == 2
 
 
 def _fit(root: Path, max_steps: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -259,6 +259,5 @@ class DistillModule(L.LightningModule):
             teacher_flops_per_forward=teacher_flops(self.teacher),
             flops_ratio=ratio,
             hparams={k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()},
-            student_config=asdict(cfg),
         )
         self.student.train()
