@@ -21,9 +21,15 @@ ORACLE = "gmm-mixture:N=8,mu=0.5,s2=1"
 
 def _run(tmp_path, radii, **kw):
     cfg = detect.DetectConfig.from_preset(
-        "fast", model=ORACLE, out=str(tmp_path), wandb=False, probes=["cond_gap", "locality_gap", "forward_backward"],
+        "fast",
+        model=ORACLE,
+        out=str(tmp_path),
+        wandb=False,
+        probes=["cond_gap", "locality_gap", "forward_backward"],
         fb={"num_t": 8, "samples": 32, "batch": 32, "steps": 10, "radii": [1, 2]},
-        gaps={"steps": 12, "samples": 16, "batch": 16, "radii": radii, "trajectories": ["train"]}, **kw)
+        gaps={"steps": 12, "samples": 16, "batch": 16, "radii": radii, "trajectories": ["train"]},
+        **kw,
+    )
     return detect.run(cfg, critsample.load(ORACLE))
 
 
@@ -47,8 +53,9 @@ def test_d_of_r_does_not_depend_on_the_radii_probed(runs):
     old_b = b["probes"]["locality_gap"]["per_radius"]["train"]["4"]["log_snr_center"]  # largest of {1, 2, 4}
     assert abs(old_a - old_b) > 0.5
     assert a["primary"]["test"]["center_difference_log_snr"] == b["primary"]["test"]["center_difference_log_snr"]
-    assert a["primary"]["test"]["center_difference_ci95_log_snr"] == b["primary"]["test"][
-        "center_difference_ci95_log_snr"]
+    assert (
+        a["primary"]["test"]["center_difference_ci95_log_snr"] == b["primary"]["test"]["center_difference_ci95_log_snr"]
+    )
     assert a["windows"]["locality_gap"]["extra"]["radius"] == b["windows"]["locality_gap"]["extra"]["radius"] == 2
     rows_a = {r["radius"]: r for r in a["nonlocality_by_radius"]["locality_gap"]}
     rows_b = {r["radius"]: r for r in b["nonlocality_by_radius"]["locality_gap"]}
@@ -63,7 +70,8 @@ def test_d_of_r_does_not_depend_on_the_radii_probed(runs):
     assert rows_b[1]["d_log_snr"] < rows_b[2]["d_log_snr"] < rows_b[4]["d_log_snr"]
     # local forward-backward left the nonlocality family: it is an excess per radius, never a concurrence pair
     assert "forward_backward" not in a["concurrence"] and a["windows"]["forward_backward_local"]["family"] != (
-        "nonlocality")
+        "nonlocality"
+    )
     assert [r["radius"] for r in a["forward_backward_excess"]["forward_backward_local"]] == [1, 2]
     assert "forward_backward_local" not in (a["nonlocality_window"] or {}).get("extra", {}).get("members", [])
 
@@ -77,7 +85,8 @@ def test_the_primary_pair_declared_in_the_config_is_the_verdict(runs):
         assert head["symmetry_breaking"] == sb and head["radius"] == r and head["nonlocality"] == "locality_gap"
         w_nl = s["probes"]["locality_gap"]["per_radius"]["train"][str(r)]
         assert head["center_difference_log_snr"] == pytest.approx(
-            s["windows"][sb]["log_snr_center"] - w_nl["log_snr_center"])
+            s["windows"][sb]["log_snr_center"] - w_nl["log_snr_center"]
+        )
         assert {v["role"] for k, v in s["concurrence"].items() if k != "primary"} == {"secondary"}
         assert s["primary"]["locality"] == "strict" and "same" in s["primary"]["rule"]  # the oracle's local score
     assert b["primary"]["test"]["outcome"] != "no window"
@@ -93,8 +102,9 @@ def test_strict_is_the_primary_local_denoiser_where_the_window_one_covers_the_gr
     window denoiser only; a model without a strict mode keeps window. Each case says why in its rule."""
 
     def model(layers, layout="blocks"):
-        return SimpleNamespace(strict_layout=layout,
-                               transformer=SimpleNamespace(config=SimpleNamespace(num_layers=layers)))
+        return SimpleNamespace(
+            strict_layout=layout, transformer=SimpleNamespace(config=SimpleNamespace(num_layers=layers))
+        )
 
     p = PrimaryArgs()
     assert primary.resolve(PrimaryArgs(radius=1), model(4), 8)["locality"] == "window"  # 4 < 7
@@ -120,8 +130,11 @@ def test_dit_digits_computes_strict_gaps_at_the_primary_radius_only():
     det = Detection(detect.DetectConfig.from_preset("fast", model="dit-digits", wandb=False), m, torch.device("cpu"))
     assert det.primary["locality"] == "strict" and det.primary["depth"] == 4
     assert det.gap_strict_radii == [2] and 2 in det.gap_radii and 2 in det.win_radii
-    det = Detection(detect.DetectConfig.from_preset("fast", model="dit-digits", wandb=False,
-                                                    primary={"radius": 1}), m, torch.device("cpu"))
+    det = Detection(
+        detect.DetectConfig.from_preset("fast", model="dit-digits", wandb=False, primary={"radius": 1}),
+        m,
+        torch.device("cpu"),
+    )
     assert det.primary["locality"] == "window" and det.gap_strict_radii == []
 
 

@@ -48,11 +48,20 @@ def resolve(primary, model, grid: int) -> dict:
     ``receptive_field_tokens`` (depth x r) and ``rule`` (a sentence for the summary)."""
     r, layout, L = int(primary.radius), getattr(model, "strict_layout", None), depth(model)
     covers = L is not None and L * r >= grid - 1
-    out = {"symmetry_breaking": primary.symmetry_breaking, "nonlocality": primary.nonlocality, "radius": r,
-           "locality_declared": primary.locality, "depth": L, "token_grid": grid,
-           "receptive_field_tokens": L * r if L is not None else None, "exact": layout == "exact"}
-    rule = ("auto: strict where the truncated (window) denoiser's receptive field covers the grid (depth x r >= grid "
-            "- 1), window otherwise")
+    out = {
+        "symmetry_breaking": primary.symmetry_breaking,
+        "nonlocality": primary.nonlocality,
+        "radius": r,
+        "locality_declared": primary.locality,
+        "depth": L,
+        "token_grid": grid,
+        "receptive_field_tokens": L * r if L is not None else None,
+        "exact": layout == "exact",
+    }
+    rule = (
+        "auto: strict where the truncated (window) denoiser's receptive field covers the grid (depth x r >= grid "
+        "- 1), window otherwise"
+    )
     if primary.nonlocality == "window_locality":
         loc, why = "window", "the windowed scans have a window (truncated-attention) local denoiser only"
     elif layout == "exact":
@@ -65,8 +74,10 @@ def resolve(primary, model, grid: int) -> dict:
         loc, why = "window", "the model's depth is unknown"
     else:
         loc = "strict" if covers else "window"
-        why = (f"depth {L} x r {r} = {L * r} {'>=' if covers else '<'} grid - 1 = {grid - 1}: the truncated "
-               f"denoiser's receptive field {'covers' if covers else 'does not cover'} the grid")
+        why = (
+            f"depth {L} x r {r} = {L * r} {'>=' if covers else '<'} grid - 1 = {grid - 1}: the truncated "
+            f"denoiser's receptive field {'covers' if covers else 'does not cover'} the grid"
+        )
     out.update(locality=loc, rule=f"{rule}; here {loc}: {why}")
     return out
 
@@ -84,13 +95,22 @@ def window_name(resolved: dict, cfg_locality: str) -> str:
 
 def needs_strict_gaps(resolved: dict, cfg_locality: str) -> bool:
     """Whether the locality gap must compute the strict denoiser beyond what ``--locality`` asks for."""
-    return (resolved["nonlocality"] == "locality_gap" and resolved["locality"] == "strict" and not resolved["exact"]
-            and cfg_locality == "window")
+    return (
+        resolved["nonlocality"] == "locality_gap"
+        and resolved["locality"] == "strict"
+        and not resolved["exact"]
+        and cfg_locality == "window"
+    )
 
 
 def _window_record(w: Window) -> dict:
-    return {"log_snr_center": w.log_snr_center, "log_snr_uncertainty": w.log_snr_uncertainty, "t_center": w.center,
-            "valid": w.valid, "reason": w.reason}
+    return {
+        "log_snr_center": w.log_snr_center,
+        "log_snr_uncertainty": w.log_snr_uncertainty,
+        "t_center": w.center,
+        "valid": w.valid,
+        "reason": w.reason,
+    }
 
 
 def by_radius(sb: Window | None, windows: dict[int, Window], tolerance: float) -> list[dict]:
@@ -102,10 +122,12 @@ def by_radius(sb: Window | None, windows: dict[int, Window], tolerance: float) -
         test = estimators.concurrence(sb, w, tolerance)
         row = {"radius": int(r), "nonlocality_window": _window_record(w), "outcome": test["outcome"]}
         if "center_difference_log_snr" in test:
-            row.update(d_log_snr=test["center_difference_log_snr"],
-                       d_ci95_log_snr=test["center_difference_ci95_log_snr"],
-                       d_sigma_log_snr=test["combined_uncertainty_log_snr"],
-                       pairing=test["uncertainty"].get("pairing"))
+            row.update(
+                d_log_snr=test["center_difference_log_snr"],
+                d_ci95_log_snr=test["center_difference_ci95_log_snr"],
+                d_sigma_log_snr=test["combined_uncertainty_log_snr"],
+                pairing=test["uncertainty"].get("pairing"),
+            )
         rows.append(row)
     return rows
 
@@ -118,8 +140,12 @@ def excess_by_radius(global_window: Window | None, windows: dict[int, Window]) -
         row = {"radius": int(r), "local_threshold": _window_record(w)}
         if global_window is not None and global_window.valid and w.valid:
             diff = estimators.difference(w, global_window)
-            row.update(excess_log_snr=diff["d"], excess_ci95_log_snr=diff["ci95"], excess_sigma_log_snr=diff["sigma"],
-                       uncertainty={k: v for k, v in diff["parts"].items()})
+            row.update(
+                excess_log_snr=diff["d"],
+                excess_ci95_log_snr=diff["ci95"],
+                excess_sigma_log_snr=diff["sigma"],
+                uncertainty={k: v for k, v in diff["parts"].items()},
+            )
         else:
             row.update(excess_log_snr=None, reason="the global or the local threshold is invalid")
         rows.append(row)
