@@ -75,7 +75,13 @@ def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_r
     return conc, w_sb, w_nl, estimators.combine(sb + nl, schedule)
 
 
-def suggested_radius(det: Detection, probes: dict) -> tuple[int | None, str]:
+def suggested_radius(det: Detection, probes: dict) -> int | None:
+    """The smallest radius that is good enough outside the critical window, for ``critsample sample --adaptive``
+    (:func:`radius_suggestion` without its reason)."""
+    return radius_suggestion(det, probes)[0]
+
+
+def radius_suggestion(det: Detection, probes: dict) -> tuple[int | None, str]:
     """(radius, reason): the smallest radius that is good enough outside the critical window, for ``critsample sample
     --adaptive``, and why there is none.
 
@@ -119,7 +125,7 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
     head = primary.test(det.primary, windows, cfg.concurrence_tolerance, cfg.locality)
     conc = {"primary": head, **conc}
     nl_by_r, fb_excess = radius_tables(det, outputs, windows, cfg.concurrence_tolerance)
-    radius, radius_reason = suggested_radius(det, probes)
+    radius, radius_reason = radius_suggestion(det, probes)
     cw = None
     if combined is not None:
         cw = combined.to_dict()
