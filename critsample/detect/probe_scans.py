@@ -141,7 +141,7 @@ class _Scan(Probe):
             if v is None:
                 continue
             name = self.name if inside == self.scans[0] else f"{self.name}[{inside}]"
-            w = estimators.scan_minimum(name, self.family, v["t0"], v["errors"], width, sch, seed=seed, score=v["nll"])
+            w = estimators.scan_minimum(name, self.family, v["t0"], v["errors"], width, sch, seed=seed, score=_score(v))
             w.extra["scan"], w.extra["radius"] = inside, r_w
             w.extra["fid_window"] = estimators.fid_minimum(
                 f"{name}[fid]", self.family, v["t0"], v["fid"], v["fid_sigma"], width, sch, seed=seed).to_dict()
@@ -223,9 +223,17 @@ class _Scan(Probe):
 
 
 def nll(logprob: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample negative log-likelihood (nats) of the requested class under the classifier."""
-    return -np.take_along_axis(np.asarray(logprob, dtype=np.float64), np.asarray(target, dtype=np.int64)[:, None],
-                               1)[:, 0]
+    """Per-sample negative log-likelihood (nats) of the requested class under the classifier; NaN where the class is
+    not one of the classifier's (a classifier of other classes than the model's)."""
+    logprob, target = np.asarray(logprob, dtype=np.float64), np.asarray(target, dtype=np.int64)
+    ok = (target >= 0) & (target < logprob.shape[1])
+    picked = np.take_along_axis(logprob, np.where(ok, target, 0)[:, None], 1)[:, 0]
+    return np.where(ok, -picked, np.nan)
+
+
+def _score(v: dict) -> np.ndarray | None:
+    """The scan's per-sample nll when every sample has one (else None: the classifier does not know the class)."""
+    return v["nll"] if np.isfinite(v["nll"]).all() else None
 
 
 def baseline(det: Detection, results: Results) -> dict:
@@ -280,14 +288,17 @@ class WindowLocality(_Scan):
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         sch, seed = det.model.schedule, int(det.cfg.seed)
         return {r: estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch,
-                                           seed=seed, score=v["nll"])
+                                           seed=seed, score=_score(v))
                 for (s, r), v in res_by.items() if s == self.scans[0]}
 
     def radius_choice(self, det: Detection, res_by: dict) -> dict:
         """``suggested_radius`` (:func:`estimators.best_of_radii`) from the conditioning-fixed scan's per-sample
         negative log-likelihood (it does not saturate where the 0/1 error does), and the same rule on the error."""
         per = {r: v for (s, r), v in res_by.items() if s == self.scans[0]}
-        return {"suggested_radius": estimators.best_of_radii({r: v["nll"] for r, v in per.items()}),
+        scored = all(_score(v) is not None for v in per.values())
+        by_score = estimators.best_of_radii({r: v["nll" if scored else "errors"] for r, v in per.items()})
+        return {"suggested_radius": {**by_score, "metric": "nll" if scored else "error (no nll: the classifier does "
+                                                                                 "not know the class)"},
                 "suggested_radius_by_error": estimators.best_of_radii({r: v["errors"] for r, v in per.items()})}
 
     def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:
