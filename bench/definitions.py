@@ -67,8 +67,9 @@ def fb_centers(oracle) -> dict:
     out = {}
     for reverse in ("ode", "sde"):
         err = 1 - oracle.forward_backward_agreement(torch.tensor(t), reverse=reverse, readout="classifier").numpy()
-        w = estimators.threshold_window("theory", "theory", t, np.stack([err, err]), oracle.schedule, chance=0.5,
-                                        n_boot=0)
+        w = estimators.threshold_window(
+            "theory", "theory", t, np.stack([err, err]), oracle.schedule, chance=0.5, n_boot=0
+        )
         out[reverse] = w.log_snr_center if w.valid else None
     return out
 
@@ -88,21 +89,50 @@ def main() -> None:
     for name in ORACLES:
         oracle = critsample.load(name)
         fb = fb_centers(oracle)
-        rows.append({"oracle": name, "quantity": "forward_backward threshold", "a": "ode", "b": "sde",
-                     "a_log_snr": fb["ode"], "b_log_snr": fb["sde"], "b_minus_a": _diff(fb["sde"], fb["ode"])})
+        rows.append(
+            {
+                "oracle": name,
+                "quantity": "forward_backward threshold",
+                "a": "ode",
+                "b": "sde",
+                "a_log_snr": fb["ode"],
+                "b_log_snr": fb["sde"],
+                "b_minus_a": _diff(fb["sde"], fb["ode"]),
+            }
+        )
         for r in (None, *RADII):
             c = gap_centers(oracle, r, args.n)
             q = "cond_gap" if r is None else f"locality_gap r={r}"
-            rows.append({"oracle": name, "quantity": q, "a": "norm", "b": "squared norm", "a_log_snr": c["norm"],
-                         "b_log_snr": c["squared_norm"], "b_minus_a": _diff(c["squared_norm"], c["norm"])})
-        for row in rows[-(2 + len(RADII)):]:
+            rows.append(
+                {
+                    "oracle": name,
+                    "quantity": q,
+                    "a": "norm",
+                    "b": "squared norm",
+                    "a_log_snr": c["norm"],
+                    "b_log_snr": c["squared_norm"],
+                    "b_minus_a": _diff(c["squared_norm"], c["norm"]),
+                }
+            )
+        for row in rows[-(2 + len(RADII)) :]:
             f = lambda v: "-" if v is None else f"{v:+.2f}"  # noqa: E731
-            print(f"| {row['oracle']} | {row['quantity']} | {row['a']} | {row['b']} | {f(row['a_log_snr'])} | "
-                  f"{f(row['b_log_snr'])} | {f(row['b_minus_a'])} |", flush=True)
+            print(
+                f"| {row['oracle']} | {row['quantity']} | {row['a']} | {row['b']} | {f(row['a_log_snr'])} | "
+                f"{f(row['b_log_snr'])} | {f(row['b_minus_a'])} |",
+                flush=True,
+            )
     gaps = [abs(r["b_minus_a"]) for r in rows if r["a"] == "norm" and r["b_minus_a"] is not None]
     fbs = [abs(r["b_minus_a"]) for r in rows if r["a"] == "ode" and r["b_minus_a"] is not None]
-    print(json.dumps({"rows": rows, "max_abs_norm_vs_squared_nats": max(gaps) if gaps else None,
-                      "max_abs_ode_vs_sde_nats": max(fbs) if fbs else None, "n": args.n}))
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "max_abs_norm_vs_squared_nats": max(gaps) if gaps else None,
+                "max_abs_ode_vs_sde_nats": max(fbs) if fbs else None,
+                "n": args.n,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
