@@ -210,6 +210,11 @@ class StudentDenoiser(Denoiser):
         """Total FLOPs of one forward of one sample."""
         return self.net.forward_flops().total
 
+    def flops(self, grid: tuple[int, int], radius=None, unconditional: bool = False) -> float:
+        """FLOPs per sample of one forward, as every outside kind reports them (``critsample.outside.step_flops``):
+        the same for class and null rows, whatever the radius."""
+        return self.forward_flops(grid).total
+
 
 def save_student(student: StudentDenoiser, folder: str | Path, **record) -> Path:
     """Write ``folder/student.safetensors`` (float32 weights) and ``folder/student.json`` (config, schedule and the
