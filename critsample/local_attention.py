@@ -21,6 +21,7 @@ else masked; elsewhere tiled where a query's halo is under half of all keys, els
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .errors import UserError
 from .options import global_radius, is_global, parse_radius
 
-IMPLS = ("auto", "dense", "masked", "tiled", "flex")
+IMPLS = ("auto", "dense", "masked", "bands1", "bands2", "bands4", "bands8", "tiled", "flex")
 
 # Bytes of temporaries per tiled step and intra-op thread. On CPU a step should stay in cache: one big step costs
 # 2-3x more than the same work in ~2 MB steps, and big temporaries come back as freshly page-faulted memory.
@@ -245,6 +246,44 @@ def _tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, r:
     return torch.cat([img, F.scaled_dot_product_attention(q[:, :, n:], k, v)], dim=2)  # extra rows see every key
 
 
+# -- bands: whole grid rows against the contiguous key rows they can reach ------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
+def _band_plan(h: int, w: int, r: int, num_extra: int, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Per band of ``rows`` grid rows: (first query, end query, first key, end key, bias (queries, keys [+ E]))."""
+    n, mask = h * w, window_mask(h, w, r, num_extra, device=device)
+    plan = []
+    for a in range(0, h, rows):
+        b = min(h, a + rows)
+        lo, hi = max(0, a - r) * w, min(h, b + r) * w  # rows a - r .. b - 1 + r, truncated at the borders
+        keys = mask[a * w : b * w, lo:hi]
+        if num_extra:
+            keys = torch.cat([keys, mask[a * w : b * w, n:]], dim=1)
+        bias = torch.zeros(keys.shape, dtype=dtype, device=device).masked_fill_(~keys, float("-inf"))
+        plan.append((a * w, b * w, lo, hi, bias))
+    return tuple(plan)
+
+
+def _bands(q, k, v, h: int, w: int, r: int, num_extra: int, rows: int) -> torch.Tensor:
+    """Window attention as SDPA per band of ``rows`` grid rows; q, k, v (B, H, L, d) -> (B, H, L, dv).
+
+    In row-major order the keys a band can reach, rows a - r .. b - 1 + r, are one contiguous run of tokens, so each
+    band is dense SDPA with its slice of the window mask over that run (a view, no gather) plus the extra keys: exact,
+    and cheaper than the full masked call by the key rows the band cannot reach (most at small grids and borders).
+    """
+    n, outs = h * w, []
+    for qa, qb, lo, hi, bias in _band_plan(h, w, r, num_extra, rows, q.device, q.dtype):
+        ks, vs = k[:, :, lo:hi], v[:, :, lo:hi]
+        if num_extra:
+            ks, vs = torch.cat([ks, k[:, :, n:]], dim=2), torch.cat([vs, v[:, :, n:]], dim=2)
+        outs.append(F.scaled_dot_product_attention(q[:, :, qa:qb], ks, vs, attn_mask=bias))
+    if num_extra:
+        outs.append(F.scaled_dot_product_attention(q[:, :, n:], k, v))  # extra rows see every key
+    return torch.cat(outs, dim=2)
+
+
 # -- flex: the window as a block-sparse FlexAttention mask --------------------------------------------------------
 
 FLEX_BLOCK = 128  # flex_attention's default sparse block (tokens per side); its CUDA kernels tile in it
@@ -325,25 +364,43 @@ def _flex(q, k, v, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
         return flex_attention(q, k, v, block_mask=mask)
 
 
-def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "cpu") -> str:
-    """The implementation ``impl="auto"`` runs.
+# impl="auto" on CPU: the fastest exact path measured at each (grid side, radius), without and with 333 text tokens,
+# by `python bench/attention.py --candidates [--text 333]` (one thread, B=1, H=24, d=64, median thread-CPU time of
+# 5 interleaved repeats, 2026-12-04). "masked" where nothing measured cheaper than the masked reference.
+_CPU_SIDES, _CPU_RADII, _CPU_TEXT = (16, 32, 64), (1, 2, 4, 8), 333
+_CPU_RULE = {  # (side, radius): (impl without text, impl with 333 text tokens)
+    (16, 1): ("bands2", "bands2"), (16, 2): ("bands2", "bands2"), (16, 4): ("bands2", "bands2"),
+    (16, 8): ("masked", "masked"),
+    (32, 1): ("bands1", "bands1"), (32, 2): ("bands1", "bands1"), (32, 4): ("bands1", "bands1"),
+    (32, 8): ("bands8", "bands8"),
+    (64, 1): ("tiled", "tiled"), (64, 2): ("tiled", "tiled"), (64, 4): ("tiled", "tiled"),
+    (64, 8): ("tiled", "tiled"),
+}
 
-    CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior until bench/gpu.py
-    has run on a GPU), else masked. Other devices: the CPU rule below, measured on a 2-core CPU (bench/attention.py).
-    flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over a minute (loaded) to build per shape,
-    and its eager path computes every score (12-19x dense SDPA at 32x32 and 64x64, README "GPU path").
+
+def _nearest(x: float, grid: tuple) -> int:
+    """The value of ``grid`` nearest to x on a log scale (ties to the smaller)."""
+    return min(grid, key=lambda g: (abs(math.log(max(x, 0.5) / g)), g))
+
+
+def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "cpu") -> str:
+    """The implementation ``impl="auto"`` runs: a deterministic function of the shape and device type.
+
+    Global window: dense. CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior
+    until bench/gpu.py has run on a GPU), else masked. Other devices: ``_CPU_RULE`` at the measured point nearest to
+    the call: grid side sqrt(h w) to the nearest measured side (log scale), the radius scaled by the same factor to
+    the nearest measured radius (log scale; r = 0 counts as 1), the text column where the text tokens are at least
+    half the measured point's text fraction. flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over
+    a minute (loaded) to build per shape, and its eager path computes every score (README "GPU path").
     """
     if r is None:
         return "dense"
     if device_type == "cuda":
         return "flex" if kv_block_density(h, w, r, num_extra) <= _FLEX_MAX_DENSITY else "masked"
-    t = _tile_size(r)
-    halo = (min(t, h) + 2 * r) * (min(t, w) + 2 * r)
-    # Tiles pay off while a query's halo and extra keys are under about half of all keys (measured crossover
-    # ~0.6 at 16x16 to 64x64); tiny grids are overhead-bound either way.
-    if h * w < 64 or halo + num_extra > 0.5 * (h * w + num_extra):
-        return "masked"
-    return "tiled"
+    side = _nearest(math.sqrt(h * w), _CPU_SIDES)
+    radius = _nearest(max(r, 1) * side / math.sqrt(h * w), _CPU_RADII)
+    text = num_extra / (h * w + num_extra) >= 0.5 * _CPU_TEXT / (side * side + _CPU_TEXT)
+    return _CPU_RULE[side, radius][int(text)]
 
 
 def local_attention(
@@ -398,6 +455,8 @@ def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -
         return F.scaled_dot_product_attention(q, k, v)
     if impl == "masked":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(h, w, r, num_extra, q.device))
+    if impl.startswith("bands"):
+        return _bands(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra, int(impl[5:]))
     if impl == "flex":
         return _flex(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
     return _tiled(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
