@@ -395,7 +395,7 @@ _CPU_RULE = {  # (side, radius): (impl without text, impl with 333 text tokens);
     (16, 8): ("masked", "masked"),
     (32, 1): ("bands1", "tiled"), (32, 2): ("bands1", "tiled"), (32, 4): ("bands1", "bands8"),
     (32, 8): ("bands8", "bands8"),
-    (64, 1): ("tiled", "tiled"), (64, 2): ("tiled", "bands4"), (64, 4): ("tiled", "bands4"),
+    (64, 1): ("tiled", "tiled"), (64, 2): ("tiled", "tiled"), (64, 4): ("tiled", "tiled"),
     (64, 8): ("bands4", "bands4"),
 }
 
