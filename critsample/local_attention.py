@@ -5,7 +5,7 @@ Image tokens lie row-major on an h x w grid (token n = i * w + j). Image token (
 not shifted). The ``num_extra`` tokens after the h * w image tokens (SD3 text) are dense both ways. ``r = None`` or
 ``r >= max(h, w) - 1`` is exactly global attention. The scale is SDPA's 1 / sqrt(d).
 
-One computation, four kinds of implementation, all exact (equal to the masked reference to fp32 rounding):
+One computation, five kinds of implementation, all exact (equal to the masked reference to fp32 rounding):
 - ``dense``: stock SDPA; valid only for a global radius.
 - ``masked``: SDPA with the (L, L) boolean window mask; the reference path, costs as much as dense (1.07-1.26x of
   dense SDPA on one CPU thread: the mask is added to every score).
@@ -387,8 +387,9 @@ def _flex(q, k, v, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
 
 # impl="auto" on CPU: the fastest exact path measured at each (grid side, radius), without and with 333 text tokens,
 # by `python bench/attention.py --candidates [--text 333]` (one thread, B=1, H=24, d=64, median thread-CPU time of
-# 5 (3 with text) interleaved repeats on the loaded shared 2-core machine, 2026-12-04). Within ~1 % the fewer calls
-# win (less sensitive to load). "masked" where every other path measured slower than the masked reference.
+# 5 (3 with text) interleaved repeats on the loaded shared 2-core machine, 2026-12-04). Paths within ~2 % of each
+# other are ties at this noise (README "GPU path" lists the runners-up). "masked" where every other path measured
+# slower than the masked reference.
 _CPU_SIDES, _CPU_RADII, _CPU_TEXT = (16, 32, 64), (1, 2, 4, 8), 333
 _CPU_RULE = {  # (side, radius): (impl without text, impl with 333 text tokens); ratios to dense in README "GPU path"
     (16, 1): ("bands2", "masked"), (16, 2): ("bands2", "masked"), (16, 4): ("bands2", "masked"),
