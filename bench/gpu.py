@@ -171,13 +171,14 @@ def attention_part(clock: Clock, grids, batch: int, heads: int, dim: int, dtype,
         for r in RADII:
             key = f"{s}x{s}_r{r}"
             fns = {"dense": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)}
-            for impl in ("masked", "flex", "tiled"):
+            auto[key] = la._choose(s, s, r, 0, dev.type)
+            impls = tuple(dict.fromkeys(("masked", "flex", "tiled", auto[key])))  # auto may pick a bands path on CPU
+            for impl in impls:
                 fns[impl] = lambda impl=impl, r=r, q=q, k=k, v=v, s=s: la.local_attention(q, k, v, (s, s), r, impl=impl)
             with torch.inference_mode():
                 med = clock.median(fns, repeats)
                 memory[key] = {name: round(clock.peak_mb(fn), 1) for name, fn in fns.items()}
-            auto[key] = la._choose(s, s, r, 0, dev.type)
-            ratios[key] = {name: med[name] / med["dense"] for name in ("masked", "flex", "tiled")}
+            ratios[key] = {name: med[name] / med["dense"] for name in impls}
             ratios[key]["auto"] = ratios[key][auto[key]]
             seconds[key] = med
             if backward:  # fine-tunes train through the window: forward + backward, flex vs dense

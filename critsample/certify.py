@@ -1,18 +1,24 @@
 """Certified plans: the cheapest plan whose samples are as good as full guidance's, measured with the sampler itself.
 
-Every plan (the baseline and each candidate) samples the same ``num`` rows: sample i has class ``i % K`` and starts
-from the noise of ``(seed, i)`` (:mod:`critsample.seeded`), so the plans are compared on *paired*
-noise and their differences carry no noise-to-noise variance.
+Every plan (the baseline and each candidate) samples the same ``num`` rows: sample i has class ``i % K`` (text
+models: prompt ``i % P`` of ``prompts``, :mod:`critsample.prompts`) and starts from the noise of ``(seed, i)``
+(:mod:`critsample.seeded`), so the plans are compared on *paired* noise and their differences carry no noise-to-noise
+variance.
 
-Quality (the model's judge, :mod:`critsample.judges`: for digits models the bundled digits classifier and digits-FD):
+Quality (the model's judge, :mod:`critsample.judges`: for digits models the bundled digits classifier and digits-FD,
+for ImageNet DiTs ResNet-50 and Inception FD, for text models CLIP score and CLIP FD, or the user's):
 
-* accuracy ``a``: fraction of samples classified as their class; FD ``F``: Frechet distance of the classifier's
-  penultimate features to the digits test split;
+* accuracy ``a``: fraction of samples classified as their class (the judge's score: CLIP score / 100 for text
+  models); FD ``F``: Frechet distance of the judge's features to its reference set (a judge without one gets full
+  guidance's samples on reference noise: :mod:`critsample.judges`);
 * drop ``d = a_B - a_P`` (baseline B minus plan P, in fractions) and ratio ``rho = F_P / F_B``, each with a
   **paired bootstrap** one-sigma bar (:func:`~critsample.judges.paired`): one index set resamples the rows of B and P
   together, so the bar is that of the difference on shared noise;
 * their one-sided 95 % **upper confidence bounds** ``d_U`` (exact, from the discordant pairs:
-  :func:`~critsample.judges.drop_upper_bound`) and ``rho_U`` (paired-bootstrap percentile, re-centered on the estimate).
+  :func:`~critsample.judges.drop_upper_bound`; continuous scores: paired-bootstrap percentile) and ``rho_U``
+  (paired-bootstrap percentile, re-centered on the estimate);
+* beside them, not certified on: each plan's paired fidelity to full guidance on the same noise (SSIM, PSNR:
+  :func:`~critsample.judges.fidelity`), which needs no weights.
 
 Certification rule (tolerance ``tau_a`` in accuracy points, default 1; ``tau_F`` relative, default 0.10): a plan is
 **certified** when its upper bounds are within tolerance,
@@ -53,8 +59,9 @@ import torch
 from rich.progress import Progress
 
 from . import judges, outside, plans
+from . import prompts as prompt_lists
 from . import summary as summary_io
-from .denoisers import Denoiser
+from .denoisers import Cond, Denoiser
 from .errors import UserError
 from .flops import plan_flops
 from .options import TimeWindow, is_global
@@ -201,14 +208,40 @@ def outside_kinds(plan: Plan) -> str:
 # -- measurement --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256, on_batch=None) -> dict:
-    """``num`` images of ``plan`` (sample i: class i % K, noise from (seed, i): :mod:`critsample.seeded`) and the
-    seconds taken. ``on_batch(n)`` runs after each batch of n samples (progress)."""
+def conditioning(model: Denoiser, num: int, prompts: list[str] | None = None) -> tuple[Cond, list, torch.Tensor]:
+    """The rows of the paired design: (conditioning, the judge's targets, row index). Class models: sample i has class
+    ``i % K`` (targets: the class ids); text models: prompt ``i % P`` of ``prompts`` (default: the bundled list), each
+    prompt encoded once (targets: the prompt strings, index: i % P)."""
+    targets, index, prompts = _rows(model, num, prompts)
+    return (model.encode_prompt(prompts)[index] if prompts is not None else index), targets, index
+
+
+def _rows(model: Denoiser, num: int, prompts: list[str] | None) -> tuple[list | torch.Tensor, torch.Tensor,
+                                                                        list | None]:
+    """(targets, row index, the prompt list or None) of :func:`conditioning`, without encoding anything."""
+    if model.num_classes is None:
+        prompts = list(prompts) if prompts else prompt_lists.read()
+        index = torch.arange(num) % len(prompts)
+        return [prompts[i] for i in index.tolist()], index, prompts
+    if prompts:
+        raise UserError(f"{model.name} is class-conditional: --prompts applies to text models only.")
     labels = torch.arange(num) % model.num_classes
-    out = sample_images(model, plan, labels, seed, batch_size,
+    return labels, labels, None
+
+
+@torch.no_grad()
+def paired_samples(model: Denoiser, plan: Plan, num: int, seed: int = 0, batch_size: int = 256, on_batch=None, *,
+                   prompts: list[str] | None = None, stream: str = "") -> dict:
+    """``num`` images of ``plan`` (sample i: class i % K or prompt i % P, noise from (seed, i):
+    :mod:`critsample.seeded`; ``stream``: an independent draw of that noise) and the seconds taken. ``labels`` are the
+    class ids, or the prompt indices of text models. ``on_batch(n)`` runs after each batch of n samples (progress)."""
+    cond, _, labels = conditioning(model, num, prompts)
+    out = sample_images(model, plan, cond, seed, batch_size, stream=stream,
                         on_batch=None if on_batch is None else lambda b: on_batch(len(b)))
     return {"images": out.images, "labels": labels, "seconds": out.seconds}
+
+
+REFERENCE_STREAM = "fd-reference"  # the noise of full guidance's FD reference samples (judges without a data set)
 
 
 @dataclass
@@ -227,12 +260,20 @@ class Certification:
 
     def to_dict(self) -> dict:
         tol = {**asdict(self.tolerance),
-               "rule": "one-sided 95 % upper bounds: accuracy drop (exact, discordant pairs) <= accuracy_points / 100 "
+               "rule": "one-sided 95 % upper bounds: score drop (exact from the discordant pairs for 0 / 1 scores, "
+               "re-centered paired-bootstrap percentile for continuous ones) <= accuracy_points / 100 "
                "and FD / FD_baseline (re-centered paired-bootstrap percentile) <= 1 + fd_relative; cheapest certified "
                "plan by analytic FLOPs (forwards when none)"}
+        judge = self.setup.get("judge") or {}
+        criteria = {"score": judge.get("score", "accuracy"),
+                    "drop": "accuracy_drop_upper <= accuracy_points / 100 (one-sided 95 % bound of the judge's score "
+                            "drop vs full guidance, paired)",
+                    "fd": f"fd_ratio_upper <= 1 + fd_relative (FD on {judge.get('fd_features', 'features')})",
+                    "reported": "fidelity: SSIM and PSNR to full guidance on the same noise (not certified on)"}
         return {"plan": self.chosen["plan"], "name": self.chosen["name"], "quality": self.chosen["quality"],
-                "cost": self.chosen["cost"],
-                "tolerance": tol, "baseline": self.baseline, "candidates": self.candidates, "setup": self.setup}
+                "fidelity": self.chosen.get("fidelity"), "cost": self.chosen["cost"], "judge": judge,
+                "criteria": criteria, "tolerance": tol, "baseline": self.baseline, "candidates": self.candidates,
+                "setup": self.setup}
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -254,6 +295,8 @@ def certify(
     measure: str = "all",
     on_plan=None,
     progress: bool = False,
+    judge=None,
+    prompts: list[str] | None = None,
 ) -> Certification:
     """Measure the baseline and the candidates on paired noise and choose by the rule of the module docstring.
 
@@ -261,13 +304,17 @@ def certify(
     certified one (the same choice; ``Certification.candidates`` then holds only the measured ones).
     ``store``: each plan's samples are a unit (``certify`` / {plan, num, batch_size}; the store's key adds the model
     and seed), so a rerun samples nothing. ``on_plan(plan, computed)`` runs after each plan; ``progress`` draws a
-    bar."""
-    judge = judges.for_model(model)
+    bar. ``judge``: default :func:`critsample.judges.for_model`; one without an FD reference gets full guidance's
+    samples on the noise stream :data:`REFERENCE_STREAM` of ``seed`` (kept on the judge: a later call reuses them).
+    ``prompts`` (text models): the prompt list, default the bundled one."""
+    judge = judge if judge is not None else judges.for_model(model)
     if num < 2:
         raise UserError(f"Certification needs at least 2 samples per plan; got {num}.")
     if measure not in ("all", "cheapest"):
         raise UserError("measure is 'all' (every candidate) or 'cheapest' (ascending cost, stop at the first "
                         f"certified); got {measure!r}.")
+    targets, _, prompts = _rows(model, num, prompts)
+    needs_reference = getattr(judge, "reference", True) is None
     grid = model.grid(torch.empty(1, *model.sample_shape))
     others = [p for p in distinct(candidates) if (p.sampler, tuple(p.steps)) != (baseline.sampler,
                                                                                  tuple(baseline.steps))]
@@ -277,19 +324,24 @@ def certify(
 
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"certifying {len(others)} plans + full guidance, {num} samples each",
-                            total=num * (1 + len(others)))
+                            total=num * (1 + len(others) + needs_reference))
 
-        def measured(plan: Plan) -> tuple[dict, bool]:
+        def measured(plan: Plan, stream: str = "") -> tuple[dict, bool]:
             def compute(_g=None):
-                return paired_samples(model, plan, num, seed, batch_size, on_batch=lambda n: bar.advance(task, n))
+                return paired_samples(model, plan, num, seed, batch_size, on_batch=lambda n: bar.advance(task, n),
+                                      prompts=prompts, stream=stream)
 
             if store is None:
                 return compute(), True
-            params = {"plan": plan.to_dict(), "num": num, "batch_size": batch_size}
+            key = {"plan": plan.to_dict(), "num": num, "batch_size": batch_size}
+            if prompts is not None:
+                key["prompts"] = prompts
+            if stream:
+                key["stream"] = stream
             ident = outside.identity(model, plan)  # the outside denoisers' statistics or weights
             if ident:
-                params["outside"] = ident
-            unit = store.unit("certify", params, forwards=num * plan.forwards)
+                key["outside"] = ident
+            unit = store.unit("certify", key, forwards=num * plan.forwards)
             before = store.computed
             out = {k: torch.as_tensor(v) for k, v in store.get_or_compute(unit, compute).items()}
             if store.computed == before:
@@ -298,7 +350,7 @@ def certify(
 
         def entry(plan: Plan, cost: dict, base: dict | None) -> dict:
             out, computed = measured(plan)
-            scores = judge.score(out["images"], out["labels"])
+            scores = judge.score(out["images"], targets)
             cost = {**cost, "seconds_per_sample": float(out["seconds"]) / num}
             if on_plan is not None:
                 on_plan(plan, computed)
@@ -314,9 +366,18 @@ def certify(
             e = {"name": plan.name, "kind": kind(plan), "outside_kinds": outside_kinds(plan), "plan": plan.to_dict(),
                  "description": plan.describe(),
                  "quality": q,
+                 "fidelity": judges.fidelity(out["images"] if base is None else base["images"], out["images"]),
                  "cost": cost, "certified": base is None or tolerance.certifies(q)}
-            return {"entry": e, "scores": scores}
+            return {"entry": e, "scores": scores, "images": out["images"]}
 
+        if needs_reference:
+            ref, _ = measured(baseline, REFERENCE_STREAM)
+            features = judge.score(ref["images"], targets).features
+            if hasattr(judge, "set_reference"):
+                judge.set_reference(features)
+            else:
+                raise UserError(f"The judge {judges.describe(judge)['name']} has reference None but no "
+                                "set_reference(features) method to receive full guidance's samples.")
         base = entry(baseline, costs[0], None)
         measured_ids, entries = [], {}
         for i in order:
@@ -335,17 +396,22 @@ def certify(
     setup = {"num_samples": num, "seed": seed, "steps": len(baseline.steps), "n_boot": n_boot, "measure": measure,
              "candidates_proposed": len(others), "candidates_measured": len(measured_ids),
              "model": model.name, "model_id": store.model_id if store is not None else None,
-             "noise": "sample i: class i % K, noise from critsample.sampling.sample_generator(seed, i), the same for "
-                      "every plan"}
+             "judge": judges.describe(judge), "prompts": prompts,
+             "fd_reference": (f"full guidance, {num} samples on noise stream {REFERENCE_STREAM!r} of seed {seed}"
+                              if needs_reference else "the judge's own"),
+             "noise": f"sample i: {'class i % K' if prompts is None else 'prompt i % P'}, noise from "
+                      "critsample.sampling.sample_generator(seed, i), the same for every plan"}
     return Certification(chosen, listed[0], listed[1:], tolerance, setup)
 
 
 def confirm(model: Denoiser, certification: Certification, seed: int, *, num: int | None = None, n_boot: int = 200,
-            store: Store | None = None, batch_size: int = 256, progress: bool = False, on_plan=None) -> dict:
+            store: Store | None = None, batch_size: int = 256, progress: bool = False, on_plan=None, judge=None,
+            prompts: list[str] | None = None) -> dict:
     """The chosen plan measured again against the baseline on the fresh ``seed`` (which must differ from the search's:
     seeds never share noise), by the same rule: ``{"seed", "num_samples", "quality"`` (the chosen plan's, paired
     against the fresh baseline), ``"baseline_quality", "cost", "passed"}``. A chosen baseline is measured alone and
-    passes by definition. ``store`` must be keyed by ``seed``."""
+    passes by definition. ``store`` must be keyed by ``seed``; ``judge`` and ``prompts`` as the search's (pass the
+    search's judge: its FD reference is kept)."""
     setup = certification.setup
     if seed == setup.get("seed"):
         raise UserError(f"The confirmation seed must differ from the search's ({seed}): the search's noise "
@@ -355,9 +421,10 @@ def confirm(model: Denoiser, certification: Certification, seed: int, *, num: in
     chosen_is_base = certification.chosen is certification.baseline
     fresh = certify(model, baseline, [] if chosen_is_base else [certification.plan], num=num, seed=seed,
                     tolerance=certification.tolerance, n_boot=n_boot, store=store, batch_size=batch_size,
-                    on_plan=on_plan, progress=progress)
+                    on_plan=on_plan, progress=progress, judge=judge, prompts=prompts)
     entry = fresh.baseline if chosen_is_base else fresh.candidates[0]
-    return {"seed": seed, "num_samples": num, "quality": entry["quality"], "cost": entry["cost"],
+    return {"seed": seed, "num_samples": num, "quality": entry["quality"], "fidelity": entry["fidelity"],
+            "cost": entry["cost"],
             "baseline_quality": fresh.baseline["quality"], "passed": bool(entry["certified"])}
 
 

@@ -35,7 +35,7 @@ from .attention import check_radius
 from .denoisers import NULL, Cond, Denoiser
 from .errors import UserError
 from .flops import plan_flops
-from .models import load
+from .models import load, shipped_summary
 from .options import (
     GuidanceOptions,
     ModelOptions,
@@ -76,7 +76,9 @@ class SampleConfig(WandbOptions, OutputOptions, StepsOptions, GuidanceOptions, S
     """summary.json of ``critsample detect`` giving the adaptive plan: the plan certified by ``critsample tune`` when
     the summary holds one (used as measured: its steps, sampler and guidance must match --steps, --sampler, --guidance,
     else a warning and the window below), otherwise guided inside its critical window with its suggested radius outside.
-    An explicit --window, --radius or --outside builds the plan from the window instead."""
+    An explicit --window, --radius or --outside builds the plan from the window instead. Default for the bundled
+    models (dit-digits, dit-fashion): the summary shipped with them (critsample/assets/windows/NAME), unless --window
+    is given."""
     window: str | None = None
     """Explicit window t0:t1 (0 = clean, 1 = noise) for --adaptive."""
     radius: int | None = None
@@ -141,23 +143,25 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     if cfg.adaptive:
         window, radius = cfg.window, cfg.radius
         outside = cfg.outside or plans.DEFAULT_OUTSIDE
-        if cfg.summary and window is None and radius is None and cfg.outside is None and cfg.kinds is None:
-            certified = _certified(cfg, model, w)
+        source = cfg.summary or (_shipped(model) if window is None else None)
+        if source and window is None and radius is None and cfg.outside is None and cfg.kinds is None:
+            certified = _certified(cfg, model, w, source)
             if certified is not None:
                 return certified
-        if cfg.summary:  # explicit --window / --radius take precedence over the summary's: documented, and said
-            summary = summary_io.read(cfg.summary, model.name, require_window=window is None)
+        if source:  # explicit --window / --radius take precedence over the summary's: documented, and said
+            summary = summary_io.read(source, model.name, require_window=window is None)
             suggested = summary_io.suggested_radius(summary)
             if window is None:
-                window = summary_io.critical_window(summary, cfg.summary)
+                window = summary_io.critical_window(summary, source)
             elif summary.get("critical_window") is not None:  # a summary without a window only lends its radius
-                t0, t1 = summary_io.critical_window(summary, cfg.summary)
-                log.warning(f"--window {window} replaces the critical window {t0:g}:{t1:g} of {cfg.summary}.")
+                t0, t1 = summary_io.critical_window(summary, source)
+                log.warning(f"--window {window} replaces the critical window {t0:g}:{t1:g} of {source}.")
             if radius is not None and suggested is not None and radius != suggested:
-                log.warning(f"--radius {radius} replaces the suggested radius {suggested} of {cfg.summary}.")
+                log.warning(f"--radius {radius} replaces the suggested radius {suggested} of {source}.")
             radius = radius if radius is not None else suggested
         if window is None:
-            raise UserError("--adaptive needs a window: pass --summary DIR/summary.json or --window t0:t1.")
+            raise UserError(f"--adaptive needs a window and {model.name} ships none: pass --summary DIR/summary.json "
+                            "(from `critsample detect`) or --window t0:t1.")
         kinds = tuple(cfg.kinds or [outside_kinds.NETWORK]) * (2 if len(cfg.kinds or [1]) == 1 else 1)
         local = [k for k in kinds if outside_kinds.takes_radius(k)]
         if radius is None and outside != "global-uncond" and local:
@@ -169,16 +173,30 @@ def build_plan(cfg: SampleConfig, model: Denoiser) -> Plan:
     return plans.full_guidance(model, cfg.steps, w, cfg.sampler)
 
 
-def _certified(cfg: SampleConfig, model: Denoiser, guidance: float) -> Plan | None:
+def _shipped(model: Denoiser) -> Path | None:
+    """The summary shipped with a bundled model (:func:`critsample.models.shipped_summary`), checked to be measured on
+    the weights just loaded; None when the model ships none."""
+    path = shipped_summary(model.name)
+    if path is None:
+        return None
+    measured_on = summary_io.read(path, model.name, require_window=False).get("model_id")
+    if measured_on != model_fingerprint(model, model.name):
+        raise UserError(f"The windows shipped with {model.name} ({path}) were measured on other weights "
+                        f"({measured_on}) than the ones loaded; reinstall critsample, or pass --summary or --window.")
+    log.info(f"Adaptive plan from the windows shipped with {model.name}: {path}")
+    return path
+
+
+def _certified(cfg: SampleConfig, model: Denoiser, guidance: float, source: str | Path) -> Plan | None:
     """The summary's certified plan when it was measured for these options (steps, sampler, guidance), else None."""
-    found = summary_io.certified_plan(summary_io.read(cfg.summary, model.name, require_window=False))
+    found = summary_io.certified_plan(summary_io.read(source, model.name, require_window=False))
     if found is None:
         return None
     plan = Plan.from_dict(found["plan"])
     scales = {s.guidance for s in plan.steps if s.mode == "guided"}
     if len(plan.steps) == cfg.steps and cfg.sampler in ("auto", plan.sampler) and scales <= {guidance}:
         return plan
-    log.warning(f"The certified plan of {cfg.summary} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, "
+    log.warning(f"The certified plan of {source} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, "
                 f"guidance {', '.join(f'{g:g}' for g in sorted(scales)) or '-'}; these options differ, so the plan is "
                 "built from the window (not certified). Run `critsample tune` with these options to certify one.")
     return None

@@ -5,22 +5,33 @@ Image tokens lie row-major on an h x w grid (token n = i * w + j). Image token (
 not shifted). The ``num_extra`` tokens after the h * w image tokens (SD3 text) are dense both ways. ``r = None`` or
 ``r >= max(h, w) - 1`` is exactly global attention. The scale is SDPA's 1 / sqrt(d).
 
-One computation, four implementations:
+One computation, five kinds of implementation, all exact (equal to the masked reference to fp32 rounding):
 - ``dense``: stock SDPA; valid only for a global radius.
-- ``masked``: SDPA with the (L, L) boolean window mask; the reference path, costs as much as dense.
+- ``masked``: SDPA with the (L, L) boolean window mask; the reference path, costs as much as dense (1.07-1.26x of
+  dense SDPA on one CPU thread: the mask is added to every score).
+- ``bands1`` / ``bands2`` / ``bands4`` / ``bands8``: queries in bands of that many whole grid rows; the keys a band
+  can reach (rows a - r .. b - 1 + r, truncated at the borders) are one contiguous run of row-major tokens, so each
+  band is SDPA over a slice of k and v (a view, no gather) with its slice of the window mask, plus the extra keys.
+  Saves the key rows a band cannot reach: the fast path at small and medium grids.
 - ``tiled``: queries in th x tw tiles, each attending to its (th + 2r) x (tw + 2r) key halo plus the extra keys, so
-  the cost follows the window, not the grid, and nothing of size (L, L) is built. Differentiable.
+  the cost follows the window, not the grid, and nothing of size (L, L) is built. Differentiable. The fast path at
+  large grids.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask of the window (128 x 128 token blocks that no
   query of one block can see in the other are skipped). Compiled on CUDA (forward and backward); on CPU the eager,
   forward-only path, which is the reference math (it materializes every (L, L) score in fp32, ~masked's cost).
 
-``impl="auto"`` (:func:`_choose`): dense for a global window; on CUDA flex where the window skips most kv blocks,
-else masked; elsewhere tiled where a query's halo is under half of all keys, else masked.
+``impl="auto"`` (:func:`_choose`) is a deterministic function of the shape and the device type, never a run-time
+autotune: dense for a global window; on CUDA flex where the window skips most kv blocks, else masked; elsewhere the
+fastest path measured on one CPU thread at the nearest point of a shipped table (``_CPU_RULE``: grid sides 16, 32,
+64, radii 1, 2, 4, 8, without and with 333 text tokens; ``python bench/attention.py --candidates [--text 333]``
+remeasures it). Where nothing exact was measured cheaper than dense SDPA (16x16 at r = 8, or with 333 text tokens)
+the table says masked, the exact path closest to dense's cost: a local step there costs up to ~1.1x a global one.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -33,7 +44,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .errors import UserError
 from .options import global_radius, is_global, parse_radius
 
-IMPLS = ("auto", "dense", "masked", "tiled", "flex")
+IMPLS = ("auto", "dense", "masked", "bands1", "bands2", "bands4", "bands8", "tiled", "flex")
 
 # Bytes of temporaries per tiled step and intra-op thread. On CPU a step should stay in cache: one big step costs
 # 2-3x more than the same work in ~2 MB steps, and big temporaries come back as freshly page-faulted memory.
@@ -131,10 +142,13 @@ def _schedule(plan: _TilePlan, B: int, H: int, d: int, dv: int, ne: int, dtype: 
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[:, :, index] for x (cb, ch, L, d); rows of a contiguous x go through one flat gather, ~2x faster on CPU."""
+    """x[:, :, index] for x (cb, ch, L, d); rows of a contiguous x go through one flat 2-D gather: on CPU ~3.5x
+    faster than index_select along dim 2 of the 4-D view (its generic path), even for a single row."""
     cb, ch, L, d = x.shape
-    if cb * ch == 1 or not x.is_contiguous():
+    if not x.is_contiguous():
         return x.index_select(2, index)
+    if cb * ch == 1:
+        return x.view(L, d).index_select(0, index).view(1, 1, -1, d)
     flat = (torch.arange(cb * ch, device=x.device)[:, None] * L + index).view(-1)
     return x.view(-1, d).index_select(0, flat).view(cb, ch, -1, d)
 
@@ -235,6 +249,7 @@ def _tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, r:
     """Window attention tile by tile; q, k, v (B, H, L, d) -> (B, H, L, dv)."""
     B, H, _, d = q.shape
     dv, n = v.shape[-1], h * w
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # diffusers hands over transposed views: gather rows
     plan = _tile_plan(h, w, r, _tile_size(r), q.device, q.dtype)
     steps = _schedule(plan, B, H, d, dv, num_extra, q.dtype, q.device)
     tiles = _TiledAttention.apply(q, k, v, plan, steps, n)  # (B, H, nt * tq, dv)
@@ -243,6 +258,51 @@ def _tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, r:
     if not num_extra:
         return img
     return torch.cat([img, F.scaled_dot_product_attention(q[:, :, n:], k, v)], dim=2)  # extra rows see every key
+
+
+# -- bands: whole grid rows against the contiguous key rows they can reach ------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
+def _band_plan(h: int, w: int, r: int, num_extra: int, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Per band of ``rows`` grid rows: (first query, end query, first key, end key, bias (queries, keys)).
+
+    The band's keys are its reachable rows [lo, hi) and the extra tokens. With extra tokens a band whose reach is
+    near the end of the grid takes the run [lo, L) instead (the image rows past hi masked out): a view of k and v
+    rather than a copy of [lo, hi) and the extra keys, chosen when it adds no more keys than the copy would move.
+    """
+    n, L, mask = h * w, h * w + num_extra, window_mask(h, w, r, num_extra, device=device)
+    plan = []
+    for a in range(0, h, rows):
+        b = min(h, a + rows)
+        lo, hi = max(0, a - r) * w, min(h, b + r) * w  # rows a - r .. b - 1 + r, truncated at the borders
+        if num_extra and n - hi <= hi - lo + num_extra:
+            hi = L  # one contiguous run to the end: a view
+        keys = mask[a * w : b * w, lo:hi]
+        if num_extra and hi < L:
+            keys = torch.cat([keys, mask[a * w : b * w, n:]], dim=1)
+        bias = torch.zeros(keys.shape, dtype=dtype, device=device).masked_fill_(~keys, float("-inf"))
+        plan.append((a * w, b * w, lo, hi, bias))
+    return tuple(plan)
+
+
+def _bands(q, k, v, h: int, w: int, r: int, num_extra: int, rows: int) -> torch.Tensor:
+    """Window attention as SDPA per band of ``rows`` grid rows; q, k, v (B, H, L, d) -> (B, H, L, dv).
+
+    In row-major order the keys a band can reach, rows a - r .. b - 1 + r, are one contiguous run of tokens, so each
+    band is dense SDPA with its slice of the window mask over that run (a view, no gather) plus the extra keys: exact,
+    and cheaper than the full masked call by the key rows the band cannot reach (most at small grids and borders).
+    """
+    n, L, outs = h * w, h * w + num_extra, []
+    for qa, qb, lo, hi, bias in _band_plan(h, w, r, num_extra, rows, q.device, q.dtype):
+        ks, vs = k[:, :, lo:hi], v[:, :, lo:hi]
+        if num_extra and hi < L:
+            ks, vs = torch.cat([ks, k[:, :, n:]], dim=2), torch.cat([vs, v[:, :, n:]], dim=2)
+        outs.append(F.scaled_dot_product_attention(q[:, :, qa:qb], ks, vs, attn_mask=bias))
+    if num_extra:
+        outs.append(F.scaled_dot_product_attention(q[:, :, n:], k, v))  # extra rows see every key
+    return torch.cat(outs, dim=2)
 
 
 # -- flex: the window as a block-sparse FlexAttention mask --------------------------------------------------------
@@ -325,25 +385,45 @@ def _flex(q, k, v, h: int, w: int, r: int, num_extra: int) -> torch.Tensor:
         return flex_attention(q, k, v, block_mask=mask)
 
 
-def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "cpu") -> str:
-    """The implementation ``impl="auto"`` runs.
+# impl="auto" on CPU: the fastest exact path measured at each (grid side, radius), without and with 333 text tokens,
+# by `python bench/attention.py --candidates [--text 333]` (one thread, B=1, H=24, d=64, median thread-CPU time of
+# 5 (3 with text) interleaved repeats on the loaded shared 2-core machine, 2026-12-04). Paths within ~2 % of each
+# other are ties at this noise (README "GPU path" lists the runners-up). "masked" where every other path measured
+# slower than the masked reference.
+_CPU_SIDES, _CPU_RADII, _CPU_TEXT = (16, 32, 64), (1, 2, 4, 8), 333
+_CPU_RULE = {  # (side, radius): (impl without text, impl with 333 text tokens); ratios to dense in README "GPU path"
+    (16, 1): ("bands2", "masked"), (16, 2): ("bands2", "masked"), (16, 4): ("bands2", "masked"),
+    (16, 8): ("masked", "masked"),
+    (32, 1): ("bands1", "tiled"), (32, 2): ("bands1", "tiled"), (32, 4): ("bands1", "bands8"),
+    (32, 8): ("bands8", "bands8"),
+    (64, 1): ("tiled", "tiled"), (64, 2): ("tiled", "tiled"), (64, 4): ("tiled", "tiled"),
+    (64, 8): ("bands4", "bands4"),
+}
 
-    CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior until bench/gpu.py
-    has run on a GPU), else masked. Other devices: the CPU rule below, measured on a 2-core CPU (bench/attention.py).
-    flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over a minute (loaded) to build per shape,
-    and its eager path computes every score (12-19x dense SDPA at 32x32 and 64x64, README "GPU path").
+
+def _nearest(x: float, grid: tuple) -> int:
+    """The value of ``grid`` nearest to x on a log scale (ties to the smaller)."""
+    return min(grid, key=lambda g: (abs(math.log(max(x, 0.5) / g)), g))
+
+
+def _choose(h: int, w: int, r: int | None, num_extra: int, device_type: str = "cpu") -> str:
+    """The implementation ``impl="auto"`` runs: a deterministic function of the shape and device type.
+
+    Global window: dense. CUDA: flex where the window visits at most ``_FLEX_MAX_DENSITY`` of the kv blocks (a prior
+    until bench/gpu.py has run on a GPU), else masked. Other devices: ``_CPU_RULE`` at the measured point nearest to
+    the call: grid side sqrt(h w) to the nearest measured side (log scale), the radius scaled by the same factor to
+    the nearest measured radius (log scale; r = 0 counts as 1), the text column where the text tokens are at least
+    half the measured point's text fraction. flex is not offered on CPU: its compiled kernel takes 15 s (idle) to over
+    a minute (loaded) to build per shape, and its eager path computes every score (README "GPU path").
     """
     if r is None:
         return "dense"
     if device_type == "cuda":
         return "flex" if kv_block_density(h, w, r, num_extra) <= _FLEX_MAX_DENSITY else "masked"
-    t = _tile_size(r)
-    halo = (min(t, h) + 2 * r) * (min(t, w) + 2 * r)
-    # Tiles pay off while a query's halo and extra keys are under about half of all keys (measured crossover
-    # ~0.6 at 16x16 to 64x64); tiny grids are overhead-bound either way.
-    if h * w < 64 or halo + num_extra > 0.5 * (h * w + num_extra):
-        return "masked"
-    return "tiled"
+    side = _nearest(math.sqrt(h * w), _CPU_SIDES)
+    radius = _nearest(max(r, 1) * side / math.sqrt(h * w), _CPU_RADII)
+    text = num_extra / (h * w + num_extra) >= 0.5 * _CPU_TEXT / (side * side + _CPU_TEXT)
+    return _CPU_RULE[side, radius][int(text)]
 
 
 def local_attention(
@@ -398,6 +478,8 @@ def _attend(q, k, v, h: int, w: int, r: int | None, num_extra: int, impl: str) -
         return F.scaled_dot_product_attention(q, k, v)
     if impl == "masked":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(h, w, r, num_extra, q.device))
+    if impl.startswith("bands"):
+        return _bands(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra, int(impl[5:]))
     if impl == "flex":
         return _flex(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)
     return _tiled(q, k, v, h, w, global_radius((h, w)) if r is None else r, num_extra)

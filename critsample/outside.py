@@ -187,5 +187,5 @@ register(OutsideKind("gaussian", lambda m: GaussianDenoiser(m, stats_for(m)), ta
                      doc="exact posterior mean of a Gaussian fitted to the data"))
 register(OutsideKind("local-linear", lambda m: LocalLinearDenoiser(m, stats_for(m)), takes_radius=True,
                      doc="Wiener denoiser on radius-r token windows, from the same statistics"))
-register(OutsideKind("student", _student, takes_radius=True,
+register(OutsideKind("student", _student, takes_radius=False,  # it reads its own radius (fixed by its weights)
                      doc="distilled strictly local student (critsample.student.load_student)"))

@@ -191,8 +191,10 @@ def plot_frontier(certification: dict, path):
     groups = [(k, c, "o") for k, c in colors.items() if k != "adaptive"] + [
         (n, palette[i % len(palette)], "os^vD<>p"[(i // len(palette)) % 8]) for i, n in enumerate(extra)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    panels = (("accuracy", "class accuracy", "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
-              ("fd", "FD to the reference data", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
+    score = {"accuracy": "class accuracy", "clip_score": "CLIP score / 100"}.get(base.get("score", "accuracy"),
+                                                                                 base.get("score", "score"))
+    panels = (("accuracy", score, "pareto_accuracy", base["accuracy"] - tol["accuracy_points"] / 100),
+              ("fd", "FD to the judge's reference", "pareto_fd", base["fd"] * (1 + tol["fd_relative"])))
     conf = certification.get("confirmation")
 
     def bound_of(q: dict, b: dict, key: str) -> float:
@@ -287,7 +289,8 @@ def write_detect_report(summary: dict, out: Path) -> Path:
                   f"{_fmt(cw['center'])} +- {_fmt(cw['uncertainty'])} (log-SNR {_fmt(cw['log_snr_start'], 2)} .. "
                   f"{_fmt(cw['log_snr_end'], 2)}, center {_fmt(cw['log_snr_center'], 2)} +- "
                   f"{_fmt(cw['log_snr_uncertainty'], 2)}); members: {', '.join(cw.get('members', []))}. Suggested "
-                  f"local radius outside it: {s.get('suggested_radius')}.", ""]
+                  f"local radius outside it: {s.get('suggested_radius')}"
+                  + (f" ({s['suggested_radius_reason']})" if s.get("suggested_radius_reason") else "") + ".", ""]
     lines += ["| probe | family | valid | t_start | t_end | center +- 1 sigma | log-SNR center +- 1 sigma "
               "| log-SNR start .. end | rule |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -298,9 +301,24 @@ def write_detect_report(summary: dict, out: Path) -> Path:
                      f"{_fmt(w['log_snr_uncertainty'], 2)} | {_fmt(w['log_snr_start'], 2)} .. "
                      f"{_fmt(w['log_snr_end'], 2)} | {w['rule']} |")
     lines.append("")
-    if s["concurrence"]:
-        lines += ["## Concurrence", ""]
-        for pair, v in s["concurrence"].items():
+    pm = s.get("primary")
+    if pm:
+        lines += ["## Primary test (declared in the config)", "",
+                  f"**{pm['symmetry_breaking']} vs {pm['window']}** at radius r = {pm['radius']}, {pm['locality']} "
+                  f"local denoiser ({pm['rule']}): {pm['test']['verdict']}.", ""]
+        rows = pm.get("nonlocality_by_radius") or []
+        if rows:
+            lines += [f"d(r) = {pm['symmetry_breaking']} minus {pm['window']} at every probed radius (log-SNR, nats; "
+                      "paired 95 % interval):", "", "| r | d(r) | 95 % interval | outcome |", "|---|---|---|---|"]
+            for row in rows:
+                ci = row.get("d_ci95_log_snr")
+                lines.append(f"| {row['radius']} | {_fmt(row.get('d_log_snr'), 2)} | "
+                             + (f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else "-") + f" | {row['outcome']} |")
+            lines.append("")
+    secondary = {k: v for k, v in (s.get("concurrence") or {}).items() if k != "primary"}
+    if secondary:
+        lines += ["## Secondary concurrence tests", ""]
+        for pair, v in secondary.items():
             lines.append(f"- **{pair}**: {v['verdict']}.")
         lines.append("")
     captions = {

@@ -57,9 +57,10 @@ class Step:
         return 2 if self.mode == "guided" else 1
 
     def label(self) -> str:
-        att = "global" if self.radius is None else f"local(r={self.radius})"
-        out = f"{self.mode}(w={self.guidance:g})/{att}" if self.mode == "guided" else f"{self.mode}/{att}"
-        return out if self.kind == "network" else f"{self.kind}:{out}"
+        mode = f"{self.mode}(w={self.guidance:g})" if self.mode == "guided" else self.mode
+        if self.kind != "network":  # an outside denoiser has no attention; its radius, if any, is its window's
+            return f"{self.kind}:{mode}" + ("" if self.radius is None else f"(r={self.radius})")
+        return f"{mode}/{'global' if self.radius is None else f'local(r={self.radius})'}"
 
     def to_dict(self) -> dict:
         """The step's fields; ``kind`` only when it is not the network (plans written before kinds read the same)."""

@@ -74,13 +74,13 @@ def decode(model: Denoiser, x: torch.Tensor, batch_invariant: bool = False) -> t
 
 @torch.no_grad()
 def sample_batch(model: Denoiser, plan: Plan, cond: Cond, batch: SeededBatch, *,
-                 batch_invariant: bool = False) -> torch.Tensor:
+                 batch_invariant: bool = False, stream: str = "") -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1], on the CPU, of the batch's samples under ``plan``; ``cond`` holds the batch's
     rows. ``batch_invariant``: the network and the decoder see one sample at a time (bitwise the same for any batch
-    size)."""
+    size); ``stream``: an independent draw of the initial noise (:meth:`SeededBatch.generators`)."""
     if len(cond) != len(batch):
         raise ValueError(f"Conditioning has {len(cond)} rows for a batch of {len(batch)} samples.")
-    x = sample(model, plan, cond, generator=batch.generators(),
+    x = sample(model, plan, cond, generator=batch.generators(stream),
                predict=one_at_a_time(model) if batch_invariant else None)
     return decode(model, x, batch_invariant)
 
@@ -100,13 +100,15 @@ def sample_images(
     *,
     batch_invariant: bool = False,
     on_batch: Callable[[SeededBatch], None] | None = None,
+    stream: str = "",
 ) -> Sampled:
-    """One image per row of ``cond`` (class ids with NULL rows, or prompt embeddings), sample i from (seed, i);
-    ``on_batch(batch)`` runs after each batch (progress)."""
+    """One image per row of ``cond`` (class ids with NULL rows, or prompt embeddings), sample i from (seed, i) (and
+    ``stream``: an independent draw); ``on_batch(batch)`` runs after each batch (progress)."""
     device = next(model.parameters(), torch.empty(0)).device
     chunks, start = [], time.perf_counter()
     for b in seeded_batches(len(cond), batch_size, seed):
-        chunks.append(sample_batch(model, plan, cond[b.lo : b.hi].to(device), b, batch_invariant=batch_invariant))
+        chunks.append(sample_batch(model, plan, cond[b.lo : b.hi].to(device), b, batch_invariant=batch_invariant,
+                                   stream=stream))
         if on_batch is not None:
             on_batch(b)
     return Sampled(torch.cat(chunks), time.perf_counter() - start)

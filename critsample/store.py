@@ -25,6 +25,7 @@ folder and rank 0 assembles all of them after a barrier (:class:`Ranks`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -32,11 +33,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,6 +61,37 @@ class WriteError(UserError):
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Write a folder whole or not at all (an exported model: ``save_pretrained`` of several parts): the block writes
+    into a temporary sibling folder, which takes ``path``'s place once the block ends without an error (an existing
+    folder is first renamed aside, then removed). A failure or a kill inside the block leaves ``path`` as it was; a
+    kill between the two renames leaves the old folder whole as ``.NAME.old-PID``. Disk errors become
+    :class:`WriteError` as in :func:`atomic_write`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700; a user's folder gets the usual permissions
+        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
+        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
+                         "the folder) and run the same command again to resume.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:

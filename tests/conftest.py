@@ -372,3 +372,91 @@ def sd3(sd3_folder):
     import critsample
 
     return critsample.load(str(sd3_folder), max_sequence_length=T5_LENGTH)
+
+
+# -- tiny random judges, saved and read back through the loaders of the real ones (critsample.judges) ------------------
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random transformers CLIPModel folder as openai/clip-vit-large-patch14 is laid out: safetensors weights,
+    the letter tokenizer (vocab.json, merges.txt) and a CLIPImageProcessor config (16 x 16 crops)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = _tiny_tokenizers()[0]
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                num_hidden_layers=1, max_position_embeddings=CLIP_LENGTH, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=16,
+                  patch_size=4)
+    torch.manual_seed(7)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_resnet(folder: Path, num_labels: int = 1000) -> Path:
+    """A tiny random ResNetForImageClassification folder laid out as microsoft/resnet-50 (safetensors, ConvNext-style
+    preprocessor_config.json with crop_pct), 1000 labels like ImageNet."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(8)
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                       num_labels=num_labels)
+    ResNetForImageClassification(cfg).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_pct": 0.875, "do_normalize": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": {"shortest_edge": 16}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def judge_folders(tmp_path_factory) -> dict[str, Path]:
+    """{"clip": tiny CLIPModel folder, "imagenet": tiny ResNet folder}: what --judge_weights points to in tests."""
+    return {"clip": save_tiny_clip(tmp_path_factory.mktemp("tiny-clip")),
+            "imagenet": save_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))}
+
+
+class TinyInception(torch.nn.Module):
+    """Stands in for torchmetrics' InceptionV3 (whose 0.1 GB weights tests cannot fetch): a fixed random map of [0, 1]
+    images to 12 features."""
+
+    num_features = 12
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3 * 16, 12, generator=gen(9)), requires_grad=False)
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, 4)
+        return torch.tanh(x.flatten(1) @ self.w)
+
+
+class TinyJudge:
+    """A user's judge (``--judge conftest:tiny_judge``) for the class oracles: correctness of the sign of the image
+    mean against class 0 / 1 and FD of the flattened image to full guidance's samples (reference None)."""
+
+    name = "tiny-sign"
+    score_name = "accuracy"
+    targets = "class"
+    reference = None
+
+    def score(self, images, targets):
+        from critsample.judges import Scores
+
+        pred = (images.flatten(1).mean(1) > 0.5).long()
+        rows = (pred == torch.as_tensor(targets).long()).double().numpy()
+        return Scores(rows, images.flatten(1).double())
+
+    def set_reference(self, features):
+        from critsample.metrics import FrechetReference
+
+        self.reference = FrechetReference(features)
+
+    def fd(self, features):
+        return self.reference(features)
+
+
+def tiny_judge(model) -> TinyJudge:  # the CLI's import path: conftest:tiny_judge
+    assert model.num_classes == 2
+    return TinyJudge()

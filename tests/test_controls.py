@@ -59,7 +59,7 @@ def nl_theory(oracle, radius: int, n: int = 800) -> float:
 def _control(tmp_path, name: str, radius: int, tolerance: float, samples: int = 384) -> dict:
     cfg = detect.DetectConfig.from_preset(
         "fast", model=name, out=str(tmp_path), wandb=False, probes=["forward_backward", "locality_gap"],
-        concurrence_tolerance=tolerance,
+        concurrence_tolerance=tolerance, primary={"radius": radius},
         fb={"num_t": 19, "t_min": SB_T_MIN, "t_max": 0.95, "samples": samples, "steps": 40, "batch": samples,
             "radii": []},
         gaps={"steps": 40, "samples": 96, "batch": 96, "radii": [radius], "trajectories": ["train"]},
@@ -193,11 +193,11 @@ def test_paired_difference_of_correlated_windows_is_tighter_and_covers(fb_pair):
     from critsample.detect import estimators
 
     oracle, s, arrays = fb_pair
-    u = s["concurrence"]["forward_backward"]["uncertainty"]
-    assert u["pairing"].startswith("paired") and u["correlation"] > 0.5
-    assert u["sampling_sigma"] ** 2 + u["grid_sigma"] ** 2 == pytest.approx(
-        s["concurrence"]["forward_backward"]["combined_uncertainty_log_snr"] ** 2)
-    assert s["concurrence"]["forward_backward"]["combined_uncertainty_log_snr"] < 0.8 * u["unpaired_sigma"]
+    (row,) = s["forward_backward_excess"]["forward_backward_local"]  # local forward-backward's excess at r = 2
+    u = row["uncertainty"]
+    assert row["radius"] == 2 and u["pairing"].startswith("paired") and u["correlation"] > 0.5
+    assert u["sampling_sigma"] ** 2 + u["grid_sigma"] ** 2 == pytest.approx(row["excess_sigma_log_snr"] ** 2)
+    assert row["excess_sigma_log_snr"] < 0.8 * u["unpaired_sigma"]
 
     err, t, sch = arrays["error"], arrays["t"], oracle.schedule
 

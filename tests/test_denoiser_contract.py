@@ -17,7 +17,9 @@ The contract:
 - the strictly local denoiser at token i reads only the tokens of its window;
 - sampling equals the family's diffusers pipeline, images included, and a plan run inside the pipeline through its
   step callback (SD3, FLUX) equals ``critsample.sample``;
-- the analytic FLOPs count the (query, key) pairs the network's attention computes, globally and in a window.
+- the analytic FLOPs count the (query, key) pairs the network's attention computes, globally and in a window;
+- ``critsample tune`` (its dry run too) and ``critsample sample --adaptive --summary`` run from the CLI, judged by the
+  family's judge read from a saved folder as the real one is (classifier, ResNet, CLIP, or the user's).
 
 A new family is one entry of :data:`FAMILIES` (and, for a new kind of folder, one builder in conftest.py).
 Family-specific behaviour (prompt encoding, VAE factors, micro-conditions, schedulers, registry names) stays in the
@@ -530,3 +532,64 @@ def test_flops_count_the_attention_pairs_the_network_computes(family, radius, mo
     plan = Plan.guided(3, 2.0, radius=radius)
     cost = plan_flops(model, plan, model.grid(x))
     assert cost["forwards"] == 6 and cost["total"] == pytest.approx(6 * one.total)
+
+
+# -- tune: a certified plan from the CLI, judged by the family's judge, then sampled ---------------------------------
+# dit-digits: its bundled classifier; the latent DiT (1000 classes): ResNet (a tiny random ResNetForImageClassification
+# folder through --judge_weights) and Inception FD (TinyInception stands in: its weights cannot be fetched here); text
+# families: CLIP (a tiny random CLIPModel folder); an oracle: the user's judge (--judge conftest:tiny_judge).
+TUNE = ["dit-digits", "dit", "sd3", "sd35", "pixart-sigma", "flux-dev", "flux-schnell", "oracle-mixture"]
+
+
+@over(TUNE)
+def test_tune_certifies_on_paired_noise_and_sample_uses_the_plan(family, tmp_path, judge_folders, monkeypatch, capsys):
+    """``critsample tune`` then ``critsample sample --adaptive --summary`` on every family: the judge of the family
+    (loaded from a saved folder as the real one is), the paired design (every plan's sample i from the noise of
+    (seed, i): a plan's fidelity to full guidance is exact on the baseline), one-sided bounds and the fresh-seed
+    confirmation recorded in the summary's plan, and the dry run's forwards equal to what the run samples."""
+    from conftest import TinyInception
+
+    from critsample import metrics
+    from critsample.cli import main
+    from critsample.summary import read, write
+
+    model = family.model
+    spec = ORACLES.get(family.key) or (str(family.folder) if family.key != "dit-digits" else "dit-digits")
+    window = {"t_start": 0.4, "t_end": 0.8}
+    summary = write({"model": model.name, "critical_window": window, "suggested_radius": 1,
+                     "windows": {"window_cond": window}}, tmp_path / "summary.json")
+    judge = {"dit": ["--judge_weights", str(judge_folders["imagenet"])],
+             "oracle-mixture": ["--judge", "conftest:tiny_judge"]}.get(
+        family.key, ["--judge_weights", str(judge_folders["clip"])] if model.is_text else [])
+    if family.key == "dit":
+        monkeypatch.setattr(metrics, "inception_features", lambda device="cpu": TinyInception())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\ntwo dogs\n")
+    args = ["tune", "--model", spec, "--summary", str(summary), "--num", "4", "--steps", "3", "--shifts", "0",
+            "--scales", "1", "--outside", "local-cond", "--radii", "1", "--no-interval", "--n_boot", "8",
+            "--batch_size", "4", "--out", str(tmp_path / "tune"), *judge,
+            *(["--prompts", str(prompts)] if model.is_text else [])]
+    assert main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert main(args) == 0, capsys.readouterr()
+    record = json.loads((tmp_path / "tune" / "frontier.json").read_text())
+    plan = read(summary, require_window=False)["plan"]
+    expected = {"dit-digits": "digits", "dit": "imagenet", "oracle-mixture": "tiny-sign"}.get(family.key, "clip")
+    assert plan["judge"]["name"].startswith(expected) and plan["judge"] == record["judge"]
+    assert plan["criteria"]["score"] == ("clip_score" if model.is_text else "accuracy")
+    base = record["baseline"]
+    assert base["fidelity"]["ssim"] == pytest.approx(1.0) and base["fidelity"]["mse"] == 0  # itself, same noise
+    cand = record["candidates"][0]
+    assert cand["fidelity"]["mse"] > 0 and cand["quality"]["accuracy_drop_upper"] >= cand["quality"]["accuracy_drop"]
+    assert record["setup"]["prompts"] == (["a red cat", "two dogs"] if model.is_text else None)
+    assert record["confirmation"]["seed"] == 1 and plan["certified"] == record["certified"]
+    # the dry run counted what was sampled: search (baseline + candidate), the FD reference, the confirmation
+    reference = family.key != "dit-digits"
+    assert f"would spend {4 * ((2 + reference) * base['cost']['forwards'] + 2 * cand['cost']['forwards'])} " in dry
+    assert record["setup"]["fd_reference"].startswith("full guidance" if reference else "the judge's own")
+    sample = ["sample", "--model", spec, "--num", "2", "--steps", "3", "--adaptive", "--summary", str(summary),
+              "--out", str(tmp_path / "sample"), "--no-wandb", *(["--prompt", "a red cat"] if model.is_text else [])]
+    assert main(sample) == 0
+    run = json.loads((tmp_path / "sample" / "run.json").read_text())
+    if record["certified"]:
+        assert run["plan"] == plan["plan"]

@@ -40,7 +40,9 @@ def test_end_to_end_then_resume(tiny_folder, tmp_path, capsys, monkeypatch):
     assert all(not w["valid"] and w["reason"] for w in s["windows"].values()), s["windows"]
     assert {v["outcome"] for v in s["concurrence"].values()} == {"no window"}
     assert set(s["probes"]) == {"cond_gap", "locality_gap", "forward_backward", "window_cond", "window_locality"}
-    assert s["suggested_radius"] is None  # one radius scanned: not determined
+    # the auto radius (1) and the primary radius (2) are scanned; a random model shows no contrast between them
+    assert s["suggested_radius"] is None and "no contrast" in s["suggested_radius_reason"]
+    assert s["verdict"] == s["concurrence"]["primary"]["verdict"] and s["concurrence"]["primary"]["role"] == "primary"
     # consumers of the summary
     from critsample import summary
     from critsample.errors import UserError

@@ -152,7 +152,7 @@ def test_shipped_fit_configs_load_without_weights(configs, capsys):
 def test_fit_configs_are_all_tested():
     shipped = {p.name for p in (REPO / "configs/fit").glob("*.yaml")}
     assert shipped == {"dit-digits.yaml", "dit-digits-locality.yaml", "dit-fashion.yaml", "dit-xl-latents.yaml",
-                       "dit-xl-imagefolder.yaml", "fsdp.yaml"}
+                       "dit-xl-imagefolder.yaml", "fsdp.yaml", "student-digits.yaml"}  # the last: test_student.py
 
 
 def test_export_from_a_gathered_state_dict_matches_the_module(tiny_model, tmp_path):

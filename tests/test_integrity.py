@@ -213,6 +213,50 @@ def test_no_file_is_written_in_place_in_critsample():
     assert not offenders, offenders
 
 
+def test_model_folders_are_exported_whole_or_not_at_all():
+    """Every save_pretrained in critsample/ writes inside a ``with atomic_folder(...)`` block (static check)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "critsample"
+    offenders, seen = [], 0
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        inside = {id(n) for w in ast.walk(tree) if isinstance(w, ast.With) and any(
+            "atomic_folder" in ast.unparse(item.context_expr) for item in w.items) for stmt in w.body
+                  for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("save_pretrained"):
+                seen += 1
+                if id(node) not in inside:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert seen >= 3 and not offenders, offenders
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    from critsample.store import atomic_folder
+
+    folder = tmp_path / "export"
+    with atomic_folder(folder) as tmp:
+        (tmp / "weights.txt").write_text("old")
+    assert (folder / "weights.txt").read_text() == "old"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(DDIMScheduler, "save_pretrained", fail)
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        with atomic_folder(folder) as tmp:
+            (tmp / "weights.txt").write_text("new")
+            DDIMScheduler().save_pretrained(tmp / "scheduler")
+    assert (folder / "weights.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left behind
+    with atomic_folder(folder) as tmp:
+        (tmp / "weights.txt").write_text("new")
+    assert (folder / "weights.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 # -- 3. the weights fingerprint reads every byte ----------------------------------------------------------------------
 
 

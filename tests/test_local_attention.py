@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import critsample.local_attention as la
 from critsample.local_attention import local_attention, window_mask
 
-IMPLS = ("masked", "tiled", "auto")
+IMPLS = ("masked", "bands1", "bands2", "bands4", "bands8", "tiled", "auto")
 
 
 def allowed_keys(t: int, h: int, w: int, r: int | None, num_extra: int) -> list[int]:
@@ -152,12 +152,13 @@ def test_tiled_gradients_equal_masked_gradients(h, w, r, num_extra, budget, seed
     grad_out = torch.randn(2, 2, h * w + num_extra, 3, generator=torch.Generator().manual_seed(seed))
     grads = {}
     with step_budget(budget):
-        for impl in ("masked", "tiled"):
+        for impl in ("masked", "tiled", "bands2"):
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             out = local_attention(*leaves, (h, w), r, num_extra, impl=impl)
             grads[impl] = torch.autograd.grad(out, leaves, grad_out)
-    for name, a, b in zip("qkv", grads["tiled"], grads["masked"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"d{name}")
+    for impl in ("tiled", "bands2"):
+        for name, a, b in zip("qkv", grads[impl], grads["masked"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{impl} d{name}")
 
 
 def test_tiled_passes_gradcheck():
@@ -215,12 +216,45 @@ def test_half_precision_keeps_dtype_and_is_close(dtype, impl):
     torch.testing.assert_close(out.double(), ref, atol=3e-2 if dtype == torch.bfloat16 else 5e-3, rtol=0)
 
 
-def test_auto_choice():
-    assert la._choose(64, 64, None, 0) == "dense"
-    assert la._choose(64, 64, 4, 0) == "tiled"
-    assert la._choose(64, 64, 4, 333) == "tiled"
-    assert la._choose(4, 4, 1, 0) == "masked"  # tiny grid
-    assert la._choose(16, 16, 8, 0) == "masked"  # window covers most of the grid
+@pytest.mark.parametrize("point", sorted(la._CPU_RULE))
+def test_auto_picks_the_measured_table_at_its_points(point):
+    side, r = point
+    without, with_text = la._CPU_RULE[point]
+    assert la._choose(side, side, r, 0) == without
+    assert la._choose(side, side, r, la._CPU_TEXT) == with_text
+    assert la._choose(side, side, None, la._CPU_TEXT) == "dense"
+    assert {without, with_text} <= set(la.IMPLS) - {"auto", "dense", "flex"}  # exact local paths only
+
+
+@pytest.mark.parametrize(
+    "h, w, r, num_extra, point, column",
+    [
+        (14, 14, 2, 0, (16, 2), 0),  # nearest side 16 (log scale)
+        (128, 128, 8, 0, (64, 4), 0),  # side beyond the table: radius scaled 64 / 128
+        (24, 24, 0, 0, (32, 1), 0),  # 24 is nearer 32 than 16 on a log scale; r = 0 counts as 1, 1 * 32 / 24 -> 1
+        (32, 32, 3, 20, (32, 4), 0),  # 20 text tokens: under half of 333's fraction at 32x32
+        (32, 32, 3, 200, (32, 4), 1),
+        (40, 40, 8, 0, (32, 8), 0),  # 40 is nearer 32; radius 8 * 32 / 40 = 6.4 -> 8
+    ],
+)
+def test_auto_generalizes_to_the_nearest_measured_point(h, w, r, num_extra, point, column):
+    assert la._choose(h, w, r, num_extra) == la._CPU_RULE[point][column]
+
+
+def test_auto_on_cuda_keeps_the_flex_rule():
+    assert la._choose(64, 64, 4, 0, "cuda") == "flex"  # 15 % of kv blocks
+    assert la._choose(16, 16, 2, 0, "cuda") == "masked"  # every kv block
+
+
+@pytest.mark.parametrize("h, w, r, num_extra", [(16, 16, 2, 0), (32, 32, 1, 5), (16, 16, 8, 3), (20, 20, 1, 0)])
+def test_auto_runs_exactly_the_chosen_path(h, w, r, num_extra):
+    """Bitwise equal to the implementation the rule names, and within fp32 rounding of the masked reference."""
+    q, k, v = qkv(1, 2, h * w + num_extra, 8, seed=r)
+    out = local_attention(q, k, v, (h, w), r, num_extra)
+    chosen = local_attention(q, k, v, (h, w), r, num_extra, impl=la._choose(h, w, r, num_extra))
+    assert torch.equal(out, chosen)
+    ref = local_attention(q, k, v, (h, w), r, num_extra, impl="masked")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,7 @@ def test_steps_carry_the_kind_through_plans_labels_and_dicts(digits):
     lo = [s for s, t in zip(p.steps, p.times, strict=True) if t < 0.3]
     assert {s.kind for s in hi} == {"gaussian"} and {s.radius for s in hi} == {None}
     assert {s.kind for s in lo} == {"local-linear"} and {s.radius for s in lo} == {2}
-    assert "kinds=gaussian/local-linear" in p.name and "gaussian:cond/global" in p.describe()
+    assert "kinds=gaussian/local-linear" in p.name and "gaussian:cond;" in p.describe() + ";"
     d = p.to_dict()
     assert Plan.from_dict(json.loads(json.dumps(d))).steps == p.steps
     net = plans.adaptive(digits, 10, 4.0, (0.3, 0.6), 2, "local-cond")

@@ -92,7 +92,8 @@ def test_detect_locality_both(tiny_folder, tmp_path, capsys):
     assert {"locality_gap", "locality_gap_strict", "forward_backward_local",
             "forward_backward_local_strict"} <= set(s["windows"])
     assert s["locality"] == "both" and s["probes"]["locality_gap"]["strict"]["local_denoiser"] == "strict"
-    assert {"instantaneous_strict", "forward_backward_strict"} <= set(s["concurrence"])
+    assert "instantaneous_strict" in s["concurrence"] and "forward_backward_strict" not in s["concurrence"]
+    assert [r["radius"] for r in s["forward_backward_excess"]["forward_backward_local_strict"]] == [1]
     assert {"locality_heatmap_train", "locality_heatmap_strict_train",
             "forward_backward_strict"} <= set(s["outputs"]["figures"])
     win, strict = np.load(out / "arrays" / "gaps.npz"), np.load(out / "arrays" / "gaps_strict.npz")

@@ -135,8 +135,9 @@ def run_detect(argv: list[str]) -> int:
               f"{cw['log_snr_end']:.2f})")
     else:
         print(f"no critical window could be estimated for {summary['model']} (see {cfg.out}/report.md)")
-    v = summary.get("concurrence", {}).get("overall")
+    v = summary.get("concurrence", {}).get("primary")
     if v:
-        print(v["verdict"])
+        print(f"primary test ({v['symmetry_breaking']} vs {v['nonlocality']}, r = {v['radius']}, {v['locality']}): "
+              f"{v['verdict']}")
     print(f"wrote {cfg.out}/summary.json, {cfg.out}/report.md")
     return 0

@@ -1,4 +1,5 @@
-"""``critsample fit``: argv -> LightningCLI over :class:`~critsample.finetune.module.DiTModule` and the
+"""``critsample fit``: argv -> LightningCLI over :class:`~critsample.finetune.module.DiTModule` (or the LightningModule
+a config names with ``model: class_path:``, e.g. :class:`~critsample.finetune.distill.DistillModule`) and the
 DataModules of ``critsample.finetune.data`` (``--config``, ``--print_config``) -> train."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from ..errors import UserError
 from ..finetune import data as _data  # noqa: F401  (imported so LightningCLI finds the DataModules by class path)
 from ..finetune.module import DiTModule
-from .args import config_path, one_sentence, read_config_file
+from .args import config_path, one_sentence, option_value, read_config_file
 
 
 def _user_error(e: BaseException) -> UserError | None:
@@ -69,6 +70,14 @@ def check_trainer(cfg) -> None:
             raise UserError(f"--ckpt_path {ckpt} {what}; give a checkpoint written by `critsample fit`.") from None
 
 
+def names_module(args: list[str], config: dict | None) -> bool:
+    """Whether the run names its LightningModule (``model: {class_path: ...}`` in the config, or ``--model.class_path``
+    / ``--model NAME`` on the command line) instead of configuring :class:`DiTModule`."""
+    model = (config or {}).get("model")
+    return (isinstance(model, dict) and "class_path" in model) or any(
+        option_value(args, name) is not None for name in ("model.class_path", "model"))
+
+
 class _CLI(LightningCLI):
     """LightningCLI whose options are checked (:func:`check_trainer`) right after parsing, before anything is read or
     built."""
@@ -85,11 +94,12 @@ def run_fit(args: list[str]) -> int:
     # LightningCLI warns when sys.argv is also set; critsample passes the command's own argv on purpose.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     config = config_path(args)
-    if config is not None:
-        read_config_file(config)  # a missing file or a YAML error: one sentence with the file and line
+    # a missing file or a YAML error: one sentence with the file and line
+    data = read_config_file(config) if config is not None else None
+    named = names_module(args, data)
     try:
         _CLI(
-            DiTModule,
+            None if named else DiTModule,  # None: any LightningModule, chosen by its class_path
             subclass_mode_data=True,
             args=["fit", *args],
             save_config_kwargs={"overwrite": True},

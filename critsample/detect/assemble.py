@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from .. import summary as summary_io
@@ -17,19 +16,19 @@ from ..report import write_detect_report
 from ..store import atomic_write
 from ..summary import LOG_SNR_CONVENTION, T_CONVENTION
 from ..tracking import log_detect
-from . import estimators
+from . import estimators, primary
 from .context import Detection
 from .estimators import Window
 from .protocol import ProbeOutput
 
-# Pairs of one symmetry-breaking and one nonlocality window that measure the same thing two ways (concurrence).
+# Secondary pairs of one symmetry-breaking and one nonlocality window that measure the same thing two ways (the
+# primary pair is declared in the config: detect.primary). Local forward-backward is not a nonlocality window: it
+# enters as its excess over the global threshold (``forward_backward_excess``).
 PAIRS = (("instantaneous", "cond_gap", "locality_gap"),
-         ("forward_backward", "forward_backward", "forward_backward_local"),
          ("windowed", "window_cond", "window_locality"))
-# With --locality both: the strictly local denoiser's nonlocality windows, tested beside the window ones (never combined
-# into the critical window, which stays the paper's truncated-attention one).
-STRICT_PAIRS = (("instantaneous_strict", "cond_gap", "locality_gap_strict"),
-                ("forward_backward_strict", "forward_backward", "forward_backward_local_strict"))
+# With --locality both (or strict at the primary radius): the strictly local denoiser's locality gap, tested beside
+# the window one (never combined into the critical window, which stays the paper's truncated-attention one).
+STRICT_PAIRS = (("instantaneous_strict", "cond_gap", "locality_gap_strict"),)
 
 
 def _is_strict_extra(name: str) -> bool:
@@ -45,7 +44,7 @@ def strict_concurrence(windows: dict[str, Window], schedule, tolerance: float, c
                        w_sb: Window | None) -> Window | None:
     """With ``--locality both``: the strict pairs' tests and ``overall_strict`` into ``conc``; returns the strict
     nonlocality window (the strict windows, and the windowed scan's, which has no strict version)."""
-    strict = {name: w for name, w in windows.items() if _is_strict_extra(name)}
+    strict = {name: w for name, w in windows.items() if _is_strict_extra(name) and w.family == "nonlocality"}
     if not strict:
         return None
     for pair, a, b in STRICT_PAIRS:
@@ -65,7 +64,7 @@ def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_r
     """Per-pair and overall three-outcome tests (``estimators.concurrence``), the two family windows and the combined
     critical window. A pair whose probes both ran is always reported ("no window" when a side is invalid)."""
     conc = {}
-    ran = set(probes_run) | {"forward_backward_local"} if "forward_backward" in probes_run else set(probes_run)
+    ran = set(probes_run)
     for pair, a, b in PAIRS:
         if a in ran and b in ran:
             conc[pair] = estimators.concurrence(windows.get(a), windows.get(b), tolerance)
@@ -77,23 +76,38 @@ def concurrence(windows: dict[str, Window], schedule, tolerance: float, probes_r
 
 
 def suggested_radius(det: Detection, probes: dict) -> int | None:
-    """The smallest radius that is good enough outside the critical window, for ``critsample sample --adaptive``.
+    """The smallest radius that is good enough outside the critical window, for ``critsample sample --adaptive``
+    (:func:`radius_suggestion` without its reason)."""
+    return radius_suggestion(det, probes)[0]
 
-    From the conditioning-fixed windowed-locality scan over several radii: the smallest radius whose best position's
-    error is within 2 Bernoulli sigma of the best radius's. None (not determined) when fewer than two radii were
-    scanned: a single radius says nothing about which radius is good enough.
+
+def radius_suggestion(det: Detection, probes: dict) -> tuple[int | None, str]:
+    """(radius, reason): the smallest radius that is good enough outside the critical window, for ``critsample sample
+    --adaptive``, and why there is none.
+
+    From the conditioning-fixed windowed-locality scan over several radii (``estimators.best_of_radii`` on the
+    classifier's per-sample negative log-likelihood): the smallest radius not significantly worse than the best, and
+    only when the radii show contrast; None with the reason otherwise (one radius scanned, no contrast, a tie).
     """
-    scan = (probes.get("window_locality") or {}).get("scan") or {}
-    best = {}
-    for name, v in scan.items():
-        if name.startswith("loccond_in[r="):
-            r = int(name[len("loccond_in[r="):-1])
-            k = int(np.argmin(v["error"]))
-            best[r] = (v["error"][k], v["error_sigma"][k])
-    if len(best) < 2:
-        return None
-    e_min = min(e for e, _ in best.values())
-    return min(r for r, (e, s) in best.items() if e <= e_min + 2 * max(s, 1e-9) + 1e-12)
+    rec = probes.get("window_locality")
+    if rec is None:
+        return None, "window_locality was not run"
+    choice = rec.get("suggested_radius") or {}
+    return choice.get("radius"), choice.get("reason") or ""
+
+
+def radius_tables(det: Detection, outputs: dict[str, ProbeOutput], windows: dict[str, Window],
+                  tolerance: float) -> tuple[dict, dict]:
+    """(nonlocality_by_radius, forward_backward_excess): d(r) of every nonlocality window against the primary
+    symmetry-breaking window, and local forward-backward's excess over the global threshold, at every probed radius
+    (``detect.primary``)."""
+    by_r = {k: v for o in outputs.values() for k, v in o.by_radius.items()}
+    sb = windows.get(det.primary["symmetry_breaking"])
+    nl = {name: primary.by_radius(sb, ws, tolerance) for name, ws in by_r.items()
+          if not name.startswith("forward_backward_local")}
+    fb = {name: primary.excess_by_radius(windows.get("forward_backward"), ws) for name, ws in by_r.items()
+          if name.startswith("forward_backward_local")}
+    return nl, fb
 
 
 def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, counts: tuple[int, int], out: Path,
@@ -106,6 +120,12 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
     figures = {k: v for o in outputs.values() for k, v in o.figures.items() if v is not None}
     conc, w_sb, w_nl, combined = concurrence(windows, sch, cfg.concurrence_tolerance, list(cfg.probes))
     w_nl_strict = strict_concurrence(windows, sch, cfg.concurrence_tolerance, conc, w_sb)
+    for v in conc.values():
+        v["role"] = "secondary"
+    head = primary.test(det.primary, windows, cfg.concurrence_tolerance, cfg.locality)
+    conc = {"primary": head, **conc}
+    nl_by_r, fb_excess = radius_tables(det, outputs, windows, cfg.concurrence_tolerance)
+    radius, radius_reason = radius_suggestion(det, probes)
     cw = None
     if combined is not None:
         cw = combined.to_dict()
@@ -132,9 +152,15 @@ def build_summary(det: Detection, outputs: dict[str, ProbeOutput], units: list, 
         "nonlocality_window": w_nl.to_dict() if w_nl else None,
         "locality": cfg.locality,
         **({"nonlocality_window_strict": w_nl_strict.to_dict()} if w_nl_strict else {}),
+        "primary": {**det.primary, "window": head["nonlocality"], "test": head,
+                    "nonlocality_by_radius": nl_by_r.get(head["nonlocality"])},
+        "verdict": head["verdict"],
         "concurrence": conc,
+        "nonlocality_by_radius": nl_by_r,
+        "forward_backward_excess": fb_excess,
         "critical_window": cw,
-        "suggested_radius": suggested_radius(det, probes),
+        "suggested_radius": radius,
+        "suggested_radius_reason": radius_reason,
         "cost": {
             "model_evaluations": int(sum(u.forwards for u in units)),
             "model_evaluations_note": "network forwards summed over rows (one row = one sample at one time with one "

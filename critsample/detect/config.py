@@ -19,6 +19,9 @@ PROBE_NAMES = ("cond_gap", "locality_gap", "forward_backward", "window_cond", "w
 implementation and checks a run's names (a probe added there at run time is accepted too)."""
 TRAJECTORIES = ("train", "sample_cond", "sample_uncond")
 LOCALITY = ("window", "strict", "both")
+PRIMARY_SYMMETRY_BREAKING = ("forward_backward", "cond_gap", "window_cond")
+PRIMARY_NONLOCALITY = ("locality_gap", "window_locality")
+PRIMARY_LOCALITY = ("auto", "window", "strict")
 
 
 def _at_least_one(obj, prefix: str, names: tuple[str, ...]) -> None:
@@ -124,6 +127,38 @@ class WindowArgs:
             raise UserError(f"--windows.t0_step must lie in (0, 1); got {self.t0_step}.")
 
 
+@dataclass
+class PrimaryArgs:
+    """The primary test, declared before the data (``detect.primary``): one symmetry-breaking window against one
+    nonlocality window at one radius and one local denoiser. Its concurrence outcome is the run's verdict; every other
+    pair is reported as secondary, and the nonlocality window is reported at every probed radius as d(r)."""
+
+    symmetry_breaking: str = "forward_backward"
+    """forward_backward (default: the global threshold, unbiased against theory on the oracles), cond_gap or
+    window_cond."""
+    nonlocality: str = "locality_gap"
+    """locality_gap (default: the radius-r locality gap, eq. 7, with an exact oracle counterpart) or window_locality
+    (the conditioning-fixed scan at radius r). Local forward-backward is not a nonlocality window: it enters as its
+    excess over the global threshold (``forward_backward_excess``)."""
+    radius: int = 2
+    """Radius r of the primary nonlocality window (always probed: added to the probe's radii when missing)."""
+    locality: str = "auto"
+    """Local denoiser of the primary nonlocality window: auto (strict where the truncated one's receptive field,
+    depth x r tokens, covers the grid, i.e. depth x r >= grid - 1; window otherwise; the oracles' local score is
+    strict already), window or strict. The scans have a window denoiser only."""
+
+    def __post_init__(self):
+        for name, allowed in (("symmetry_breaking", PRIMARY_SYMMETRY_BREAKING),
+                              ("nonlocality", PRIMARY_NONLOCALITY), ("locality", PRIMARY_LOCALITY)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--primary.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+        if not isinstance(self.radius, int) or isinstance(self.radius, bool) or self.radius < 0:
+            raise UserError(f"--primary.radius must be an integer >= 0; got {self.radius!r}.")
+        if self.nonlocality == "window_locality" and self.locality == "strict":
+            raise UserError("--primary.locality strict needs --primary.nonlocality locality_gap: the windowed scans "
+                            "have a window (truncated-attention) local denoiser only.")
+
+
 @dataclass(kw_only=True)
 class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, ModelOptions):
     """Options of ``critsample detect`` (the shared sections: :mod:`critsample.options`)."""
@@ -165,6 +200,8 @@ class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, Mo
     concurrence_tolerance: float = 1.0
     """Tolerance Delta of the concurrence test, in nats of log-SNR: concurrent when the 95% interval of the center
     difference lies inside [-Delta, Delta], not concurrent when outside, inconclusive otherwise."""
+    primary: PrimaryArgs = field(default_factory=PrimaryArgs)
+    """The primary test (declared before the data; its outcome is the verdict)."""
     gaps: GapArgs = field(default_factory=GapArgs)
     """Conditioning and locality gaps."""
     fb: ForwardBackwardArgs = field(default_factory=ForwardBackwardArgs)
@@ -195,19 +232,20 @@ class DetectConfig(WandbOptions, OutputOptions, GuidanceOptions, SeedOptions, Mo
                             f"{self.concurrence_tolerance}.")
         if self.locality not in LOCALITY:
             raise UserError(f"Unknown --locality {self.locality!r}; choose window, strict or both.")
-        for section in (self.gaps, self.fb, self.windows):
+        for section in (self.primary, self.gaps, self.fb, self.windows):
             section.__post_init__()
+
 
     @classmethod
     def from_preset(cls, preset: str = "fast", **overrides) -> "DetectConfig":
         """The preset's config with ``overrides`` (top-level fields, or sections as dicts / dataclasses)."""
         if preset not in PRESETS:
             raise UserError(f"Unknown preset {preset!r}; choose {' or '.join(PRESETS)}.")
-        sections = {"gaps": GapArgs, "fb": ForwardBackwardArgs, "windows": WindowArgs}
+        sections = {"primary": PrimaryArgs, "gaps": GapArgs, "fb": ForwardBackwardArgs, "windows": WindowArgs}
         kw = {}
         for name, klass in sections.items():
             given = overrides.pop(name, None)
-            values = {**PRESETS[preset][name], **(_as_dict(given) if given is not None else {})}
+            values = {**PRESETS[preset].get(name, {}), **(_as_dict(given) if given is not None else {})}
             kw[name] = klass(**values)
         return cls(preset=preset, **kw, **overrides)
 

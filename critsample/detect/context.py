@@ -17,6 +17,7 @@ from ..options import global_radius, is_global
 from ..probes.rows import class_rows
 from ..sampling import check_steps, sample_generators
 from ..store import Store, model_fingerprint
+from . import primary
 from .data import classifier_name, load_classifier_for, load_data
 
 if TYPE_CHECKING:
@@ -45,10 +46,18 @@ class Detection:
         self.text = model.is_text
         self._check_model()
         self.guidance = float(cfg.guidance if cfg.guidance is not None else model.default_guidance)
-        self.gap_radii = self._radii(cfg.gaps.radii,
-                                     auto_radii(self.grid, cfg.preset)) if "locality_gap" in cfg.probes else []
+        r0 = [cfg.primary.radius]  # the primary radius is always probed (detect.primary)
+        self.gap_radii = self._radii(cfg.gaps.radii, auto_radii(self.grid, cfg.preset),
+                                     r0) if "locality_gap" in cfg.probes else []
         self.fb_radii = self._radii(cfg.fb.radii, auto_radii(self.grid, "fast"))
-        self.win_radii = self._radii(cfg.windows.radii, auto_window_radii(self.grid, cfg.preset))
+        self.win_radii = self._radii(cfg.windows.radii, auto_window_radii(self.grid, cfg.preset),
+                                     r0 if "window_locality" in cfg.probes else [])
+        self.primary = primary.resolve(cfg.primary, model, self.grid)
+        # radii of the strictly local gap units: every gap radius with --locality strict|both; the primary radius
+        # alone when the primary rule asks for strict and --locality is window; none otherwise
+        self.gap_strict_radii = (list(self.gap_radii) if cfg.locality != "window" else
+                                 [cfg.primary.radius] if self.gap_radii and primary.needs_strict_gaps(
+                                     self.primary, cfg.locality) else [])
         self.t0s = [round(k * cfg.windows.t0_step, 10) for k in range(int(math.ceil(1.0 / cfg.windows.t0_step - 1e-9)))]
         self.fb_times = np.linspace(cfg.fb.t_min, cfg.fb.t_max, cfg.fb.num_t).tolist()
         self.class_id = (cfg.class_id if cfg.class_id is not None
@@ -77,8 +86,8 @@ class Detection:
             if cfg.class_id is not None and not 0 <= cfg.class_id < m.num_classes:
                 raise UserError(f"Class {cfg.class_id} is outside {m.name}'s classes 0..{m.num_classes - 1}.")
 
-    def _radii(self, given, default) -> list[int]:
-        radii = list(default if given is None else given)
+    def _radii(self, given, default, required=()) -> list[int]:
+        radii = list(default if given is None else given) + list(required)
         check_radius(radii, self.model.token_grid, bound="local", model=self.model.name)
         return sorted(set(int(r) for r in radii))
 
@@ -142,6 +151,7 @@ class Detection:
 
     def resolved(self) -> dict:
         """What the defaults resolved to (written next to the config)."""
-        return {"guidance": self.guidance, "gap_radii": self.gap_radii, "fb_radii": self.fb_radii,
+        return {"guidance": self.guidance, "gap_radii": self.gap_radii, "gap_strict_radii": self.gap_strict_radii,
+                "primary": self.primary, "fb_radii": self.fb_radii,
                 "window_radii": self.win_radii,
                 "t0s": self.t0s, "fb_times": self.fb_times, "class_id": self.class_id, "model_id": self.model_id}

@@ -400,6 +400,39 @@ def near_extremum(errors: np.ndarray, sign: float = 1.0, z: float = 1.6448536269
     return np.where(se > 0, m <= z * se, m <= 0)
 
 
+def best_of_radii(per_radius: dict[int, np.ndarray], sign: float = 1.0) -> dict:
+    """Which radius is good enough, from paired per-sample outcomes (or scores; lower = better) of each radius's scan
+    ``(n, P)``: each radius is represented by its best position; the radii must differ (Friedman's test over >= 3
+    radii, a two-sided paired z-test for 2; alpha 5 %) and not tie at the best value, else there is no contrast and
+    no radius is suggested. ``radius``: the smallest radius not significantly worse than the best (one-sided paired
+    z-test, :func:`near_extremum`); ``reason`` says why when None."""
+    radii = sorted(per_radius)
+    if len(radii) < 2:
+        return {"radius": None, "reason": "fewer than two radii were scanned, so no radius can be compared"}
+    cols = []
+    for r in radii:
+        e = sign * np.asarray(per_radius[r], dtype=np.float64)
+        cols.append(e[:, int(np.argmin(e.mean(0)))])
+    m = np.stack(cols, 1)  # (n, R): each radius at its best position
+    means = m.mean(0)
+    if len(radii) == 2:
+        d = m[:, 1] - m[:, 0]
+        se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        p = float(2 * stats.norm.sf(abs(d.mean()) / se)) if se > 0 else (0.0 if d.mean() != 0 else 1.0)
+    else:
+        p = positions_differ(m)
+    ties = int(np.sum(means == means.min()))
+    out = {"radii": radii, "best_means": (sign * means).tolist(), "contrast_p_value": p}
+    if not p < ALPHA:
+        return {**out, "radius": None, "reason": f"the radii's best scan positions do not differ (p = {p:.2f} >= "
+                                                 f"{ALPHA:g}): the scan shows no contrast between radii"}
+    if ties > 1:
+        return {**out, "radius": None, "reason": f"the metric saturates: {ties} radii tie exactly at the best value"}
+    near = near_extremum(m)
+    return {**out, "radius": int(radii[int(np.nonzero(near)[0][0])]), "reason": "",
+            "near_best": [int(r) for r, k in zip(radii, near, strict=True) if k]}
+
+
 def scan_positions(schedule: Schedule, t0s, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Log-SNR (start, end, midpoint) of the scan windows [t0, min(t0 + w, 1)]."""
     t0s = np.asarray(t0s, dtype=np.float64)
@@ -409,13 +442,17 @@ def scan_positions(schedule: Schedule, t0s, width: float) -> tuple[np.ndarray, n
 
 def scan_minimum(
     probe: str, family: str, t0s, errors, width: float, schedule: Schedule, *, maximum: bool = False,
-    n_boot: int = N_BOOT, seed: int = 0,
+    n_boot: int = N_BOOT, seed: int = 0, score=None,
 ) -> Window:
     """Argmin (or argmax) over scan positions (module docstring). ``t0s`` (P,) window starts in t; ``errors`` (n, P)
-    per-sample outcomes (or (n, P, R): averaged over R radii first); ``width`` the scan's window width in t."""
+    per-sample outcomes (or (n, P, R): averaged over R radii first); ``width`` the scan's window width in t.
+    ``score`` (n, P), optional: a per-sample score that does not saturate (the classifier's negative log-likelihood of
+    the requested class), lower = better like the error; the same rule on it is ``extra["score_window"]``."""
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim == 3:
         errors = errors.mean(axis=2)
+    if score is not None:
+        score = _sorted(t0s, score)[1]
     t0s, errors = _sorted(t0s, errors)
     lam_start, lam_end, lam_mid = scan_positions(schedule, t0s, width)
     sign = -1.0 if maximum else 1.0
@@ -449,7 +486,9 @@ def scan_minimum(
         rule=("arg" + ("max" if maximum else "min")) + " of the mean error over window log-SNR midpoints, "
              "parabola-refined; window = that position's window",
         extra={"scan_width": width, "contrast_p_value": p_value, "bootstrap_valid_fraction": fraction,
-               "near_extremum_positions": np.nonzero(near)[0].tolist(), "tied_at_extremum": ties},
+               "near_extremum_positions": np.nonzero(near)[0].tolist(), "tied_at_extremum": ties,
+               **({"score_window": scan_minimum(f"{probe}[nll]", family, t0s, score, width, schedule, maximum=maximum,
+                                                n_boot=n_boot, seed=seed).to_dict()} if score is not None else {})},
     )
 
 
@@ -563,6 +602,16 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
                     f"{hi:+.2f}] against a tolerance of +-{tolerance:g}; windows overlap "
                     f"{100 * (inter / union if union > 0 else 0):.0f}% (IoU)"),
     })
+
+
+def difference(a: Window, b: Window) -> dict:
+    """d = a - b of two window centers (log-SNR) with its paired one-sigma and 95 % interval (:func:`difference_sigma`,
+    whose parts are under ``parts``)."""
+    d = a.log_snr_center - b.log_snr_center
+    parts = difference_sigma(a, b)
+    s = parts["sigma"]
+    return {"d": d, "sigma": s, "ci95": [d - Z95 * s, d + Z95 * s],
+            "parts": {k: v for k, v in parts.items() if k != "sigma"}}
 
 
 def difference_sigma(a: Window, b: Window) -> dict:

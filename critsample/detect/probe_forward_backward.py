@@ -3,11 +3,12 @@ radius), classify. Unit kinds: ``fb_generate`` (stage 0: the clean images, when 
 ``forward_backward`` (one noise level x one batch, every radius; stage 1 when it reads generated images).
 
 Windows: ``forward_backward`` (symmetry breaking; ``estimators.threshold_window`` of the global error, plateau anchored
-at chance 1 - 1/K) and ``forward_backward_local`` (nonlocality: the same threshold rule on the error of the smallest
-probed radius r >= 1, i.e. where denoising with attention to the nearest neighbours only starts to lose the class; an
-independent measurement, not a difference with the global curve, which would end at the global threshold by
-construction; larger radii see the whole image after a few layers and converge to the global threshold). The
-thresholds of every radius are reported with their distance to the global one. ``--locality strict|both``: units keyed
+at chance 1 - 1/K) and ``forward_backward_local`` (family ``local_threshold``: the same threshold rule on the error of
+the smallest probed radius r >= 1, kept for readers that want a local threshold, e.g. ``certify``). Local
+forward-backward is **not** a nonlocality window (``detect.primary``): a local denoiser's threshold equals the global
+one at a covering radius by construction, so it never joins the nonlocality family or a concurrence pair; it enters as
+its excess over the global threshold, lambda_local(r) - lambda_global with a paired interval, at every probed radius
+(``summary["forward_backward_excess"]``, from ``ProbeOutput.by_radius``). ``--locality strict|both``: units keyed
 ``locality: strict`` denoise with the strictly local denoiser (``Denoiser.predict``); with both, the window
 ``forward_backward_local_strict`` and the record's ``strict`` part sit beside the window ones. Paired design: clean
 image i is noised with the same eps at every t and radius (``Detection.generators``).
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .context import Detection
 
 GENERATE, KIND = "fb_generate", "forward_backward"
+LOCAL_FAMILY = "local_threshold"  # neither symmetry breaking nor nonlocality: its excess over the global one counts
 
 
 class ForwardBackward(Probe):
@@ -145,7 +147,7 @@ class ForwardBackward(Probe):
         return err, flip, mse, t_used, ts
 
     def local_window(self, det: Detection, per_window: list, loc: str) -> estimators.Window | None:
-        """The nonlocality window: the threshold of the smallest probed radius r >= 1 (module docstring)."""
+        """The local threshold window: the threshold of the smallest probed radius r >= 1 (module docstring)."""
         if not det.fb_radii:
             return None
         r_loc = next((r for r in det.fb_radii if r >= 1), det.fb_radii[0])
@@ -163,7 +165,7 @@ class ForwardBackward(Probe):
         res = ProbeOutput()
         chance = det.chance
         per_window = [estimators.threshold_window(f"forward_backward[{lab}]",
-                                                  "symmetry_breaking" if i == 0 else "nonlocality",
+                                                  "symmetry_breaking" if i == 0 else LOCAL_FAMILY,
                                                   t_used, err[i], sch, chance=chance, seed=seed) for i,
                                                   lab in enumerate(labels)]
         per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window, strict=True)}
@@ -173,6 +175,7 @@ class ForwardBackward(Probe):
         w_loc = self.local_window(det, per_window, loc)
         if w_loc is not None:
             res.windows[w_loc.probe] = w_loc
+            res.by_radius[w_loc.probe] = dict(zip(det.fb_radii, per_window[1:], strict=True))
         series = {lab: bernoulli(err[i]) for i, lab in enumerate(labels)}
         theory, marks, theory_record = oracle_theory(model, t_used, seed)
         res.figures["forward_backward"] = report.plot_errorbars(
@@ -213,13 +216,14 @@ class ForwardBackward(Probe):
         model, sch, seed = det.model, det.model.schedule, int(det.cfg.seed)
         err, _, _, t_used, _ = self.arrays(det, results, out, "strict")
         labels = [f"r={r}" for r in det.fb_radii]
-        per_window = [None] + [estimators.threshold_window(f"forward_backward_strict[{lab}]", "nonlocality", t_used,
+        per_window = [None] + [estimators.threshold_window(f"forward_backward_strict[{lab}]", LOCAL_FAMILY, t_used,
                                                            err[1 + i], sch,
                                                            chance=det.chance, seed=seed) for i,
                                                            lab in enumerate(labels)]
         per_r = {lab: w.to_dict() for lab, w in zip(labels, per_window[1:], strict=True)}
         w_loc = self.local_window(det, per_window, "strict")
         res.windows[w_loc.probe] = w_loc
+        res.by_radius[w_loc.probe] = dict(zip(det.fb_radii, per_window[1:], strict=True))
         series = {"global": bernoulli(err[0]),
                   **{f"strict {lab}": bernoulli(err[1 + i]) for i, lab in enumerate(labels)}}
         res.figures["forward_backward_strict"] = report.plot_errorbars(

@@ -1,11 +1,13 @@
 """Probes ``cond_gap`` (eq. 6) and ``locality_gap`` (eq. 7): both read the same stored trajectories (unit kind
 ``gaps``: one batch of trajectories of one kind, every time and radius), so their units coincide and run once.
 
-Window rule (``estimators.half_max_window``): full width at half maximum of the mean gap curve of the primary
-trajectory (train, else the first sampled one), in the units of ``--gaps.kind``. The locality gap has one window per
-radius; the probe's window is the one of the largest local radius probed (the least local denoiser that is still
-local), a rule that does not mix radii. Paired design: trajectory i starts from the noise of sample i
-(``Detection.generators``), the same as scan sample i.
+Window rule (``estimators.half_max_window``, peak at least ``MIN_Z`` standard errors above zero): full width at half
+maximum of the mean gap curve of the primary trajectory (train, else the first sampled one), in the units of
+``--gaps.kind``. The locality gap has one window per radius (``ProbeOutput.by_radius``); the probe's window is the one
+at the declared primary radius (``--primary.radius``, always probed), so it does not depend on which other radii were
+probed (``detect.primary``). When the primary rule asks for the strict denoiser and ``--locality`` is window, strict
+units are computed at the primary radius alone (``locality_gap_strict``). Paired design: trajectory i starts from the
+noise of sample i (``Detection.generators``), the same as scan sample i.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from .protocol import (
     locality_match,
     series_json,
     strict_copies,
-    window_name,
 )
 
 if TYPE_CHECKING:
     from .context import Detection
 
 KIND = "gaps"
+MIN_Z = 3.0
+"""The gap windows' peak must lie this many standard errors above zero (``estimators.half_max_window``): a norm of a
+difference of scores is positive even where the difference is noise, so a peak within noise of zero is no window."""
 
 
 class _Gaps(Probe):
@@ -50,16 +54,19 @@ class _Gaps(Probe):
 
     def key_config(self, det: Detection) -> dict[str, dict]:
         c = det.cfg
+        strict = ({"strict_radii": det.gap_strict_radii}
+                  if det.gap_strict_radii and det.gap_strict_radii != det.gap_radii else {})
         return {KIND: {**common_config(det), **data_config(det), "steps": c.gaps.steps, "radii": det.gap_radii,
-                       "batch": c.gaps.batch}}
+                       "batch": c.gaps.batch, **strict}}
 
     def units(self, det: Detection) -> list[Unit]:
         c = det.cfg
         out = []
         # window units always run: they carry the conditioning gap; strict units recompute the global rows (cheap)
-        for loc in ("window", *(["strict"] if c.locality != "window" and det.gap_radii else [])):
-            copies = strict_copies(det, det.gap_radii) if loc == "strict" else [1] * len(det.gap_radii)
-            per_state = rows_per_state(det.gap_radii, copies=copies)
+        for loc in ("window", *(["strict"] if det.gap_strict_radii else [])):
+            radii = gap_radii(det, loc)
+            copies = strict_copies(det, radii) if loc == "strict" else [1] * len(radii)
+            per_state = rows_per_state(radii, copies=copies)
             for traj in c.gaps.trajectories:
                 gen = 0 if traj == "train" else c.gaps.steps * (2 if traj == "sample_cond" and det.guidance != 1.0
                                                                 else 1)
@@ -83,9 +90,20 @@ class _Gaps(Probe):
             cond = det.cond_rows(hi - lo, lo)
             plan = trajectory_plan(m, p["traj"], c.gaps.steps, det.guidance, c.sampler)
             states, times, _ = sampling_states(m, plan, cond, det.generators(lo, hi))
-        out = score_gaps(m, states, times, cond, det.gap_radii, max_batch=c.max_batch,
-                         locality=p.get("locality", "window"))
+        loc = p.get("locality", "window")
+        out = score_gaps(m, states, times, cond, gap_radii(det, loc), max_batch=c.max_batch, locality=loc)
         return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def gap_radii(det: Detection, locality: str) -> list[int]:
+    """The radii of one local denoiser's gap units (``Detection.gap_strict_radii`` for strict)."""
+    return det.gap_strict_radii if locality == "strict" else det.gap_radii
+
+
+def gap_localities(det: Detection) -> list[str]:
+    """The local denoisers of the locality gap: ``--locality``'s, and strict at the primary radius when the primary
+    rule asks for it (``detect.primary``)."""
+    return ["window", "strict"] if det.cfg.locality == "window" and det.gap_strict_radii else localities(det)
 
 
 def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "window") -> dict:
@@ -105,7 +123,8 @@ def gap_arrays(det: Detection, results: Results, out: Outputs, locality: str = "
                     arrays[f"{traj}__{name}"] = v
                     arrays[f"{traj}__{name}__mean"], arrays[f"{traj}__{name}__std"] = v.mean(0), v.std(0)
             arrays["t"] = results[us[0]]["t"]
-        save_npz(out.arrays / f"gaps{suffix}.npz", **arrays, radii=np.asarray(det.gap_radii), note=np.asarray(
+        radii = np.asarray(gap_radii(det, locality))
+        save_npz(out.arrays / f"gaps{suffix}.npz", **arrays, radii=radii, note=np.asarray(
             f"{T_CONVENTION}. Arrays TRAJ__NAME: cond_gap_* (samples, T) eq. 6; loc_gap_{{cond,uncond}}_* (samples, T, "
             "radii) eq. 7; *_score = score units, *_eps = eps units (= sigma x score); norms per image token, model "
             "(latent) space; NAME__mean / NAME__std: mean and standard deviation over samples. "
@@ -144,7 +163,8 @@ class CondGap(_Gaps):
             series[traj] = (cg.mean(0), cg.std(0))
             cg_other = arrays[f"{traj}__cond_gap_{other}"]
             other_series[traj] = (cg_other.mean(0), cg_other.std(0))
-            per_traj[traj] = estimators.half_max_window(f"cond_gap[{traj}]", "symmetry_breaking", t, cg, sch, seed=seed)
+            per_traj[traj] = estimators.half_max_window(f"cond_gap[{traj}]", "symmetry_breaking", t, cg, sch, seed=seed,
+                                                        min_z=MIN_Z)
         res = ProbeOutput()
         w = _primary(per_traj, ("train", "sample_cond", "sample_uncond"), self.name)
         if w is not None:
@@ -173,13 +193,14 @@ class LocalityGap(_Gaps):
     def summarize(self, det: Detection, results: Results, out: Outputs) -> ProbeOutput:
         res = ProbeOutput()
         records = {}
-        for loc in localities(det):
+        for loc in gap_localities(det):
             records[loc] = self._summarize(det, results, out, loc, res)
-        res.record = records[localities(det)[0]]
+        res.record = records[gap_localities(det)[0]]
         res.record["locality"] = det.cfg.locality
         if len(records) > 1:
             res.record["strict"] = records["strict"]
-            self._heatmaps_both(det, results, out, res)
+            if det.gap_strict_radii == det.gap_radii:
+                self._heatmaps_both(det, results, out, res)
         return res
 
     def _heatmaps_both(self, det: Detection, results: Results, out: Outputs, res: ProbeOutput) -> None:
@@ -204,23 +225,24 @@ class LocalityGap(_Gaps):
         k, seed, sch, model = det.cfg.gaps.kind, int(det.cfg.seed), det.model.schedule, det.model
         arrays = gap_arrays(det, results, out, loc)
         t = arrays["t"]
-        name = window_name(self.name, det, loc)
+        name = f"{self.name}_strict" if loc == "strict" and len(gap_localities(det)) > 1 else self.name
+        radii, r0 = gap_radii(det, loc), det.cfg.primary.radius
         sfx, label = ("_strict", "strictly local, ") if loc == "strict" else ("", "")
         per_traj, per_radius = {}, {}
-        for traj in det.cfg.gaps.trajectories if det.gap_radii else ():
+        for traj in det.cfg.gaps.trajectories if radii else ():
             variant = "cond" if traj == "sample_cond" else "uncond"
             if f"{traj}__loc_gap_{variant}_{k}" not in arrays:
                 continue
             lg = arrays[f"{traj}__loc_gap_{variant}_{k}"]  # (n, T, R)
             per_radius[traj] = {r: estimators.half_max_window(f"{name}[{traj},{variant},r={r}]", "nonlocality", t,
-                                                              lg[:, :, i], sch, seed=seed)
-                                for i, r in enumerate(det.gap_radii)}
-            per_traj[traj] = per_radius[traj][det.gap_radii[-1]]  # the largest local radius probed
+                                                              lg[:, :, i], sch, seed=seed, min_z=MIN_Z)
+                                for i, r in enumerate(radii)}
+            per_traj[traj] = per_radius[traj][r0 if r0 in radii else radii[-1]]  # the primary radius
             res.figures[f"locality_heatmap{sfx}_{traj}"] = report.plot_heatmap(
-                t, det.gap_radii, lg.mean(0), out.figures / f"locality_heatmap{sfx}_{traj}.png",
+                t, radii, lg.mean(0), out.figures / f"locality_heatmap{sfx}_{traj}.png",
                 title=f"{model.name}: {label}{variant} locality gap (eq. 7, {k}) per token, {traj} trajectory",
                 label=f"gap ({k})")
-            series = {f"r={r}": (lg[:, :, i].mean(0), lg[:, :, i].std(0)) for i, r in enumerate(det.gap_radii)}
+            series = {f"r={r}": (lg[:, :, i].mean(0), lg[:, :, i].std(0)) for i, r in enumerate(radii)}
             res.figures[f"locality_curves{sfx}_{traj}"] = report.plot_curves(
                 t, series, out.figures / f"locality_curves{sfx}_{traj}.png",
                 title=f"{label}{variant} locality gap (eq. 7), {traj}",
@@ -229,11 +251,13 @@ class LocalityGap(_Gaps):
             res.curves[f"locality_gap{sfx}_{traj}"] = series_json(t, series)
         w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), name)
         if w is not None:
-            w.rule += f"; read at the largest local radius probed (r = {det.gap_radii[-1]}); {loc} local denoiser"
-            w.extra["locality"] = loc
+            r_w = r0 if r0 in radii else radii[-1]
+            w.rule += f"; read at the primary radius r = {r_w} (--primary.radius); {loc} local denoiser"
+            w.extra["locality"], w.extra["radius"] = loc, r_w
             res.windows[name] = w
+            res.by_radius[name] = per_radius[w.extra["trajectory"]]
         return {"window": w.to_dict() if w else None, "local_denoiser": loc,
-                "radius": det.gap_radii[-1] if det.gap_radii else None,
+                "radius": (r0 if r0 in radii else radii[-1]) if radii else None,
                 "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
                 "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
-                "arrays": f"arrays/gaps{sfx}.npz", "units": k, "radii": det.gap_radii}
+                "arrays": f"arrays/gaps{sfx}.npz", "units": k, "radii": radii}

@@ -7,8 +7,13 @@ Window rule (``estimators.scan_minimum``): the argmin of the mean error over the
 for the complement scans), parabola-refined; the window is that position's window. ``window_locality``'s window comes
 from the conditioning-fixed scan (``loccond_in``: global conditional inside, local conditional outside), so it measures
 attention alone; the paper's scan (``loc_in``, local unconditional outside) is reported beside it, with the locality
-excess ``loc_in`` minus ``cond_in`` at the same position and noise when both were run. Paired design: sample i starts
-from the same noise at every position, radius and arm (``Detection.generators``).
+excess ``loc_in`` minus ``cond_in`` at the same position and noise when both were run. ``window_locality`` is read at
+the primary radius (``--primary.radius``, always scanned); every scanned radius's window is in ``per_radius`` (and
+``ProbeOutput.by_radius``). Beside the 0/1 error, every scan carries the classifier's negative log-likelihood of the
+requested class (``nll``, nats), which does not saturate where the error is 0 over a stretch: the same rule on it is
+each window's ``extra.score_window``, and ``suggested_radius`` is decided on it (``estimators.best_of_radii``: null,
+with the reason, when the radii show no contrast). Paired design: sample i starts from the same noise at every
+position, radius and arm (``Detection.generators``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class _Scan(Probe):
     def key_config(self, det: Detection) -> dict[str, dict]:
         c = det.cfg
         base = {**common_config(det), "classifier": det.classifier_name}
+        base["outputs"] = "logprob"  # units store the classifier's log-probabilities (the scans' non-saturating score)
         return {BASELINE: {**base, "steps": c.windows.steps, "batch": c.windows.batch},
                 self.name: {**base, "steps": c.windows.steps, "width": self.width(det), "batch": c.windows.batch}}
 
@@ -96,6 +102,7 @@ class _Scan(Probe):
         keep = images[: max(0, STRIP - lo)]
         return {
             "pred": logits.argmax(-1).cpu().numpy(),
+            "logprob": torch.log_softmax(logits.double(), -1).cpu().numpy(),
             "target": cond.cpu().numpy() if not det.text else np.full(hi - lo, NULL),
             "features": feats.double().cpu().numpy(),
             "images": (keep.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
@@ -112,11 +119,12 @@ class _Scan(Probe):
                 t0s = sorted({u.params["t0"] for u in us if u.params["scan"] == scan and u.params["radius"] == r})
                 if not t0s:
                     continue
-                errs, fids, sig, centers, strips = [], [], [], [], {}
+                errs, nlls, fids, sig, centers, strips = [], [], [], [], [], {}
                 for t0 in t0s:
                     g = results.units(self.name, scan=scan, radius=r, t0=t0)
-                    errs.append((results.cat(g,
-                                             "pred") != base["target_of"](results.cat(g, "target"))).astype(np.float64))
+                    target = base["target_of"](results.cat(g, "target"))
+                    errs.append((results.cat(g, "pred") != target).astype(np.float64))
+                    nlls.append(nll(results.cat(g, "logprob"), target))
                     f, s = fid_from_features(base["features"], results.cat(g, "features"), seed=seed)
                     fids.append(f), sig.append(s)
                     lo, hi = t0, min(t0 + width, 1.0)
@@ -124,33 +132,36 @@ class _Scan(Probe):
                     centers.append(float(sch.t_from_log_snr(estimators.scan_positions(sch, [t0], width)[2][0])))
                     strips[f"[{lo:.2f},{hi:.2f}]"] = results[g[0]]["images"]
                 res_by[(scan, r)] = {"t0": np.asarray(t0s), "centers": np.asarray(centers), "errors": np.stack(errs, 1),
+                                     "nll": np.stack(nlls, 1),
                                      "fid": np.asarray(fids), "fid_sigma": np.asarray(sig), "strips": strips}
-        by_scan = {inside: [v for (s, r), v in res_by.items() if s == inside] for inside in self.scans}
+        r_w = self.window_radius(det, [r for (s, r) in res_by if s == self.scans[0]])
         windows = {}
-        for inside, ins in by_scan.items():
-            if not ins:
+        for inside in self.scans:
+            v = res_by.get((inside, r_w))
+            if v is None:
                 continue
             name = self.name if inside == self.scans[0] else f"{self.name}[{inside}]"
-            w = estimators.scan_minimum(name, self.family, ins[0]["t0"], np.stack([v["errors"] for v in ins], axis=-1),
-                                        width, sch, seed=seed)
-            w.extra["scan"] = inside
+            w = estimators.scan_minimum(name, self.family, v["t0"], v["errors"], width, sch, seed=seed, score=_score(v))
+            w.extra["scan"], w.extra["radius"] = inside, r_w
             w.extra["fid_window"] = estimators.fid_minimum(
-                f"{name}[fid]", self.family, ins[0]["t0"], np.mean([v["fid"] for v in ins], 0),
-                np.sqrt(np.mean([v["fid_sigma"] ** 2 for v in ins], 0)), width, sch, seed=seed).to_dict()
-            outs = [v for (s, r), v in res_by.items() if s == self.complements[inside]]
-            if outs:
-                wo = estimators.scan_minimum(f"{name}[{self.complements[inside]}]", self.family, outs[0]["t0"],
-                                             np.stack([v["errors"] for v in outs], -1), width, sch, maximum=True,
-                                             seed=seed)
+                f"{name}[fid]", self.family, v["t0"], v["fid"], v["fid_sigma"], width, sch, seed=seed).to_dict()
+            vo = res_by.get((self.complements[inside], r_w))
+            if vo is not None:
+                wo = estimators.scan_minimum(f"{name}[{self.complements[inside]}]", self.family, vo["t0"],
+                                             vo["errors"], width, sch, maximum=True, seed=seed)
                 w.extra["complement_window"] = wo.to_dict()
             windows[inside] = w
         w = windows[self.scans[0]]
+        if r_w is not None:
+            w.rule += f"; read at the primary radius r = {r_w} (--primary.radius)"
         w.extra["other_scans"] = {k: v.to_dict() for k, v in windows.items() if k != self.scans[0]}
-        ins = by_scan[self.scans[0]]
-        centers = ins[0]["centers"]
+        first = res_by[(self.scans[0], r_w)]
+        centers = first["centers"]
         per_radius = self.per_radius(det, res_by, width)
         excess = self.excess(det, results, res_by)
         res = ProbeOutput(windows={self.name: w})
+        if per_radius:
+            res.by_radius[self.name] = per_radius
         series, fseries = {}, {}
         for (s, r), v in res_by.items():
             lab = s + ("" if r is None else f" r={r}")
@@ -170,14 +181,17 @@ class _Scan(Probe):
             windows={self.name: w.to_dict()})
         res.curves[f"{self.name}_error"] = {**series_json(centers, series), "x_label": "window_center_t"}
         res.curves[f"{self.name}_fid"] = {**series_json(centers, fseries), "x_label": "window_center_t"}
-        strip_rows = {"always conditioned": base["strips"], **ins[0]["strips"]}
+        strip_rows = {"always conditioned": base["strips"], **first["strips"]}
         res.figures[f"{self.name}_strips"] = report.plot_strips(strip_rows, out.figures / f"{self.name}_strips.png",
                                                                 scale=max(1, 32 // max(1, base["strips"].shape[-1])))
         res.record = {
-            "window": w.to_dict(), "per_radius": per_radius or None, "width": width,
+            "window": w.to_dict(), "per_radius": {str(r): v.to_dict() for r, v in per_radius.items()} or None,
+            "width": width, "radius": r_w, **self.radius_choice(det, res_by),
             "scan": {f"{s}" + ("" if r is None else f"[r={r}]"): {
                 "t0": v["t0"].tolist(), "window_center": v["centers"].tolist(), "error": v["errors"].mean(0).tolist(),
-                "error_sigma": bernoulli(v["errors"])[1].tolist(), "fid": v["fid"].tolist(),
+                "error_sigma": bernoulli(v["errors"])[1].tolist(), "nll": v["nll"].mean(0).tolist(),
+                "nll_se": (v["nll"].std(0, ddof=1) / np.sqrt(v["nll"].shape[0])).tolist()
+                if v["nll"].shape[0] > 1 else None, "fid": v["fid"].tolist(),
                 "fid_sigma": v["fid_sigma"].tolist()}
                 for (s, r), v in res_by.items()},
             "baseline_error": float(be), "baseline_error_sigma": float(bs), "excess": excess,
@@ -185,18 +199,41 @@ class _Scan(Probe):
         }
         save_npz(out.arrays / f"{self.name}.npz", **{
             f"{s}{'' if r is None else f'_r{r}'}__{name}": v[name] for (s, r),
-            v in res_by.items() for name in ("t0", "centers", "errors", "fid", "fid_sigma")},
+            v in res_by.items() for name in ("t0", "centers", "errors", "nll", "fid", "fid_sigma")},
             baseline_errors=base["errors"], note=np.asarray(
-                f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; centers = window centers; "
+                f"{T_CONVENTION}. SCAN__errors (samples, positions) 0/1 classifier errors; SCAN__nll (samples, "
+                "positions) the classifier's negative log-likelihood of the requested class in nats; centers = window "
+                "centers; "
                 "fid, fid_sigma: FID (classifier features) to the always-conditioned baseline and its bootstrap "
                 "one-sigma."))
         return res
 
+    def window_radius(self, det: Detection, radii: list) -> int | None:
+        """The radius the probe's window is read at (None for scans without a radius)."""
+        return radii[0]
+
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
+        return {}
+
+    def radius_choice(self, det: Detection, res_by: dict) -> dict:
         return {}
 
     def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:
         return None
+
+
+def nll(logprob: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-sample negative log-likelihood (nats) of the requested class under the classifier; NaN where the class is
+    not one of the classifier's (a classifier of other classes than the model's)."""
+    logprob, target = np.asarray(logprob, dtype=np.float64), np.asarray(target, dtype=np.int64)
+    ok = (target >= 0) & (target < logprob.shape[1])
+    picked = np.take_along_axis(logprob, np.where(ok, target, 0)[:, None], 1)[:, 0]
+    return np.where(ok, -picked, np.nan)
+
+
+def _score(v: dict) -> np.ndarray | None:
+    """The scan's per-sample nll when every sample has one (else None: the classifier does not know the class)."""
+    return v["nll"] if np.isfinite(v["nll"]).all() else None
 
 
 def baseline(det: Detection, results: Results) -> dict:
@@ -244,11 +281,25 @@ class WindowLocality(_Scan):
     def radii(self, det: Detection) -> list[int | None]:
         return list(det.win_radii)
 
+    def window_radius(self, det: Detection, radii: list) -> int | None:
+        r0 = det.cfg.primary.radius
+        return r0 if r0 in radii else sorted(radii)[len(radii) // 2]
+
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         sch, seed = det.model.schedule, int(det.cfg.seed)
-        return {str(r): estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch,
-                                                seed=seed).to_dict()
+        return {r: estimators.scan_minimum(f"{self.name}[r={r}]", self.family, v["t0"], v["errors"], width, sch,
+                                           seed=seed, score=_score(v))
                 for (s, r), v in res_by.items() if s == self.scans[0]}
+
+    def radius_choice(self, det: Detection, res_by: dict) -> dict:
+        """``suggested_radius`` (:func:`estimators.best_of_radii`) from the conditioning-fixed scan's per-sample
+        negative log-likelihood (it does not saturate where the 0/1 error does), and the same rule on the error."""
+        per = {r: v for (s, r), v in res_by.items() if s == self.scans[0]}
+        scored = all(_score(v) is not None for v in per.values())
+        by_score = estimators.best_of_radii({r: v["nll" if scored else "errors"] for r, v in per.items()})
+        return {"suggested_radius": {**by_score, "metric": "nll" if scored else "error (no nll: the classifier does "
+                                                                                 "not know the class)"},
+                "suggested_radius_by_error": estimators.best_of_radii({r: v["errors"] for r, v in per.items()})}
 
     def excess(self, det: Detection, results: Results, res_by: dict) -> dict | None:
         """Locality excess of the paper's scan: loc_in minus cond_in error at the same position and noise (paired), per

@@ -75,12 +75,15 @@ class Outputs:
 @dataclass
 class ProbeOutput:
     """What a probe contributes to the summary: its windows (by name), its record under ``summary["probes"]``, its
-    figures (name -> path) and curves (name -> {"x", "series"}) for the report and W&B."""
+    figures (name -> path) and curves (name -> {"x", "series"}) for the report and W&B, and its windows by radius."""
 
     windows: dict[str, Window] = field(default_factory=dict)
     record: dict | None = None
     figures: dict[str, Path] = field(default_factory=dict)
     curves: dict[str, dict] = field(default_factory=dict)
+    by_radius: dict[str, dict[int, Window]] = field(default_factory=dict)
+    """Per window name, the same rule at every probed radius (the nonlocality window as a function of r:
+    ``detect.primary``)."""
 
 
 class Probe:

@@ -29,7 +29,7 @@ from ..noise import Schedule
 from ..report import image_grid
 from ..sampling import Plan
 from ..seeded import SeededBatch, sample_batch
-from ..store import atomic_write, check_writable
+from ..store import atomic_folder, atomic_write, check_writable
 from .schedules import LossWeighting, RadiusSchedule
 
 DIGITS_DIT = dict(
@@ -288,17 +288,21 @@ class DiTModule(L.LightningModule):
         """Write a loadable model folder: ``transformer/`` (diffusers, EMA weights once training ended),
         ``scheduler/scheduler_config.json`` and ``critsample.json`` (classes, pixel space, default guidance, ``meta``).
         ``transformer``: a full copy to write instead of this module's (gathered from shards under FSDP)."""
-
-
         folder = Path(folder)
-        (transformer or self.transformer).save_pretrained(folder / "transformer", safe_serialization=True)
-        if self.vae is not None:  # a latent-space model is loadable only with its (frozen, unchanged) VAE
-            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        s = self.schedule
-        DDIMScheduler(
-            num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
-            beta_schedule=s.beta_schedule, clip_sample=False,
-        ).save_pretrained(folder / "scheduler")
+        with atomic_folder(folder) as tmp:  # a kill mid-export never leaves a half-written model folder
+            (transformer or self.transformer).save_pretrained(tmp / "transformer", safe_serialization=True)
+            if self.vae is not None:  # a latent-space model is loadable only with its (frozen, unchanged) VAE
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            s = self.schedule
+            DDIMScheduler(
+                num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+                beta_schedule=s.beta_schedule, clip_sample=False,
+            ).save_pretrained(tmp / "scheduler")
+            self._write_info(tmp, meta)
+        return folder
+
+    def _write_info(self, folder: Path, meta: dict) -> None:
+        """``critsample.json``: what a loader needs beside the diffusers parts, and the training record ``meta``."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         info = {
             "num_classes": self.denoiser.num_classes,
@@ -310,4 +314,3 @@ class DiTModule(L.LightningModule):
             **meta,
         }
         atomic_write(folder / "critsample.json", json.dumps(info, indent=2))
-        return folder

@@ -70,6 +70,18 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("critsample") / "assets" / name))
 
 
+def shipped_summary(name: str) -> Path | None:
+    """The ``summary.json`` shipped for a bundled model (``assets/windows/NAME``): its windows from
+    ``critsample detect`` and the plan ``critsample tune`` certified, made by the commands in the folder's
+    ``record.json``; None for every other model. Kept apart from the weights' folder, whose files make the model's
+    fingerprint."""
+    spec = REGISTRY.get(name)
+    if spec is None or spec.source != "package":
+        return None
+    path = Path(str(resources.files("critsample") / "assets" / "windows" / name / "summary.json"))
+    return path if path.exists() else None
+
+
 def fetch(spec: ModelSpec) -> Path:
     """Local folder of a registry model: the Hugging Face cache (no network), or an announced download (one try)
     unless ``HF_HUB_OFFLINE`` is set; a UserError sentence when neither works."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -201,17 +202,26 @@ class HFImageClassifier(nn.Module):
 HF_CLASSIFIER_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]  # no pickled weights
 
 
-def load_hf_classifier(repo_id: str, device: str | torch.device = "cpu") -> HFImageClassifier:
-    """A transformers image classifier from the Hugging Face cache, or downloaded (announced, one try) unless
-    ``HF_HUB_OFFLINE`` is set (:func:`critsample.models.hub.fetch_snapshot`)."""
+def load_hf_classifier(repo_id: str, device: str | torch.device = "cpu", folder: str | Path | None = None,
+                       alternative: str = "use a local classifier as `--classifier module.path:callable`"
+                       ) -> HFImageClassifier:
+    """A transformers image classifier from ``folder`` (a local ``save_pretrained`` folder with its
+    ``preprocessor_config.json``) or the Hugging Face cache, downloaded (announced, one try) unless ``HF_HUB_OFFLINE``
+    is set (:func:`critsample.models.hub.fetch_snapshot`); ``alternative`` ends the missing-weights sentence."""
     try:
         from transformers import AutoModelForImageClassification
     except ImportError as e:
         raise UserError(f"The {repo_id} classifier needs transformers ({e.name} is missing): `pip install "
                         "transformers`.") from None
-    folder = fetch_snapshot(repo_id, HF_CLASSIFIER_FILES, what="Weights of the image "
-                                                               "classifier", required=tuple(HF_CLASSIFIER_FILES),
-                            alternative="use a local classifier as `--classifier module.path:callable`")
+    if folder is not None:
+        folder = Path(folder)
+        missing = [f for f in HF_CLASSIFIER_FILES if not (folder / f).exists()]
+        if missing:
+            raise UserError(f"The classifier folder {folder} lacks {', '.join(missing)}; write it with "
+                            "`model.save_pretrained(folder)` and `processor.save_pretrained(folder)`.")
+    else:
+        folder = fetch_snapshot(repo_id, HF_CLASSIFIER_FILES, what="Weights of the image classifier",
+                                required=tuple(HF_CLASSIFIER_FILES), alternative=alternative)
     try:
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except Exception as e:
