@@ -7,21 +7,17 @@ them, and fed through the project's own estimator functions (``threshold_window`
 ``concurrence``); one small end-to-end detection checks the same on real probe output. The >= 50-seed end-to-end table
 is ``bench/oracle_power.py``'s (docs/oracles.md).
 
-Exact simulation: with the ODE reverse process and the Bayes readout, forward-backward of clean x0 of class c noised
-to t errs iff c (a y0 + sigma z) < 0, y0 = 1.x0 / sqrt(d) and z ~ N(0, 1) the projection of the forward noise (one
-per sample for every t, as ``Detection.generators`` draws it; the odd, monotone flow along 1 keeps the sign at any
-discretisation). The locality gap of a sample is the oracle's exact ||eps_r - eps|| / d along its forward trajectory
-(one eps per sample for every t, as ``probes.gaps.train_states``).
+Exact simulation (``IsotropicMixture.exact_probe_rows``, checked here against the oracle's predictions and the closed
+form): forward-backward with the ODE reverse and the Bayes readout errs iff the projection of x_t on 1 has the other
+class's sign; the locality gap is the closed form of the score difference along the forward trajectory; row i of both
+probes reads the same clean image, with one noise draw per row for every t (as ``detect``).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_controls import nl_theory, sb_theory
 
 import critsample
@@ -49,58 +45,29 @@ def population(oracle):
     """Exact per-sample data of SEEDS x PAIRED samples, row i of both arrays from the same clean x0 (as in
     ``detect``: row i of every probe reads data image i)."""
     model, _ = oracle
-    return simulate(model, SEEDS * PAIRED, 0)
+    return model.exact_probe_rows(SEEDS * PAIRED, FB_T, GAP_T, RADIUS, torch.Generator().manual_seed(0))
 
 
-def simulate(oracle, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fb errors (n, 19), locality-gap curves (n, 40)) of n exact samples, row i of both from one clean x0."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randint(0, 2, (n,), generator=g)
-    x0 = oracle.sample_data(n, c, generator=g).double()
-    sign = 1.0 - 2.0 * c.double()  # class 0 is +mu
-    y0 = x0.reshape(n, -1).sum(1) / math.sqrt(oracle.d)
-    z_fb = torch.randn(n, generator=g, dtype=torch.float64)
-    a_fb = oracle.schedule.alpha_bar(torch.tensor(FB_T)).sqrt()
-    y_t = a_fb[None, :] * y0[:, None] + (1 - a_fb[None, :] ** 2).sqrt() * z_fb[:, None]
-    errors = (sign[:, None] * y_t < 0).double().numpy()
-    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    sums = [(box_sum(v, RADIUS), v.sum((1, 2, 3))[:, None, None]) for v in (x0, eps)]  # x_t is linear in both
-    return errors, np.stack([gap_norm(oracle, *sums, t) for t in GAP_T], 1)
-
-
-def box_sum(x: torch.Tensor, r: int) -> torch.Tensor:
-    """(n, N, N) sums of x (n, 1, N, N) over each pixel's Chebyshev window of radius r, truncated at the borders."""
-    x, n = x[:, 0], x.shape[-1]
-    c = F.pad(x.cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # c[i, j] = sum of x[:i, :j]
-    lo, hi = (torch.arange(n) - r).clamp(0, n), (torch.arange(n) + r + 1).clamp(0, n)
-    return c[:, hi][:, :, hi] - c[:, lo][:, :, hi] - c[:, hi][:, :, lo] + c[:, lo][:, :, lo]
-
-
-def gap_norm(oracle, x0_sums, eps_sums, t: float) -> np.ndarray:
-    """(n,) ||eps_r(x_t) - eps(x_t)|| / d of the isotropic mixture in closed form, from the window and total sums of
-    x0 and eps: the scores differ only in the tanh term, so per pixel A the gap is sigma m / Gamma (tanh(m S_W(A) /
-    Gamma) - tanh(m S / Gamma)), S the sum of x_t over all pixels and S_W(A) over A's truncated window (oracles.py,
-    eq. U)."""
-    abar = float(oracle.schedule.alpha_bar(torch.tensor(t)))
-    a, s = math.sqrt(abar), math.sqrt(1 - abar)
-    gamma, m = abar * oracle.s2 + 1 - abar, a * oracle.mu
-    window, total = (a * u + s * v for u, v in zip(x0_sums, eps_sums, strict=True))
-    gap = s * m / gamma * (torch.tanh(m * window / gamma) - torch.tanh(m * total / gamma))
-    return (gap.reshape(len(gap), -1).norm(dim=1) / oracle.d).numpy()
-
-
-def test_the_closed_form_gap_is_the_oracles(oracle):
-    """The simulation's closed-form gap equals the oracle's own eps predictions (float32 tolerance)."""
+def test_the_exact_rows_are_the_oracles(oracle):
+    """``exact_probe_rows``: its locality gaps equal the oracle's own eps predictions on the same x0 and noise, and its
+    forward-backward error rates the closed form 1 - Phi(K) (ODE reverse, Bayes readout) within 4 standard errors."""
     model, _ = oracle
-    g = torch.Generator().manual_seed(0)
-    x0, eps = model.sample_data(16, None, generator=g).double(), torch.randn(16, 1, 8, 8, generator=g).double()
-    t = float(GAP_T[20])
-    a, s = model.schedule.alpha_sigma(torch.tensor(t))
-    xt, null = (a * x0 + s * eps).float(), torch.full((16,), NULL)
-    ref = model.predict(xt, t, null, radius=RADIUS, kind="eps") - model.predict(xt, t, null, kind="eps")
-    ref = (ref.double().reshape(16, -1).norm(dim=1) / model.d).numpy()
-    sums = [(box_sum(v, RADIUS), v.sum((1, 2, 3))[:, None, None]) for v in (x0, eps)]
-    np.testing.assert_allclose(gap_norm(model, *sums, t), ref, rtol=1e-3, atol=1e-6)
+    n, k = 16, 20
+    errors, gaps = model.exact_probe_rows(n, FB_T, GAP_T, RADIUS, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the method's order
+    c = torch.randint(0, 2, (n,), generator=g)
+    x0 = model.sample_data(n, c, generator=g, dtype=torch.float64)
+    torch.randn(n, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    a, s = model.schedule.alpha_sigma(torch.tensor(GAP_T[k]))
+    xt, null = (a * x0 + s * eps).float(), torch.full((n,), NULL)
+    ref = model.predict(xt, GAP_T[k], null, radius=RADIUS, kind="eps") - model.predict(xt, GAP_T[k], null, kind="eps")
+    np.testing.assert_allclose(gaps[:, k], (ref.double().reshape(n, -1).norm(dim=1) / model.d).numpy(), rtol=1e-3,
+                               atol=1e-6)
+    errors, _ = model.exact_probe_rows(20000, FB_T, GAP_T[:1], RADIUS, torch.Generator().manual_seed(6))
+    exact = 1 - model.forward_backward_agreement(torch.tensor(FB_T), reverse="ode").numpy()
+    se = np.sqrt(exact * (1 - exact) / 20000) + 1e-12
+    assert np.all(np.abs(errors.mean(0) - exact) <= 4 * se), (errors.mean(0) - exact) / se
 
 
 def pair_interval(oracle, errors: np.ndarray, gaps: np.ndarray, seed: int) -> dict:
