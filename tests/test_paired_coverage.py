@@ -62,8 +62,9 @@ def test_the_exact_rows_are_the_oracles(oracle):
     a, s = model.schedule.alpha_sigma(torch.tensor(GAP_T[k]))
     xt, null = (a * x0 + s * eps).float(), torch.full((n,), NULL)
     ref = model.predict(xt, GAP_T[k], null, radius=RADIUS, kind="eps") - model.predict(xt, GAP_T[k], null, kind="eps")
-    np.testing.assert_allclose(gaps[:, k], (ref.double().reshape(n, -1).norm(dim=1) / model.d).numpy(), rtol=1e-3,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        gaps[:, k], (ref.double().reshape(n, -1).norm(dim=1) / model.d).numpy(), rtol=1e-3, atol=1e-6
+    )
     errors, _ = model.exact_probe_rows(20000, FB_T, GAP_T[:1], RADIUS, torch.Generator().manual_seed(6))
     exact = 1 - model.forward_backward_agreement(torch.tensor(FB_T), reverse="ode").numpy()
     se = np.sqrt(exact * (1 - exact) / 20000) + 1e-12
