@@ -194,7 +194,7 @@ def run_case(args, name: str) -> dict:
     model = None if case["model"] == "random-dit" else critsample.load(case["model"])
     memo: dict = {}
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.seed_start, args.seeds):
         path = folder / f"seed-{seed}.json"
         if path.exists():
             rows.append(json.loads(path.read_text()))
@@ -273,7 +273,10 @@ def main() -> None:
     ap.add_argument("--gap_samples", type=int)
     ap.add_argument("--gap_steps", type=int)
     ap.add_argument("--tolerance", type=float, help="concurrence tolerance, nats of log-SNR (default: each case's)")
-    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--seeds", type=int, default=50, help="seeds 0 .. seeds - 1")
+    ap.add_argument(
+        "--seed_start", type=int, default=0, help="compute only seeds from here (another process has the rest)"
+    )
     ap.add_argument("--out", default="runs/oracle-power")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread is the fastest on a shared 2-core machine
