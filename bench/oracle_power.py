@@ -177,14 +177,23 @@ def theory_difference(model, cfg: detect.DetectConfig, pair: tuple[str, str], ra
     return None if None in values else values[0] - values[1]
 
 
+def sizes(args) -> dict:
+    """The sizes a run uses: the preset's, with the overrides."""
+    p = detect.PRESETS[args.preset]
+    pick = lambda key, section, name: getattr(args, key) or p[section][name]  # noqa: E731
+    return {
+        "fb_samples": pick("fb_samples", "fb", "samples"),
+        "num_t": pick("num_t", "fb", "num_t"),
+        "gap_samples": pick("gap_samples", "gaps", "samples"),
+        "gap_steps": pick("gap_steps", "gaps", "steps"),
+    }
+
+
 def size_tag(args) -> str:
-    parts = [args.preset] + [
-        f"{k}{getattr(args, k)}"
-        for k in ("fb_samples", "num_t", "gap_samples", "gap_steps")
-        if getattr(args, k) is not None
-    ]
+    """The folder of a size: the sizes themselves (a preset may change), the tolerance when given, the pair."""
+    z = sizes(args)
     tol = "" if args.tolerance is None else f"-tol{args.tolerance:g}"
-    return "-".join(parts) + tol + f"-{'-'.join(args.pair)}"
+    return f"fb{z['fb_samples']}x{z['num_t']}-gaps{z['gap_samples']}x{z['gap_steps']}{tol}-{'-'.join(args.pair)}"
 
 
 def run_case(args, name: str) -> dict:
@@ -301,6 +310,7 @@ def main() -> None:
             {
                 "pair": args.pair,
                 "size": size_tag(args),
+                "sizes": sizes(args),
                 "preset": args.preset,
                 "cases": results,
                 "all_targets_met": all(r["target_met"] for r in results),
