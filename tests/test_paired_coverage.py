@@ -25,12 +25,12 @@ from critsample import NULL, detect
 from critsample.detect import estimators
 
 NAME, RADIUS, T_MIN = "gmm-mixture:N=8,mu=0.5,s2=1", 2, 0.05
-FB_T = np.linspace(T_MIN, 0.95, 19)  # the paper preset's forward-backward grid
+FB_T = np.linspace(T_MIN, 0.95, 19)  # the former paper preset's forward-backward grid
 GAP_T = np.linspace(0.02, 0.98, 40)
 
 
 SEEDS = 50
-PAIRED = 192  # rows of both sides in the paired test (the paper preset's forward-backward images)
+PAIRED = 192  # rows of both sides in the paired test (the former paper preset's forward-backward images)
 N_BOOT = 100  # bootstrap resamples per window (detect: 200); halves the test's time
 
 
@@ -96,9 +96,9 @@ def coverage(oracle, truth: float, arrays) -> tuple[float, set[str]]:
 
 
 def test_the_95_percent_interval_of_the_difference_covers_theory_on_independent_streams(oracle, population):
-    """As ``detect`` runs the pair at the paper preset's sizes (192 forward-backward images, 32 trajectories: different
-    resample streams): over 50 seeds the 95 % interval of the difference covers the exact theory value in >= 90 % of
-    them (tolerance: 45 of 50; at a true 95 % the chance of fewer is 4 %)."""
+    """As ``detect`` ran the pair at the former paper preset's sizes (192 forward-backward images, 32 trajectories:
+    different resample streams): over 50 seeds the 95 % interval of the difference covers the exact theory value in
+    >= 90 % of them (tolerance: 45 of 50; at a true 95 % the chance of fewer is 4 %)."""
     model, truth = oracle
     errors, gaps = population
     rate, pairing = coverage(
