@@ -263,12 +263,15 @@ PRESETS: dict[str, dict] = {
         "windows": {"steps": 20, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 12, "batch": 12,
                     "complement": False},
     },
-    # App. C-like grids: 50-step trajectories, 19 noise levels in [0.05, 0.95], windows w = 0.2 scanned by 0.1 with
-    # their complements, 192 clean images per noise level (forward-backward sigma <= 0.5 nats on the oracles);
-    # ~400k model evaluations (about 15 min on dit-digits with a free CPU core).
+    # App. C-like grids: 50-step trajectories, 37 noise levels in [0.05, 0.95] (every integrator step), windows w = 0.2
+    # scanned by 0.1 with their complements. Sizes for the concurrence test's power (bench/power_sizes.py,
+    # docs/oracles.md): 352 clean images per noise level (the most dit-digits' 359 test images hold in batches of
+    # 32) and 96 gap trajectories; at the former 192 x 19 / 32 an oracle pair 0.78 nats inside the tolerance came out
+    # "concurrent" in 44 % of seeds, at this size 73 % (80 % needs >= 576 images). 1.46M model evaluations on
+    # dit-digits (551k at the former size, about 15 min with a free CPU core then).
     "paper": {
-        "gaps": {"steps": 50, "samples": 32, "batch": 16, "trajectories": ["train", "sample_cond", "sample_uncond"]},
-        "fb": {"t_min": 0.05, "t_max": 0.95, "num_t": 19, "samples": 192, "steps": 40, "batch": 32},
+        "gaps": {"steps": 50, "samples": 96, "batch": 16, "trajectories": ["train", "sample_cond", "sample_uncond"]},
+        "fb": {"t_min": 0.05, "t_max": 0.95, "num_t": 37, "samples": 352, "steps": 40, "batch": 32},
         "windows": {"steps": 25, "width": 0.2, "locality_width": 0.2, "t0_step": 0.1, "samples": 48, "batch": 24,
                     "complement": True},
     },

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -423,6 +424,38 @@ class IsotropicMixture(GaussianOracle):
             total[rows] = box_sum(img[rows], rv).reshape(-1, self.d)
         g = torch.where(c[:, None] == 0, torch.tanh(m[:, None] * total / gamma[:, None]), c[:, None])
         return (-x + m[:, None] * g) / gamma[:, None]
+
+    def exact_probe_rows(self, n: int, fb_times, gap_times, radius: int,
+                         generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample outputs of the ``forward_backward`` and ``locality_gap`` probes, drawn exactly without running a
+        sampler: (errors (n, len(fb_times)) 0/1, gaps (n, len(gap_times))), row i of both from the same clean x0 of a
+        fair-coin class (as ``detect`` reads data image i in every probe), one noise draw per row for every time.
+
+        * forward-backward (ODE reverse, Bayes readout): the flow is odd and monotone along 1, so the denoised class
+          is sign(y_t), y_t = a y0 + sqrt(1 - a^2) z, y0 = 1.x0 / sqrt(d): the row errs iff c y_t < 0
+          (:meth:`forward_backward_agreement`);
+        * locality gap along the train trajectory x_t = a x0 + sqrt(1 - a^2) eps, eps units per token: the scores
+          differ only in the tanh term (eq. U), so ||eps_r - eps|| / d = sqrt(1 - a^2) m / Gamma ||tanh(m S_W / Gamma)
+          - tanh(m S / Gamma)|| / d, S_W each pixel's window sum and S the total."""
+        c = torch.randint(0, 2, (n,), generator=generator)
+        x0 = self.sample_data(n, c, generator=generator, dtype=torch.float64).cpu()
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        sign = 1.0 - 2.0 * c.double()  # class 0 is +mu
+        a = self.schedule.alpha_bar(torch.as_tensor(fb_times, dtype=torch.float64)).sqrt()
+        y0 = x0.reshape(n, -1).sum(1) / math.sqrt(self.d)
+        y_t = a[None, :] * y0[:, None] + (1 - a**2).sqrt()[None, :] * z[:, None]
+        errors = (sign[:, None] * y_t < 0).double().numpy()
+        sums = [(box_sum(v[:, 0], radius), v.sum((1, 2, 3))[:, None, None]) for v in (x0, eps)]  # x_t is linear
+        gaps = []
+        for t in gap_times:
+            abar = float(self.schedule.alpha_bar(torch.tensor(float(t))))
+            at, st = math.sqrt(abar), math.sqrt(1 - abar)
+            gamma, m = abar * self.s2 + 1 - abar, at * self.mu
+            window, total = (at * u + st * v for u, v in zip(*sums, strict=True))
+            gap = st * m / gamma * (torch.tanh(m * window / gamma) - torch.tanh(m * total / gamma))
+            gaps.append((gap.reshape(n, -1).norm(dim=1) / self.d).numpy())
+        return errors, np.stack(gaps, 1)
 
     def _cmi_k(self, a, A, W):
         gamma = a**2 * self.s2 + 1 - a**2
