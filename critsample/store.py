@@ -67,30 +67,38 @@ os.umask(_UMASK)
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Write a folder whole or not at all (an exported model: ``save_pretrained`` of several parts): the block writes
     into a temporary sibling folder, which takes ``path``'s place once the block ends without an error (an existing
-    folder is first renamed aside, then removed). A failure or a kill inside the block leaves ``path`` as it was; a
-    kill between the two renames leaves the old folder whole as ``.NAME.old-PID``. Disk errors become
+    folder is first renamed aside, then removed: the folder is replaced whole, so files that were in it and not written
+    again are gone). A failure inside the block or in the renames leaves ``path`` as it was; a kill between the two
+    renames leaves the old folder whole as ``.NAME.old-PID``. Disk errors become
     :class:`WriteError` as in :func:`atomic_write`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+
+    def undo() -> None:  # the new folder goes; the old one, if moved aside, comes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)
+
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700; a user's folder gets the usual permissions
-        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
-        if old is not None:
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        undo()
         if e.errno not in _CANNOT_WRITE:
             raise
         reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
         raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
                          "the folder) and run the same command again to resume.") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        undo()
         raise
 
 

@@ -235,7 +235,7 @@ def test_model_folders_are_exported_whole_or_not_at_all():
 def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
     from diffusers import DDIMScheduler
 
-    from critsample.store import atomic_folder
+    from critsample.store import WriteError, atomic_folder
 
     folder = tmp_path / "export"
     with atomic_folder(folder) as tmp:
@@ -254,6 +254,19 @@ def test_an_export_that_fails_midway_leaves_the_previous_folder_whole(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left behind
     with atomic_folder(folder) as tmp:
         (tmp / "weights.txt").write_text("new")
+    assert (folder / "weights.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    real_replace = os.replace
+
+    def second_rename_fails(src, dst):
+        if Path(dst) == folder and ".old-" not in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(WriteError, match="Could not write"):
+        with atomic_folder(folder) as tmp:
+            (tmp / "weights.txt").write_text("newer")
     assert (folder / "weights.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
