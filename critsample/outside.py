@@ -138,7 +138,9 @@ def training_data(model: Denoiser) -> tuple[torch.Tensor, torch.Tensor | None]:
     if data is not None:
         from .detect.data import _load_user_data
 
-        return _load_user_data(Path(data), model, 10**9, "cpu", None)
+        p = next(model.parameters(), None)  # latent models encode on the VAE's device; the statistics live on the CPU
+        x, y = _load_user_data(Path(data), model, 10**9, p.device if p is not None else "cpu", None)
+        return x.cpu(), (y.cpu() if y is not None else None)
     if model.dataset == "digits":
         from .datasets import digits_split
 
@@ -158,14 +160,17 @@ def training_data(model: Denoiser) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def stats_for(model: Denoiser, covariance: str = "shared") -> GaussianStats:
-    """The statistics of the model's data (:func:`training_data`), fitted once and stored keyed by its fingerprint."""
+    """The statistics of the model's data (:func:`training_data`), fitted once and stored keyed by its fingerprint;
+    their own fingerprint hashes the data's with the fit settings."""
     x, y = training_data(model)
     x = x.detach().cpu().float()
-    fp = stable_hash({"samples": tensor_digest(x).hex(), "shape": list(x.shape),
-                      "labels": None if y is None else tensor_digest(torch.as_tensor(y).long().cpu()).hex()})
+    data_fp = stable_hash({"samples": tensor_digest(x).hex(), "shape": list(x.shape),
+                           "labels": None if y is None else tensor_digest(torch.as_tensor(y).long().cpu()).hex()})
     labels = None if (y is None or model.num_classes is None) else torch.as_tensor(y).long()
-    store = Store(cache_root(), fp, 0)
-    unit = store.unit("gaussian-stats", {"covariance": covariance, "full_max": 4096, "version": 1})
+    store = Store(cache_root(), data_fp, 0)
+    config = {"covariance": covariance, "full_max": 4096, "version": 1}
+    unit = store.unit("gaussian-stats", config)
+    fp = stable_hash({"data": data_fp, "unit": config})  # the statistics' identity: the data and the fit settings
 
     def compute(_g=None) -> dict:
         return fit_stats(x, labels, num_classes=model.num_classes if labels is not None else None,

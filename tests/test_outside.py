@@ -320,3 +320,33 @@ def test_tune_takes_kinds_and_refuses_unknown_ones():
         TuneConfig(summary="s.json", kinds=["gaussian", "wiener"])
     with pytest.raises(UserError, match="at least one step kind"):
         TuneConfig(summary="s.json", kinds=[])
+
+
+def test_user_data_is_encoded_on_the_models_device_and_kept_on_the_cpu(monkeypatch, tmp_path):
+    from critsample.detect import data as detect_data
+
+    seen = {}
+
+    def spy(path, model, n, device, class_id):
+        seen["device"] = torch.device(device)
+        return torch.zeros(2, 1, 2, 2), None
+
+    monkeypatch.setattr(detect_data, "_load_user_data", spy)
+    model = torch.nn.Linear(1, 1, device="meta")  # any device other than the CPU: the encoder must run there
+    model.__dict__["_outside_data"] = str(tmp_path)
+    x, y = outside.training_data(model)
+    assert seen["device"].type == "meta" and x.device.type == "cpu" and y is None
+
+
+def test_the_statistics_identity_names_the_data_and_the_fit_settings(tmp_path, cache):
+    o = load(ORACLE)
+    lat = torch.randn(64, *o.sample_shape, generator=torch.Generator().manual_seed(1))
+    torch.save({"latents": lat}, tmp_path / "lat.pt")
+    outside.use_data(o, tmp_path / "lat.pt")
+    shared, per_class = outside.stats_for(o, "shared"), outside.stats_for(o, "per-class")
+    assert shared.fingerprint != per_class.fingerprint  # same data, other covariance: other samples
+    assert outside.stats_for(o, "shared").fingerprint == shared.fingerprint  # the stored fit keeps its identity
+    # a fit without a data fingerprint is named by its arrays, not by ""
+    a, b = gaussian.fit_stats(lat), gaussian.fit_stats(lat[:32])
+    assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
+    assert gaussian.fit_stats(lat.clone()).fingerprint == a.fingerprint
