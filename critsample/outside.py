@@ -185,7 +185,24 @@ def _student(model: Denoiser) -> Denoiser:
     except ModuleNotFoundError as e:
         raise UserError("The student kind needs critsample.student (the distilled student), which this install "
                         "lacks; use the gaussian or local-linear kind.") from e
-    return mod.load_student(model)
+    return _check_student(mod.load_student(model), model)
+
+
+def _check_student(student: Denoiser, host: Denoiser) -> Denoiser:
+    """``student`` when it fits ``host`` (its samples, classes, prediction, schedule and recorded teacher), else one
+    sentence naming the first difference."""
+    checks = [("sample shape", tuple(student.sample_shape), tuple(host.sample_shape)),
+              ("number of classes", student.num_classes, host.num_classes),
+              ("prediction type", student.prediction, host.prediction),
+              ("noise schedule (kind, num_train_timesteps, betas)", getattr(student, "schedule", None),
+               getattr(host, "schedule", None))]
+    if getattr(student, "teacher", None):
+        checks.append(("recorded teacher", student.teacher, host.name))
+    for what, theirs, ours in checks:
+        if theirs is not None and ours is not None and theirs != ours:
+            raise UserError(f"The student {student.name} does not fit {host.name}: its {what} is {theirs}, the "
+                            f"host's is {ours}; distill a student of {host.name} or use another kind.")
+    return student
 
 
 register(OutsideKind("gaussian", lambda m: GaussianDenoiser(m, stats_for(m)), takes_radius=False,
