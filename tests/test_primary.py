@@ -214,3 +214,17 @@ def test_a_primary_radius_that_does_not_fit_the_grid_names_its_option(tmp_path, 
     code = main(["detect", "--model", small, "--out", str(tmp_path / "d"), "--no-wandb", "--dry-run",
                  "--primary.radius", "1"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_the_window_is_read_at_the_primary_radius_or_not_at_all():
+    """No silent fallback to another radius: a primary radius missing from the probed radii is an internal error
+    (RuntimeError, not a user error), never a window mislabelled with another radius."""
+    from critsample.detect.probe_scans import WindowLocality
+
+    det = SimpleNamespace(cfg=SimpleNamespace(primary=SimpleNamespace(radius=2)))
+    assert WindowLocality().window_radius(det, [1, 2, 4]) == 2 and primary.probed(2, [2]) == 2
+    with pytest.raises(RuntimeError, match="primary radius 2 is not among the probed radii") as e:
+        WindowLocality().window_radius(det, [1, 4])
+    assert not isinstance(e.value, UserError)
+    with pytest.raises(RuntimeError, match="primary radius 3"):
+        primary.probed(3, [1, 2])
