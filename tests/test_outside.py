@@ -350,3 +350,29 @@ def test_the_statistics_identity_names_the_data_and_the_fit_settings(tmp_path, c
     a, b = gaussian.fit_stats(lat), gaussian.fit_stats(lat[:32])
     assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
     assert gaussian.fit_stats(lat.clone()).fingerprint == a.fingerprint
+
+
+def test_tune_dry_run_counts_network_forwards_and_outside_steps_apart(tmp_path, capsys):
+    from critsample.summary import write
+    from critsample.tune import TuneConfig, dry_run
+
+    window = {"t_start": 0.4, "t_end": 0.8}
+    summary = write({"model": "dit-digits", "critical_window": window, "suggested_radius": 1,
+                     "windows": {"window_cond": window}}, tmp_path / "summary.json")
+    args = ["tune", "--model", "dit-digits", "--summary", str(summary), "--num", "4", "--steps", "6", "--shifts", "0",
+            "--scales", "1", "--outside", "local-cond", "--radii", "1", "--no-interval", "--kinds", "network",
+            "gaussian", "--out", str(tmp_path / "tune")]
+    d = dry_run(TuneConfig(summary=str(summary), num=4, steps=6, shifts=[0.0], scales=[1.0], outside=["local-cond"],
+                           radii=[1], interval=False, kinds=["network", "gaussian"], out=str(tmp_path / "tune")))
+    base, *cands = d["forwards_per_sample"]
+    assert d["outside_steps_per_sample"][base] == 0 and d["forwards_per_sample"][base] == 12  # 6 guided steps
+    both = next(c for c in cands if c.endswith("kinds=gaussian/gaussian)"))
+    assert d["outside_steps_per_sample"][both] > 0 and d["forwards_per_sample"][both] > 0  # the window is network
+    for key, per in (("forwards", d["forwards_per_sample"]), ("outside_steps", d["outside_steps_per_sample"])):
+        # search of every plan, then the confirmation (full guidance and the dearest candidate); no FD reference
+        assert d[key] == 4 * sum(per.values()) + 4 * (per[base] + max(per[c] for c in cands)), key
+    every = {c: fw + d["outside_steps_per_sample"][c] for c, fw in d["forwards_per_sample"].items()}
+    assert d["forwards"] < 4 * sum(every.values()) + 4 * (every[base] + max(every[c] for c in cands))  # was counted
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would spend {d['forwards']} network forwards and {d['outside_steps']} outside-kind steps" in out
