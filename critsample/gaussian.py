@@ -37,6 +37,7 @@ from torch import nn
 
 from .denoisers import NULL, Cond, Denoiser, PromptCond
 from .noise import convert
+from .store import stable_hash, tensor_digest
 
 FULL_MAX = 4096  # largest dimension kept as a full covariance (DiT-XL/2 at 256 px: 4 x 32 x 32)
 DEFAULT_RANK = 256  # principal directions kept beside the diagonal above FULL_MAX
@@ -54,7 +55,11 @@ class GaussianStats:
     eigvals: torch.Tensor  # (R,)
     diag: torch.Tensor | None  # (D,) residual diagonal psi of a low-rank S; None when S is full
     class_cov: torch.Tensor | None = None  # (K, D, D) per-class covariances, or None (shared S)
-    fingerprint: str = ""  # of the data the statistics come from (critsample.store)
+    fingerprint: str = ""  # of the data and fit settings (critsample.outside.stats_for); "": a digest of the arrays
+
+    def __post_init__(self):
+        if not self.fingerprint:  # no data fingerprint given: the fitted arrays themselves name the statistics
+            self.fingerprint = stable_hash({k: tensor_digest(v.double()).hex() for k, v in self.to_arrays().items()})
 
     @property
     def dim(self) -> int:

@@ -17,7 +17,8 @@ The statistics are the judge-independent part, written once:
 * :func:`quality`: both, the record ``certify`` keeps for every plan, with the one-sided upper confidence bounds
   (level ``LEVEL`` = 0.95) that certification decides on:
 
-  - ``accuracy_drop_upper``: :func:`drop_upper_bound`, an exact bound for a paired binary design. Of the ``n`` pairs,
+  - ``accuracy_drop_upper``: :func:`drop_upper_bound`, an exact bound for a paired binary design (a judge
+    declaring ``binary_rows``; otherwise the re-centered paired-bootstrap percentile). Of the ``n`` pairs,
     ``b`` are right under B and wrong under P, ``c`` the reverse (discordant pairs); (b, c, n - b - c) is trinomial
     with probabilities (p_b, p_c, 1 - p_b - p_c) and the drop is Delta = p_b - p_c. The bound inverts the exact
     one-sided test of Delta <= Delta_0 on the statistic b - c, its nuisance q = p_b + p_c restricted to a
@@ -95,10 +96,16 @@ class Scores:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def binary(self) -> bool:
-        """Rows are 0 / 1 (correctness): their paired drop has the exact bound of the discordant pairs."""
-        return bool(np.all((self.rows == 0) | (self.rows == 1)))
+
+def binary_rows(judge, *scores: Scores) -> bool:
+    """Whether ``judge`` declares its rows 0 / 1 (``binary_rows``: the classifier judges yes, CLIP no, a user's judge
+    no unless it says so): then the paired drop has the exact bound of the discordant pairs and the score a Bernoulli
+    bar. Declared, never guessed from the values (a continuous judge's rows may happen to be 0 / 1)."""
+    declared = bool(getattr(judge, "binary_rows", False))
+    if declared and not all(np.all((s.rows == 0) | (s.rows == 1)) for s in scores):
+        raise ValueError(f"Judge {getattr(judge, 'name', type(judge).__name__)} declares binary_rows but scored rows "
+                         "other than 0 and 1.")
+    return declared
 
 
 class Judge:
@@ -108,6 +115,7 @@ class Judge:
 
     name: str = "judge"
     score_name: str = "accuracy"
+    binary_rows: bool = False  # rows are 0 / 1 by construction (correctness): exact bounds (:func:`binary_rows`)
     targets: str = "class"  # what ``score`` compares images with: "class" ids or "prompt" strings
     fd_features: str = "features"  # what the FD is computed on (recorded)
     # the FD's fixed reference set (its statistics kept across calls); None: certify sets full guidance's samples
@@ -142,6 +150,7 @@ class ClassifierJudge(Judge):
     penultimate features to the dataset's reference test images (:data:`DATASETS`)."""
 
     score_name = "accuracy"
+    binary_rows = True  # correctness of the argmax
     fd_features = "penultimate features of the bundled classifier"
 
     def __init__(self, dataset: str, classifier=None):
@@ -224,6 +233,7 @@ class ClipJudge(Judge):
     embeddings; FD reference: full guidance's samples (module docstring). ``weights``: a local CLIPModel folder."""
 
     score_name = "clip_score"
+    binary_rows = False  # CLIP score / 100: continuous
     targets = "prompt"
     fd_features = "CLIP image embeddings"
 
@@ -304,7 +314,8 @@ def _check_fits(model, name: str, targets: str) -> None:
 def import_judge(path: str, model=None):
     """``package.module:factory`` -> the judge ``factory(model)`` (or ``factory()`` when it takes no argument)
     returns: an object with ``score(images, targets) -> Scores`` and ``fd(features) -> float`` (and optionally
-    ``name``, ``score_name``, ``targets`` = "class" or "prompt", and ``reference = None`` with a
+    ``name``, ``score_name``, ``targets`` = "class" or "prompt", ``binary_rows = True`` for 0 / 1 rows (exact bounds;
+    default False: bootstrap bounds), and ``reference = None`` with a
     ``set_reference(features)`` method to be given full guidance's samples; :class:`Judge` shows them)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
@@ -379,11 +390,12 @@ def fd_bootstrap(reference: FrechetReference | torch.Tensor | np.ndarray, featur
 
 
 def absolute(judge: Judge, scores: Scores, n_boot: int, seed: int) -> dict:
-    """Mean score with its one-sigma (Bernoulli for 0 / 1 rows, else the standard error) and FD with its bootstrap
-    one-sigma; ``score`` names the judge's score (module docstring)."""
+    """Mean score with its one-sigma (Bernoulli for a judge declaring 0 / 1 rows, :func:`binary_rows`; else the
+    standard error) and FD with its bootstrap one-sigma; ``score`` names the judge's score (module docstring)."""
     n = len(scores)
     acc = float(scores.rows.mean())
-    sigma = math.sqrt(acc * (1 - acc) / n) if scores.binary else float(np.std(scores.rows, ddof=1) / math.sqrt(n))
+    binary = binary_rows(judge, scores)
+    sigma = math.sqrt(acc * (1 - acc) / n) if binary else float(np.std(scores.rows, ddof=1) / math.sqrt(n))
     fd, fd_sigma = _fd_bootstrap(judge, scores.features, n_boot, seed)
     return {"score": str(getattr(judge, "score_name", "accuracy")), "accuracy": acc, "accuracy_sigma": sigma, "fd": fd,
             "fd_sigma": fd_sigma}
@@ -467,7 +479,7 @@ def paired(judge: Judge, baseline: Scores, scores: Scores, n_boot: int, seed: in
     out = {"accuracy_drop": float(drop), "accuracy_drop_sigma": float(reps[:, 0].std(ddof=1)), "fd_ratio": float(ratio),
            "fd_ratio_sigma": float(reps[:, 1].std(ddof=1)),
            "fd_ratio_upper": float(ratio + np.quantile(reps[:, 1], level) - np.median(reps[:, 1])), "level": level}
-    if baseline.binary and scores.binary:
+    if binary_rows(judge, baseline, scores):
         b = int(np.sum((cb == 1) & (cp == 0)))
         c = int(np.sum((cb == 0) & (cp == 1)))
         out.update(accuracy_drop_upper=drop_upper_bound(b, c, n, level), discordant={"b": b, "c": c, "n": n},

@@ -138,7 +138,9 @@ def training_data(model: Denoiser) -> tuple[torch.Tensor, torch.Tensor | None]:
     if data is not None:
         from .detect.data import _load_user_data
 
-        return _load_user_data(Path(data), model, 10**9, "cpu", None)
+        p = next(model.parameters(), None)  # latent models encode on the VAE's device; the statistics live on the CPU
+        x, y = _load_user_data(Path(data), model, 10**9, p.device if p is not None else "cpu", None)
+        return x.cpu(), (y.cpu() if y is not None else None)
     if model.dataset == "digits":
         from .datasets import digits_split
 
@@ -158,14 +160,17 @@ def training_data(model: Denoiser) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def stats_for(model: Denoiser, covariance: str = "shared") -> GaussianStats:
-    """The statistics of the model's data (:func:`training_data`), fitted once and stored keyed by its fingerprint."""
+    """The statistics of the model's data (:func:`training_data`), fitted once and stored keyed by its fingerprint;
+    their own fingerprint hashes the data's with the fit settings."""
     x, y = training_data(model)
     x = x.detach().cpu().float()
-    fp = stable_hash({"samples": tensor_digest(x).hex(), "shape": list(x.shape),
-                      "labels": None if y is None else tensor_digest(torch.as_tensor(y).long().cpu()).hex()})
+    data_fp = stable_hash({"samples": tensor_digest(x).hex(), "shape": list(x.shape),
+                           "labels": None if y is None else tensor_digest(torch.as_tensor(y).long().cpu()).hex()})
     labels = None if (y is None or model.num_classes is None) else torch.as_tensor(y).long()
-    store = Store(cache_root(), fp, 0)
-    unit = store.unit("gaussian-stats", {"covariance": covariance, "full_max": 4096, "version": 1})
+    store = Store(cache_root(), data_fp, 0)
+    config = {"covariance": covariance, "full_max": 4096, "version": 1}
+    unit = store.unit("gaussian-stats", config)
+    fp = stable_hash({"data": data_fp, "unit": config})  # the statistics' identity: the data and the fit settings
 
     def compute(_g=None) -> dict:
         return fit_stats(x, labels, num_classes=model.num_classes if labels is not None else None,
@@ -180,7 +185,24 @@ def _student(model: Denoiser) -> Denoiser:
     except ModuleNotFoundError as e:
         raise UserError("The student kind needs critsample.student (the distilled student), which this install "
                         "lacks; use the gaussian or local-linear kind.") from e
-    return mod.load_student(model)
+    return _check_student(mod.load_student(model), model)
+
+
+def _check_student(student: Denoiser, host: Denoiser) -> Denoiser:
+    """``student`` when it fits ``host`` (its samples, classes, prediction, schedule and recorded teacher), else one
+    sentence naming the first difference."""
+    checks = [("sample shape", tuple(student.sample_shape), tuple(host.sample_shape)),
+              ("number of classes", student.num_classes, host.num_classes),
+              ("prediction type", student.prediction, host.prediction),
+              ("noise schedule (kind, num_train_timesteps, betas)", getattr(student, "schedule", None),
+               getattr(host, "schedule", None))]
+    if getattr(student, "teacher", None):
+        checks.append(("recorded teacher", student.teacher, host.name))
+    for what, theirs, ours in checks:
+        if theirs is not None and ours is not None and theirs != ours:
+            raise UserError(f"The student {student.name} does not fit {host.name}: its {what} is {theirs}, the "
+                            f"host's is {ours}; distill a student of {host.name} or use another kind.")
+    return student
 
 
 register(OutsideKind("gaussian", lambda m: GaussianDenoiser(m, stats_for(m)), takes_radius=False,

@@ -162,7 +162,8 @@ def _setup(cfg: TuneConfig, model):
 
 
 def dry_run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = None) -> dict:
-    """What ``run`` would spend, without a judge or a sample: the plans and the network forwards and analytic FLOPs of
+    """What ``run`` would spend, without a judge or a sample: the plans and the network forwards (``forwards``; the
+    evaluations of outside kinds apart, ``outside_steps``) and analytic FLOPs of
     the search (``measure=all``: every candidate; ``cheapest``: at most that), the FD reference (full guidance once
     more when the judge has no reference data: imagenet, clip; counted for a module:factory judge) and the fresh-seed
     confirmation (full guidance and the
@@ -177,16 +178,22 @@ def dry_run(cfg: TuneConfig, model=None, *, device: torch.device | str | None = 
     reference = judge not in judges.JUDGES  # imagenet, clip; a module:factory judge counted with one (upper bound)
     n, base = cfg.num, cost[baseline.name]
     dearest = max(cost[p.name]["total"] for p in candidates)
-    dearest_fw = max(p.forwards for p in candidates)
-    search_fw = n * (baseline.forwards + sum(p.forwards for p in candidates))
+    # network forwards and outside-kind evaluations (critsample.outside) per sample, counted apart
+    net = {p.name: sum(s.forwards for s in p.steps if s.kind == outside.NETWORK) for p in [baseline, *candidates]}
+    out = {p.name: p.forwards - net[p.name] for p in [baseline, *candidates]}
+
+    def spent(per: dict) -> int:  # search of every plan, the FD reference, the confirmation (dearest candidate)
+        dear = max(per[p.name] for p in candidates)
+        b = per[baseline.name]
+        return n * (b + sum(per[p.name] for p in candidates)) + reference * n * b + n * (b + dear)
+
     search_fl = n * (base["total"] + sum(cost[p.name]["total"] for p in candidates))
-    fw = search_fw + reference * n * baseline.forwards + n * (baseline.forwards + dearest_fw)
     fl = search_fl + reference * n * base["total"] + n * (base["total"] + dearest)
     return {"model": model.name, "judge": judge, "num": n, "steps": cfg.steps, "guidance": w,
             "plans": 1 + len(candidates), "fd_reference_samples": reference * n,
-            "forwards_per_sample": {p.name: p.forwards for p in [baseline, *candidates]},
+            "forwards_per_sample": net, "outside_steps_per_sample": out,
             "flops_per_sample": {p.name: cost[p.name]["total"] for p in [baseline, *candidates]},
-            "forwards": fw, "flops": fl, "measure": cfg.measure,
+            "forwards": spent(net), "outside_steps": spent(out), "flops": fl, "measure": cfg.measure,
             "note": ("upper bound: cheapest stops at the first certified plan" if cfg.measure == "cheapest" else
                      "search of every candidate, FD reference, confirmation (dearest candidate counted)")}
 

@@ -438,6 +438,7 @@ class TinyJudge:
 
     name = "tiny-sign"
     score_name = "accuracy"
+    binary_rows = True  # correctness: the exact bound of the discordant pairs
     targets = "class"
     reference = None
 

@@ -120,6 +120,8 @@ def test_a_plan_passing_on_point_estimates_but_not_on_bounds_is_not_certified():
     exact bound of the drop (~9 points) does not pass 1 point."""
 
     class Flat(judges.Judge):
+        binary_rows = True
+
         def fd(self, features):
             return float(features.var(0).sum()) + 1.0
 

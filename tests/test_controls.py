@@ -251,3 +251,24 @@ def test_paired_rules_single_windows_unchanged_and_the_grid_term_counted_once():
     assert ind["pairing"].startswith("independent")
     assert ind["sampling_sigma"] ** 2 == pytest.approx(w.sampling_variance() + fewer.sampling_variance())
     assert "boot" not in w.to_dict() and "stream" not in w.to_dict()
+
+
+def test_concurrence_reads_its_difference_from_difference(monkeypatch):
+    """One implementation of d, its sigma and interval: concurrence calls estimators.difference, and on a fixed case
+    its numbers are difference's, bit for bit."""
+    from critsample.detect import estimators
+    from critsample.noise import Schedule
+
+    sch, t = Schedule(), np.linspace(0.05, 0.95, 19)
+    p = 0.5 / (1 + np.exp(-(t - 0.5) / 0.05))
+    u = np.random.default_rng(3).random((200, 1))
+    w = estimators.threshold_window("a", "symmetry_breaking", t, (u < p).astype(float), sch, chance=0.5)
+    v = estimators.threshold_window("b", "nonlocality", t, (u < np.roll(p, 2)).astype(float), sch, chance=0.5)
+    d, c = estimators.difference(w, v), estimators.concurrence(w, v, tolerance=1.0)
+    assert c["center_difference_log_snr"] == d["d"] and c["combined_uncertainty_log_snr"] == d["sigma"]
+    assert c["center_difference_ci95_log_snr"] == d["ci95"] and c["uncertainty"] == estimators.jsonable(d["parts"])
+    calls = []
+    real = estimators.difference
+    monkeypatch.setattr(estimators, "difference", lambda a, b: calls.append((a, b)) or real(a, b))
+    estimators.concurrence(w, v)
+    assert calls == [(w, v)]

@@ -192,10 +192,18 @@ def test_continuous_scores_get_the_paired_bootstrap_bound_and_binary_ones_the_ex
     assert q["accuracy_drop"] == pytest.approx(0.05) and q["accuracy_drop_bound"].startswith("paired bootstrap")
     assert q["accuracy_drop_upper"] >= q["accuracy_drop"] - 1e-12 and "discordant" not in q
     assert q["accuracy_sigma"] == pytest.approx(np.std(rows - 0.05, ddof=1) / np.sqrt(40))  # not Bernoulli
-    binary = judges.quality(judge, judges.Scores((rows > 0.6) * 1.0, feats), judges.Scores((rows > 0.5) * 1.0, feats),
-                            n_boot=20, seed=0)
+    plan, full = judges.Scores((rows > 0.6) * 1.0, feats), judges.Scores((rows > 0.5) * 1.0, feats)
+    # rows that happen to be 0 / 1 from a judge that does not declare them binary: still the bootstrap bound
+    chance = judges.quality(judge, plan, full, n_boot=20, seed=0)
+    assert chance["accuracy_drop_bound"].startswith("paired bootstrap") and "discordant" not in chance
+    assert chance["accuracy_sigma"] == pytest.approx(np.std(plan.rows, ddof=1) / np.sqrt(40))
+    judge.binary_rows = True  # a judge declaring 0 / 1 rows (the classifier judges): the exact bound
+    binary = judges.quality(judge, plan, full, n_boot=20, seed=0)
     d = binary["discordant"]
     assert binary["accuracy_drop_upper"] == judges.drop_upper_bound(d["b"], d["c"], d["n"])
+    with pytest.raises(ValueError, match="declares binary_rows"):
+        judges.quality(judge, base, base, n_boot=20, seed=0)
+    assert judges.DigitsJudge.binary_rows and judges.ImageNetJudge.binary_rows and not judges.ClipJudge.binary_rows
 
 
 def test_judges_fit_their_models_and_name_the_alternative(sd3, dit):

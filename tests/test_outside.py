@@ -320,3 +320,59 @@ def test_tune_takes_kinds_and_refuses_unknown_ones():
         TuneConfig(summary="s.json", kinds=["gaussian", "wiener"])
     with pytest.raises(UserError, match="at least one step kind"):
         TuneConfig(summary="s.json", kinds=[])
+
+
+def test_user_data_is_encoded_on_the_models_device_and_kept_on_the_cpu(monkeypatch, tmp_path):
+    from critsample.detect import data as detect_data
+
+    seen = {}
+
+    def spy(path, model, n, device, class_id):
+        seen["device"] = torch.device(device)
+        return torch.zeros(2, 1, 2, 2), None
+
+    monkeypatch.setattr(detect_data, "_load_user_data", spy)
+    model = torch.nn.Linear(1, 1, device="meta")  # any device other than the CPU: the encoder must run there
+    model.__dict__["_outside_data"] = str(tmp_path)
+    x, y = outside.training_data(model)
+    assert seen["device"].type == "meta" and x.device.type == "cpu" and y is None
+
+
+def test_the_statistics_identity_names_the_data_and_the_fit_settings(tmp_path, cache):
+    o = load(ORACLE)
+    lat = torch.randn(64, *o.sample_shape, generator=torch.Generator().manual_seed(1))
+    torch.save({"latents": lat}, tmp_path / "lat.pt")
+    outside.use_data(o, tmp_path / "lat.pt")
+    shared, per_class = outside.stats_for(o, "shared"), outside.stats_for(o, "per-class")
+    assert shared.fingerprint != per_class.fingerprint  # same data, other covariance: other samples
+    assert outside.stats_for(o, "shared").fingerprint == shared.fingerprint  # the stored fit keeps its identity
+    # a fit without a data fingerprint is named by its arrays, not by ""
+    a, b = gaussian.fit_stats(lat), gaussian.fit_stats(lat[:32])
+    assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
+    assert gaussian.fit_stats(lat.clone()).fingerprint == a.fingerprint
+
+
+def test_tune_dry_run_counts_network_forwards_and_outside_steps_apart(tmp_path, capsys):
+    from critsample.summary import write
+    from critsample.tune import TuneConfig, dry_run
+
+    window = {"t_start": 0.4, "t_end": 0.8}
+    summary = write({"model": "dit-digits", "critical_window": window, "suggested_radius": 1,
+                     "windows": {"window_cond": window}}, tmp_path / "summary.json")
+    args = ["tune", "--model", "dit-digits", "--summary", str(summary), "--num", "4", "--steps", "6", "--shifts", "0",
+            "--scales", "1", "--outside", "local-cond", "--radii", "1", "--no-interval", "--kinds", "network",
+            "gaussian", "--out", str(tmp_path / "tune")]
+    d = dry_run(TuneConfig(summary=str(summary), num=4, steps=6, shifts=[0.0], scales=[1.0], outside=["local-cond"],
+                           radii=[1], interval=False, kinds=["network", "gaussian"], out=str(tmp_path / "tune")))
+    base, *cands = d["forwards_per_sample"]
+    assert d["outside_steps_per_sample"][base] == 0 and d["forwards_per_sample"][base] == 12  # 6 guided steps
+    both = next(c for c in cands if c.endswith("kinds=gaussian/gaussian)"))
+    assert d["outside_steps_per_sample"][both] > 0 and d["forwards_per_sample"][both] > 0  # the window is network
+    for key, per in (("forwards", d["forwards_per_sample"]), ("outside_steps", d["outside_steps_per_sample"])):
+        # search of every plan, then the confirmation (full guidance and the dearest candidate); no FD reference
+        assert d[key] == 4 * sum(per.values()) + 4 * (per[base] + max(per[c] for c in cands)), key
+    every = {c: fw + d["outside_steps_per_sample"][c] for c, fw in d["forwards_per_sample"].items()}
+    assert d["forwards"] < 4 * sum(every.values()) + 4 * (every[base] + max(every[c] for c in cands))  # was counted
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would spend {d['forwards']} network forwards and {d['outside_steps']} outside-kind steps" in out

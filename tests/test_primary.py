@@ -201,3 +201,30 @@ def test_suggested_radius_needs_contrast():
     zeros = {r: np.zeros((n, p)) for r in (1, 2, 4)}  # a saturated metric: every radius at 0
     assert estimators.best_of_radii(zeros)["radius"] is None
     assert math.isfinite(out["best_means"][0])
+
+
+def test_a_primary_radius_that_does_not_fit_the_grid_names_its_option(tmp_path, capsys):
+    from critsample.cli import main
+
+    small = "gmm-mixture:N=3"  # a 3-token grid: the largest local radius is 1, the default primary radius is 2
+    assert max(critsample.load(small).token_grid) <= 3
+    code = main(["detect", "--model", small, "--out", str(tmp_path / "d"), "--no-wandb", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--primary.radius 2 does not fit" in err and "0..1" in err and len(err.splitlines()) == 1
+    code = main(["detect", "--model", small, "--out", str(tmp_path / "d"), "--no-wandb", "--dry-run",
+                 "--primary.radius", "1"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_the_window_is_read_at_the_primary_radius_or_not_at_all():
+    """No silent fallback to another radius: a primary radius missing from the probed radii is an internal error
+    (RuntimeError, not a user error), never a window mislabelled with another radius."""
+    from critsample.detect.probe_scans import WindowLocality
+
+    det = SimpleNamespace(cfg=SimpleNamespace(primary=SimpleNamespace(radius=2)))
+    assert WindowLocality().window_radius(det, [1, 2, 4]) == 2 and primary.probed(2, [2]) == 2
+    with pytest.raises(RuntimeError, match="primary radius 2 is not among the probed radii") as e:
+        WindowLocality().window_radius(det, [1, 4])
+    assert not isinstance(e.value, UserError)
+    with pytest.raises(RuntimeError, match="primary radius 3"):
+        primary.probed(3, [1, 2])

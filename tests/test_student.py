@@ -206,3 +206,24 @@ def test_a_tiny_distillation_runs_resumes_and_exports_through_the_cli(tmp_path):
     assert record["heldout_error"]["low"]["student"] > 0 and record["flops_ratio"] < 0.05
     second = load_student(tmp_path / "export")
     assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "attr, value, named",
+    [("sample_shape", (1, 16, 16), "sample shape"), ("num_classes", 3, "number of classes"),
+     ("prediction", "v", "prediction type"), ("teacher", "dit-fashion", "recorded teacher"),
+     ("schedule", "betas", "noise schedule")],
+)
+def test_a_student_that_does_not_fit_its_host_is_one_sentence(teacher, attr, value, named, monkeypatch):
+    from dataclasses import replace
+
+    import critsample.student
+    from critsample import outside
+
+    student = load_student("dit-digits")
+    monkeypatch.setattr(critsample.student, "load_student", lambda host: student)
+    assert outside._student(teacher) is student  # the shipped student fits its teacher
+    setattr(student, attr, replace(teacher.schedule, beta_end=0.03) if value == "betas" else value)
+    with pytest.raises(UserError, match=f"does not fit dit-digits: its {named}") as e:
+        outside._student(teacher)
+    assert len(str(e.value).splitlines()) == 1

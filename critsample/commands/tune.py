@@ -30,8 +30,12 @@ def run_tune(argv: list[str]) -> int:
               f"{d['steps']} steps, judge {d['judge']}" + (f", FD reference: {d['fd_reference_samples']} more full-"
                                                             "guidance samples" if d["fd_reference_samples"] else ""))
         for name, fw in d["forwards_per_sample"].items():
-            print(f"  {name}: {fw} forwards/sample, {d['flops_per_sample'][name]:.3e} FLOPs/sample")
-        print(f"would spend {d['forwards']} network forwards, {d['flops']:.3e} FLOPs ({d['note']}); nothing sampled")
+            o = d["outside_steps_per_sample"][name]
+            print(f"  {name}: {fw} network forwards/sample" + (f" + {o} outside-kind steps/sample" if o else "")
+                  + f", {d['flops_per_sample'][name]:.3e} FLOPs/sample")
+        print(f"would spend {d['forwards']} network forwards" + (f" and {d['outside_steps']} outside-kind steps" if
+                                                                 d["outside_steps"] else "")
+              + f", {d['flops']:.3e} FLOPs ({d['note']}); nothing sampled")
         return 0
 
     def on_plan(plan, computed: bool) -> None:

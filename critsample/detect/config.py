@@ -141,7 +141,8 @@ class PrimaryArgs:
     (the conditioning-fixed scan at radius r). Local forward-backward is not a nonlocality window: it enters as its
     excess over the global threshold (``forward_backward_excess``)."""
     radius: int = 2
-    """Radius r of the primary nonlocality window (always probed: added to the probe's radii when missing)."""
+    """Radius r of the primary nonlocality window (always probed: added to the probe's radii when missing; a grid too
+    small for it, max(h, w) - 2 < r, is refused with a sentence naming this option)."""
     locality: str = "auto"
     """Local denoiser of the primary nonlocality window: auto (strict where the truncated one's receptive field,
     depth x r tokens, covers the grid, i.e. depth x r >= grid - 1; window otherwise; the oracles' local score is

@@ -47,6 +47,12 @@ class Detection:
         self._check_model()
         self.guidance = float(cfg.guidance if cfg.guidance is not None else model.default_guidance)
         r0 = [cfg.primary.radius]  # the primary radius is always probed (detect.primary)
+        top = global_radius(model.token_grid) - 1  # the largest truly local radius of the grid
+        if {"locality_gap", "window_locality"} & set(cfg.probes) and cfg.primary.radius > top:
+            raise UserError(f"--primary.radius {cfg.primary.radius} does not fit {model.name}'s "
+                            f"{'x'.join(map(str, model.token_grid))} token grid; "
+                            + (f"pass --primary.radius in 0..{top}." if top >= 0 else
+                               "it has no local radius: drop the locality_gap and window_locality probes."))
         self.gap_radii = self._radii(cfg.gaps.radii, auto_radii(self.grid, cfg.preset),
                                      r0) if "locality_gap" in cfg.probes else []
         self.fb_radii = self._radii(cfg.fb.radii, auto_radii(self.grid, "fast"))

@@ -583,10 +583,8 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
     (a0, a1), (b0, b1) = _interval(a), _interval(b)
     inter = max(0.0, min(a1, b1) - max(a0, b0))
     union = max(a1, b1) - min(a0, b0)
-    d = a.log_snr_center - b.log_snr_center
-    parts = difference_sigma(a, b)
-    sigma = parts["sigma"]
-    lo, hi = d - Z95 * sigma, d + Z95 * sigma
+    diff = difference(a, b)
+    d, sigma, (lo, hi) = diff["d"], diff["sigma"], diff["ci95"]
     if -tolerance <= lo and hi <= tolerance:
         outcome = "concurrent"
     elif lo > tolerance or hi < -tolerance:
@@ -596,7 +594,7 @@ def concurrence(a: Window | None, b: Window | None, tolerance: float = 1.0) -> d
     return jsonable({
         **names, "outcome": outcome, "concurrent": outcome == "concurrent",
         "center_difference_log_snr": d, "center_difference_ci95_log_snr": [lo, hi],
-        "combined_uncertainty_log_snr": sigma, "uncertainty": {k: v for k, v in parts.items() if k != "sigma"},
+        "combined_uncertainty_log_snr": sigma, "uncertainty": diff["parts"],
         "center_distance_t": abs(a.center - b.center), "iou": inter / union if union > 0 else 0.0,
         "verdict": (f"{outcome}: {a.probe} minus {b.probe} = {d:+.2f} nats of log-SNR, 95% interval [{lo:+.2f}, "
                     f"{hi:+.2f}] against a tolerance of +-{tolerance:g}; windows overlap "

@@ -93,6 +93,14 @@ def window_name(resolved: dict, cfg_locality: str) -> str:
     return f"{name} (window denoiser: not measured with --locality strict)" if cfg_locality == "strict" else name
 
 
+def probed(radius: int, radii) -> int:
+    """``radius`` (the primary radius) when it is among the probed ``radii``; it always is (``Detection`` adds it), so
+    a miss is an internal error, never a silent read at another radius."""
+    if int(radius) not in [int(r) for r in radii]:
+        raise RuntimeError(f"Internal error: the primary radius {radius} is not among the probed radii {list(radii)}.")
+    return int(radius)
+
+
 def needs_strict_gaps(resolved: dict, cfg_locality: str) -> bool:
     """Whether the locality gap must compute the strict denoiser beyond what ``--locality`` asks for."""
     return (

@@ -22,7 +22,7 @@ from ..probes.gaps import rows_per_state, sampling_states, score_gaps, train_sta
 from ..sampling import step_times
 from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
-from . import estimators
+from . import estimators, primary
 from .protocol import (
     Outputs,
     Probe,
@@ -237,7 +237,7 @@ class LocalityGap(_Gaps):
             per_radius[traj] = {r: estimators.half_max_window(f"{name}[{traj},{variant},r={r}]", "nonlocality", t,
                                                               lg[:, :, i], sch, seed=seed, min_z=MIN_Z)
                                 for i, r in enumerate(radii)}
-            per_traj[traj] = per_radius[traj][r0 if r0 in radii else radii[-1]]  # the primary radius
+            per_traj[traj] = per_radius[traj][primary.probed(r0, radii)]
             res.figures[f"locality_heatmap{sfx}_{traj}"] = report.plot_heatmap(
                 t, radii, lg.mean(0), out.figures / f"locality_heatmap{sfx}_{traj}.png",
                 title=f"{model.name}: {label}{variant} locality gap (eq. 7, {k}) per token, {traj} trajectory",
@@ -251,13 +251,13 @@ class LocalityGap(_Gaps):
             res.curves[f"locality_gap{sfx}_{traj}"] = series_json(t, series)
         w = _primary(per_traj, ("train", "sample_uncond", "sample_cond"), name)
         if w is not None:
-            r_w = r0 if r0 in radii else radii[-1]
+            r_w = primary.probed(r0, radii)
             w.rule += f"; read at the primary radius r = {r_w} (--primary.radius); {loc} local denoiser"
             w.extra["locality"], w.extra["radius"] = loc, r_w
             res.windows[name] = w
             res.by_radius[name] = per_radius[w.extra["trajectory"]]
         return {"window": w.to_dict() if w else None, "local_denoiser": loc,
-                "radius": (r0 if r0 in radii else radii[-1]) if radii else None,
+                "radius": primary.probed(r0, radii) if radii else None,
                 "per_trajectory": {tr: v.to_dict() for tr, v in per_traj.items()},
                 "per_radius": {tr: {str(r): v.to_dict() for r, v in ws.items()} for tr, ws in per_radius.items()},
                 "arrays": f"arrays/gaps{sfx}.npz", "units": k, "radii": radii}

@@ -30,7 +30,7 @@ from ..probes.windows import baseline_plan, window_plan
 from ..sampling import Plan, sample
 from ..store import Unit, save_npz
 from ..summary import T_CONVENTION
-from . import estimators
+from . import estimators, primary
 from .protocol import Outputs, Probe, ProbeOutput, Results, batches, bernoulli, common_config, series_json
 
 if TYPE_CHECKING:
@@ -282,8 +282,7 @@ class WindowLocality(_Scan):
         return list(det.win_radii)
 
     def window_radius(self, det: Detection, radii: list) -> int | None:
-        r0 = det.cfg.primary.radius
-        return r0 if r0 in radii else sorted(radii)[len(radii) // 2]
+        return primary.probed(det.cfg.primary.radius, radii)
 
     def per_radius(self, det: Detection, res_by: dict, width: float) -> dict:
         sch, seed = det.model.schedule, int(det.cfg.seed)
