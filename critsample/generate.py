@@ -195,6 +195,10 @@ def _certified(cfg: SampleConfig, model: Denoiser, guidance: float, source: str 
     plan = Plan.from_dict(found["plan"])
     scales = {s.guidance for s in plan.steps if s.mode == "guided"}
     if len(plan.steps) == cfg.steps and cfg.sampler in ("auto", plan.sampler) and scales <= {guidance}:
+        if all(s.mode == "guided" and s.radius is None and s.kind == "network" for s in plan.steps):
+            log.warning(f"The plan of {source} is full guidance: `critsample tune` certified no cheaper plan "
+                        f"({found.get('confirmation', {}).get('decision') or 'see its frontier.json'}), so --adaptive "
+                        "samples full guidance; pass --window to sample an uncertified adaptive plan.")
         return plan
     log.warning(f"The certified plan of {source} was measured at {len(plan.steps)} steps, sampler {plan.sampler}, "
                 f"guidance {', '.join(f'{g:g}' for g in sorted(scales)) or '-'}; these options differ, so the plan is "

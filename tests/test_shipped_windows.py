@@ -89,3 +89,16 @@ def test_bundled_models_ship_windows_and_a_certified_plan_measured_on_their_weig
     used = json.loads((out / "run.json").read_text())["plan"]
     assert used["steps"] == found["plan"]["steps"]
     assert np.isfinite(np.load(out / "samples.npz")["images"]).all()
+
+
+def test_a_shipped_plan_of_full_guidance_samples_full_guidance_and_says_so(tmp_path, monkeypatch, digits, caplog):
+    from critsample import plans
+
+    full = plans.full_guidance(digits, 6, 1.5).to_dict()
+    shipped = _summary(tmp_path / "shipped.json", model_fingerprint(digits, "dit-digits"),
+                       plan={"plan": full, "quality": {}, "confirmation": {"decision": "no candidate certified"}})
+    monkeypatch.setattr(generate, "shipped_summary", lambda name: shipped)
+    with caplog.at_level("WARNING", logger="critsample"):
+        code, record = _sample(tmp_path)
+    assert code == 0 and record["plan"]["steps"] == full["steps"]
+    assert "certified no cheaper plan (no candidate certified)" in caplog.text
