@@ -63,6 +63,15 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def _raise_write_error(path: Path, e: OSError) -> None:
+    """Re-raise ``e``: as :class:`WriteError` (one sentence naming ``path``) when it is the disk's fault, else as is."""
+    if e.errno not in _CANNOT_WRITE:
+        raise e
+    reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
+    raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
+                     "the folder) and run the same command again to resume.") from None
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Write a folder whole or not at all (an exported model: ``save_pretrained`` of several parts): the block writes
@@ -92,11 +101,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         undo()
-        if e.errno not in _CANNOT_WRITE:
-            raise
-        reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
-        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
-                         "the folder) and run the same command again to resume.") from None
+        _raise_write_error(path, e)
     except BaseException:
         undo()
         raise
@@ -124,11 +129,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
     except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if e.errno not in _CANNOT_WRITE:
-            raise
-        reason = e.strerror or errno.errorcode.get(e.errno or 0) or type(e).__name__
-        raise WriteError(f"Could not write {path} ({reason}); the work finished so far is kept, so free space (or fix "
-                         "the folder) and run the same command again to resume.") from None
+        _raise_write_error(path, e)
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
