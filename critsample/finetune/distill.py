@@ -31,6 +31,7 @@ from ..models import load
 from ..sampling import sample_generator
 from ..store import check_writable
 from ..student import StudentConfig, StudentDenoiser, StudentNet, save_student
+from .module import check_optimizer
 
 DIGITS_WINDOW = (0.09, 0.39)  # dit-digits' certified guidance window (README, adaptive sampling race)
 
@@ -137,12 +138,7 @@ class DistillModule(L.LightningModule):
         self.window = check_window(window)
         if not (isinstance(uncond_prob, (int, float)) and 0.0 <= uncond_prob <= 1.0):
             raise UserError(f"--model.uncond_prob is a probability in [0, 1]; got {uncond_prob}.")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise UserError(f"--model.lr must be a positive number; got {lr}.")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise UserError(f"--model.weight_decay must be a number >= 0; got {weight_decay}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise UserError(f"--model.warmup_steps must be an integer >= 0; got {warmup_steps!r}.")
+        check_optimizer(lr, weight_decay, warmup_steps)
         if isinstance(eval_points, bool) or not isinstance(eval_points, int) or eval_points < 1:
             raise UserError(f"--model.eval_points must be an integer >= 1; got {eval_points!r}.")
         if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 1:

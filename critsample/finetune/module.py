@@ -49,6 +49,16 @@ POSITIVE_SIZES = ("num_layers", "num_attention_heads", "attention_head_dim", "sa
                   "out_channels", "num_embeds_ada_norm")
 
 
+def check_optimizer(lr: float, weight_decay: float, warmup_steps: int) -> None:
+    """AdamW's options of every critsample LightningModule (``--model.lr``, ``weight_decay``, ``warmup_steps``)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"--model.lr must be a positive number; got {lr}.")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise UserError(f"--model.weight_decay must be a number >= 0; got {weight_decay}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise UserError(f"--model.warmup_steps must be an integer >= 0; got {warmup_steps!r}.")
+
+
 def check_options(model: dict | None, num_classes: int | None, lr: float, weight_decay: float, warmup_steps: int,
                   class_dropout: float, val_steps: int, export_dir: str | None) -> None:
     """The module's options that need no data, one sentence each (``critsample fit`` names them ``--model.*``)."""
@@ -68,12 +78,7 @@ def check_options(model: dict | None, num_classes: int | None, lr: float, weight
     if num_classes is not None and rows is not None and num_classes > rows:
         raise UserError(f"--model.num_classes {num_classes} is more than the model's {rows} class rows "
                         "(--model.model.num_embeds_ada_norm).")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UserError(f"--model.lr must be a positive number; got {lr}.")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise UserError(f"--model.weight_decay must be a number >= 0; got {weight_decay}.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise UserError(f"--model.warmup_steps must be an integer >= 0; got {warmup_steps!r}.")
+    check_optimizer(lr, weight_decay, warmup_steps)
     if not (isinstance(class_dropout, (int, float)) and 0.0 <= class_dropout <= 1.0):
         raise UserError(f"--model.class_dropout is a probability in [0, 1]; got {class_dropout}.")
     if isinstance(val_steps, bool) or not isinstance(val_steps, int) or val_steps < 1:
