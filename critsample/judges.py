@@ -62,7 +62,6 @@ through here, and detect's windowed scans take their FD bars from :func:`fd_boot
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ from .metrics import (
     fashion_features,
     fashion_real,
 )
-from .models.classifiers import CLASSIFIERS, load_classifier, load_hf_classifier
+from .models.classifiers import CLASSIFIERS, import_object, load_classifier, load_hf_classifier
 from .options import torch_seed
 
 
@@ -317,17 +316,7 @@ def import_judge(path: str, model=None):
     ``name``, ``score_name``, ``targets`` = "class" or "prompt", ``binary_rows = True`` for 0 / 1 rows (exact bounds;
     default False: bootstrap bounds), and ``reference = None`` with a
     ``set_reference(features)`` method to be given full guidance's samples; :class:`Judge` shows them)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"--judge {path!r} is not module.path:factory.")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"Cannot import module {module_name!r} of --judge {path!r}: {e}.") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"Module {module_name!r} has no attribute {attr!r} (--judge {path!r}).")
-        obj = getattr(obj, part)
+    obj = import_object(path, "--judge", f"--judge {path!r} is not module.path:factory.")
     if not callable(obj):
         raise UserError(f"--judge {path!r} is not callable; it should return a judge (critsample.judges.Judge).")
     try:

@@ -265,20 +265,27 @@ class ImportedClassifier(nn.Module):
         return seen[-1].flatten(1)
 
 
-def import_classifier(path: str) -> ImportedClassifier:
-    """``package.module:callable`` (dots after the colon reach attributes) -> the callable's ``nn.Module``."""
+def import_object(path: str, label: str, malformed: str):
+    """The object ``package.module:attr`` names (dots after the colon reach attributes); user errors are one sentence
+    naming ``label`` (``classifier``, ``--judge``), and ``malformed`` is the sentence for a path without that form."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f"Classifier {path!r} is not a known name ({', '.join(CLASSIFIERS)}) or an import path "
-                        "'module.path:callable'.")
+        raise UserError(malformed)
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"Cannot import module {module_name!r} of classifier {path!r}: {e}.") from None
+        raise UserError(f"Cannot import module {module_name!r} of {label} {path!r}: {e}.") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"Module {module_name!r} has no attribute {attr!r} (classifier {path!r}).")
+            raise UserError(f"Module {module_name!r} has no attribute {attr!r} ({label} {path!r}).")
         obj = getattr(obj, part)
+    return obj
+
+
+def import_classifier(path: str) -> ImportedClassifier:
+    """``package.module:callable`` (dots after the colon reach attributes) -> the callable's ``nn.Module``."""
+    obj = import_object(path, "classifier", f"Classifier {path!r} is not a known name ({', '.join(CLASSIFIERS)}) or "
+                        "an import path 'module.path:callable'.")
     if not callable(obj):
         raise UserError(f"{path!r} is not callable; it should return an nn.Module mapping [0, 1] images to logits.")
     try:
